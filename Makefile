@@ -1,0 +1,47 @@
+# The Makefile is the interface: `make run` and `make test` do all the set-up themselves.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint format proto demo-model bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "make: cannot create a virtualenv: sudo apt-get install -y python3-venv"; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo-model: install
+	$(PY) -m trainer_job build-demo-model
+
+run: install
+	$(PY) -m services.launcher
+
+test: install
+	$(PY) -m services.local_infra ensure
+	$(PY) -m trainer_job build-demo-model
+	@# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+	@$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); code=$$?; \
+	  if [ $$code -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$code
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+proto: install
+	$(PY) -m proto
+
+bench: install
+	$(PY) -m services.local_infra ensure
+	$(PY) -m trainer_job build-demo-model
+	$(PY) bench/mesh_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

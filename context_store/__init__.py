@@ -1,0 +1,1 @@
+"""The four handoff tiers in Redis (portfolio, project, briefing, log). Not built yet."""

@@ -1,0 +1,1 @@
+"""The public HTTP API (FastAPI): auth, chat, streaming, health."""

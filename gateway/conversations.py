@@ -1,0 +1,42 @@
+"""Conversation history in Redis, keyed by API key owner and conversation id."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import redis.asyncio as redis
+
+from proto.messages import ChatMessage
+from services.redis_client import Keys
+
+
+class ConversationStore:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    async def history(self, owner: str, conversation_id: str, limit: int) -> list[ChatMessage]:
+        """The last `limit` messages, oldest first."""
+        if limit <= 0:
+            return []
+        raw = await self.client.lrange(self.keys.conversation(owner, conversation_id), -limit, -1)
+        messages = [json.loads(item) for item in raw]
+        # Never start the model's view with an assistant turn.
+        while messages and messages[0]["role"] != "user":
+            messages.pop(0)
+        return [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+
+    async def append_turn(
+        self, owner: str, conversation_id: str, user: str, assistant: str
+    ) -> None:
+        """Both halves of a turn in one atomic write, and mark it the owner's latest."""
+        at = datetime.now(UTC).isoformat()
+        entries = [
+            json.dumps({"role": "user", "content": user, "at": at}),
+            json.dumps({"role": "assistant", "content": assistant, "at": at}),
+        ]
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.rpush(self.keys.conversation(owner, conversation_id), *entries)
+            pipe.set(self.keys.latest_conversation(owner), conversation_id)
+            await pipe.execute()

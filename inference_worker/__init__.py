@@ -1,0 +1,1 @@
+"""Consumes chat jobs from RabbitMQ and streams the answers back."""

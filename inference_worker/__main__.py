@@ -1,0 +1,35 @@
+"""Run an inference worker.
+
+    python -m inference_worker                              # demo model on CPU
+    MESH_MODEL=/models/mistral-7b MESH_DEVICE=cuda MESH_PRIORITY=10 python -m inference_worker
+    MESH_BACKEND=echo python -m inference_worker            # zero-work backend (benchmarks)
+
+Settings are MESH_* environment variables (inference_worker/settings.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from inference_worker.settings import WorkerSettings
+from inference_worker.worker import serve
+from services.errors import MeshError
+from services.logs import setup_logging
+
+
+def main() -> int:
+    settings = WorkerSettings()
+    setup_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except MeshError as exc:
+        logging.getLogger("inference_worker").error("%s", exc.message)
+        print(f"inference_worker: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The one backend interface. Job handlers never branch on which backend runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from proto.messages import ChatJob
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New text of the answer, and how many generated tokens it holds."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last item of a generation."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+GenerationEvent = TextDelta | Finished
+
+
+class Backend(Protocol):
+    """What a worker needs from a model runtime."""
+
+    base_model: str
+    device: str
+
+    async def start(self) -> None:
+        """Load the model (off the event loop)."""
+
+    def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
+        """Stream the answer: TextDeltas, then exactly one Finished.
+
+        Closing the iterator early (aclose) stops generation.
+        """
+        ...
+
+    async def health(self) -> dict[str, object]:
+        """A small dict for logs and liveness records."""
+        ...
+
+    async def close(self) -> None:
+        """Release the model."""

@@ -1,0 +1,33 @@
+"""A zero-work backend that echoes the user's last message word by word.
+
+It exists only to measure what the mesh itself costs (bench/mesh_overhead.py):
+no model, no tokenizer, no thread hop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from proto.messages import ChatJob
+
+
+class EchoBackend:
+    base_model = "echo"
+    device = "cpu"
+
+    async def start(self) -> None:
+        return None
+
+    async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
+        words = job.messages[-1].content.split(" ")[: job.sampling.max_tokens]
+        for index, word in enumerate(words):
+            yield TextDelta(word if index == 0 else " " + word, 1)
+        reason = "length" if len(words) == job.sampling.max_tokens else "stop"
+        yield Finished(reason, len(words), len(words))
+
+    async def health(self) -> dict[str, object]:
+        return {"backend": "echo"}
+
+    async def close(self) -> None:
+        return None

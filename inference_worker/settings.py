@@ -1,0 +1,34 @@
+"""Worker settings (MESH_* environment variables)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from services.settings import MeshSettings
+
+
+class WorkerSettings(MeshSettings):
+    backend: Literal["transformers", "echo"] = Field(
+        default="transformers", description="MESH_BACKEND; 'echo' is for benchmarks only."
+    )
+    model: str = Field(
+        default="",
+        description="MESH_MODEL: local folder or hub id of the base model; empty: the demo model.",
+    )
+    device: str = Field(default="auto", description="MESH_DEVICE: auto, cpu, cuda, cuda:1 …")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="MESH_DTYPE: auto is fp16 on CUDA, fp32 on CPU."
+    )
+    capacity: int = Field(default=4, ge=1, le=256, description="Jobs run at once (= prefetch).")
+    priority: int = Field(
+        default=0, description="Consumer priority: GPU workers higher, so they take work first."
+    )
+    site: str = Field(default="local", description="Where this worker runs: desktop, vps, …")
+    worker_id: str = Field(default="", description="Unique id; generated when empty.")
+    heartbeat_s: float = Field(default=2.0, gt=0, description="Liveness refresh period.")
+    liveness_ttl_s: float = Field(default=10.0, gt=0, description="Liveness record lifetime.")
+    coalesce_tokens: int = Field(default=8, ge=1, description="Most tokens in one reply message.")
+    coalesce_ms: float = Field(default=20.0, ge=0, description="Longest a token waits to be sent.")
+    drain_timeout_s: float = Field(default=60.0, ge=0, description="SIGTERM: wait this long.")

@@ -1,0 +1,154 @@
+"""The worker process: load the backend, consume jobs, keep the liveness record fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from datetime import UTC, datetime
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from inference_worker.backends.base import Backend
+from inference_worker.jobs import JobRunner
+from inference_worker.settings import WorkerSettings
+from proto.messages import WorkerStatus
+from services import liveness
+from services.bus import Topology, WorkerBus
+from services.errors import PermanentError
+from services.paths import demo_model_dir
+from services.redis_client import Keys, connect
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(settings: WorkerSettings) -> Backend:
+    if settings.backend == "echo":
+        from inference_worker.backends.echo import EchoBackend
+
+        return EchoBackend()
+    from inference_worker.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(
+        resolve_model_ref(settings.model), settings.device, settings.dtype, settings.capacity
+    )
+
+
+def resolve_model_ref(model: str) -> str:
+    """MESH_MODEL, or the demo model's folder when it is empty."""
+    if model:
+        return model
+    path = demo_model_dir()
+    if not (path / "config.json").is_file():
+        raise PermanentError(
+            f"no model configured and the demo model is not built at {path}: "
+            "run `python -m trainer_job build-demo-model` or set MESH_MODEL"
+        )
+    return str(path)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.worker_id = (
+            settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.topology = Topology(settings.namespace, settings.model_family)
+        self.bus = WorkerBus(self.topology, self.worker_id, settings.capacity, settings.priority)
+        self.runner = JobRunner(backend, self.bus, settings.coalesce_tokens, settings.coalesce_ms)
+        self.redis = connect(settings.redis_url)
+        self.keys = Keys(settings.namespace)
+        self.started_at = datetime.now(UTC)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            site=self.settings.site,
+            device=self.backend.device,
+            model_family=self.settings.model_family,
+            base_model=self.backend.base_model,
+            capacity=self.settings.capacity,
+            in_flight=self.runner.in_flight,
+            started_at=self.started_at,
+            updated_at=datetime.now(UTC),
+        )
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Each job runs as its own task, so up to `capacity` (the prefetch) run at once.
+        task = asyncio.create_task(self._run_job(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_job(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self.runner.handle(message)
+        except Exception:
+            # Typically the connection dropped mid-reply: the job is unacked and the
+            # broker redelivers it.
+            log.exception(
+                "job %s: not acknowledged; the broker will redeliver it", message.message_id
+            )
+
+    async def _heartbeat(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await liveness.publish_status(
+                    self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
+                )
+            except Exception as exc:
+                log.warning("liveness record not refreshed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_s)
+
+    async def run(self) -> None:
+        await self.backend.start()
+        await self.bus.start(self.settings.amqp_url)
+        await liveness.publish_status(
+            self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
+        )
+        heartbeat = asyncio.create_task(self._heartbeat())
+        await self.bus.consume(self._on_message)
+        log.info(
+            "worker %s consuming %s (capacity %d, priority %d, %s)",
+            self.worker_id,
+            self.topology.job_queue,
+            self.settings.capacity,
+            self.settings.priority,
+            self.backend.device,
+        )
+        await self._stopping.wait()
+        await self._drain()
+        heartbeat.cancel()
+        await liveness.remove_status(self.redis, self.keys, self.worker_id)
+        await self.bus.close()
+        await self.redis.aclose()
+        await self.backend.close()
+        log.info("worker %s stopped", self.worker_id)
+
+    async def _drain(self) -> None:
+        """Take no new jobs; let the running ones finish (they are acked as they end)."""
+        await self.bus.stop_consuming()
+        if self._tasks:
+            log.info("draining %d job(s)", len(self._tasks))
+            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.drain_timeout_s)
+            # Unfinished ones are not acked: closing the channel hands them back.
+            for task in pending:
+                task.cancel()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+async def serve(settings: WorkerSettings) -> None:
+    worker = Worker(settings, build_backend(settings))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, worker.stop)
+    await worker.run()

@@ -1,0 +1,1 @@
+"""Wire contracts: bus messages and public REST bodies (pydantic v2)."""

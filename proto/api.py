@@ -1,0 +1,96 @@
+"""Public REST bodies of the gateway.
+
+Kept apart from the bus messages so that an old phone app keeps working when an
+internal message changes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ConversationIdField = Field(
+    default=None,
+    min_length=1,
+    max_length=64,
+    pattern=r"^[A-Za-z0-9_-]+$",
+    description="Continue this conversation; a new one is started when absent.",
+)
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatRequest(ApiModel):
+    """A chat turn from the user."""
+
+    message: str = Field(min_length=1, description="The user's message.")
+    conversation_id: str | None = ConversationIdField
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Most tokens to generate (server default when absent)."
+    )
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="0 for greedy decoding (default 0.7)."
+    )
+    top_p: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Nucleus sampling mass (default 0.9)."
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, le=2.0, description="Repetition penalty (default 1.15)."
+    )
+
+
+class Usage(ApiModel):
+    prompt_tokens: int = Field(description="Tokens in the prompt after templating.")
+    completion_tokens: int = Field(description="Tokens generated.")
+    total_tokens: int = Field(description="Sum of both.")
+
+
+class ChatResponse(ApiModel):
+    """The assistant's answer."""
+
+    response: str = Field(description="The assistant's reply.")
+    conversation_id: str = Field(description="Pass it back to continue the conversation.")
+    finish_reason: Literal["stop", "length", "cancelled"] = Field(
+        description="stop: the model ended its turn; length: max_tokens reached."
+    )
+    usage: Usage
+
+
+class StreamChunk(ApiModel):
+    """Data of an SSE `chunk` event."""
+
+    text: str = Field(description="New text to append.")
+
+
+class StreamDone(ApiModel):
+    """Data of the final SSE `done` event."""
+
+    conversation_id: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+
+
+class ErrorDetail(ApiModel):
+    type: str = Field(description="Error class, e.g. 'invalid_request_error'.")
+    message: str = Field(description="What went wrong, for a person.")
+    code: str = Field(description="Machine-readable code, e.g. 'invalid_api_key'.")
+
+
+class ErrorBody(ApiModel):
+    """The one error body of the whole API (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+class Health(ApiModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(ApiModel):
+    ready: bool = Field(description="Broker and Redis connected and at least one live worker.")
+    broker: bool
+    redis: bool
+    live_workers: int

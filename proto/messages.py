@@ -1,0 +1,147 @@
+"""Messages on the bus: what the gateway, the workers and the trainer say to each other.
+
+Frozen pydantic models, JSON on the wire. Every message has a `type` literal and a
+`schema_version`; the AMQP headers carry the same two values so a consumer can
+dispatch before parsing. Within one schema_version, changes are additive and
+optional only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+JobId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Producer-assigned id of the job; replies and logs carry it.",
+    ),
+]
+
+
+class BusMessage(BaseModel):
+    """Base of every bus message: immutable, and unknown fields are refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ChatMessage(BusMessage):
+    """One turn of a conversation, as the chat template sees it."""
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who said it.")
+    content: str = Field(description="What was said, as plain text.")
+
+
+class SamplingParams(BusMessage):
+    """How to decode. temperature 0 means greedy decoding."""
+
+    max_tokens: int = Field(ge=1, description="Most tokens to generate.")
+    temperature: float = Field(ge=0.0, le=2.0, description="0 for greedy decoding.")
+    top_p: float = Field(gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(
+        gt=0.0, le=2.0, description="Penalty on tokens already present (1.0 is none)."
+    )
+
+
+class ChatJob(BusMessage):
+    """Command: generate the assistant's next turn for `messages`."""
+
+    type: Literal["chat_job"] = Field(default="chat_job", description="Message type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    job_id: JobId
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Base model or adapter name to serve it with; absent: the base model.",
+    )
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="The conversation, system prompt first when present."
+    )
+    sampling: SamplingParams = Field(description="Decoding options.")
+    conversation_id: str | None = Field(
+        default=None, description="Conversation the job belongs to, for logs."
+    )
+    created_at: datetime = Field(description="When the gateway accepted the request (UTC).")
+    deadline: datetime | None = Field(
+        default=None, description="After this instant (UTC) nobody waits for the answer."
+    )
+
+
+class TokenChunk(BusMessage):
+    """Event: the next piece of a job's answer (several tokens coalesced)."""
+
+    type: Literal["token_chunk"] = Field(default="token_chunk", description="Message type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    job_id: JobId
+    seq: int = Field(ge=0, description="Position of this message in the job's reply stream.")
+    text: str = Field(description="The new text, to be appended to what came before.")
+    token_count: int = Field(ge=0, description="How many generated tokens this text holds.")
+
+
+class Usage(BusMessage):
+    """Token counts of one job."""
+
+    prompt_tokens: int = Field(ge=0, description="Tokens in the prompt after templating.")
+    completion_tokens: int = Field(ge=0, description="Tokens generated.")
+
+
+class JobResult(BusMessage):
+    """Event: the job finished; the last message of its reply stream."""
+
+    type: Literal["job_result"] = Field(default="job_result", description="Message type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    job_id: JobId
+    seq: int = Field(ge=0, description="Position of this message in the job's reply stream.")
+    finish_reason: Literal["stop", "length", "cancelled"] = Field(
+        description="stop: the model ended its turn; length: max_tokens reached."
+    )
+    usage: Usage = Field(description="Token counts.")
+    worker_id: str = Field(description="The worker that served the job.")
+
+
+class JobError(BusMessage):
+    """Event: the job failed; the last message of its reply stream."""
+
+    type: Literal["job_error"] = Field(default="job_error", description="Message type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    job_id: JobId
+    seq: int = Field(ge=0, description="Position of this message in the job's reply stream.")
+    code: str = Field(description="Machine-readable reason, e.g. 'invalid_job', 'backend_error'.")
+    message: str = Field(description="Human-readable reason.")
+    retryable: bool = Field(description="Whether sending the same request again may succeed.")
+
+
+ReplyMessage = Annotated[TokenChunk | JobResult | JobError, Field(discriminator="type")]
+REPLY_ADAPTER: TypeAdapter[TokenChunk | JobResult | JobError] = TypeAdapter(ReplyMessage)
+
+
+class WorkerStatus(BusMessage):
+    """A worker's liveness record, refreshed in Redis with a TTL."""
+
+    type: Literal["worker_status"] = Field(default="worker_status", description="Record type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    worker_id: str = Field(description="Unique id of the worker process.")
+    site: str = Field(description="Where it runs, e.g. 'desktop' or 'vps'.")
+    device: str = Field(description="'cpu' or 'cuda' (with the GPU's name when known).")
+    model_family: str = Field(description="The job queue it consumes.")
+    base_model: str = Field(description="The base model it serves.")
+    capacity: int = Field(ge=1, description="Jobs it runs at once.")
+    in_flight: int = Field(ge=0, description="Jobs it is running now.")
+    started_at: datetime = Field(description="When the worker started (UTC).")
+    updated_at: datetime = Field(description="When this record was written (UTC).")
+
+
+BUS_MESSAGES: tuple[type[BusMessage], ...] = (
+    ChatJob,
+    TokenChunk,
+    JobResult,
+    JobError,
+    WorkerStatus,
+)

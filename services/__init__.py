@@ -1,0 +1,1 @@
+"""Plumbing every service shares: settings, bus, Redis, liveness, errors, launcher."""

@@ -1,0 +1,359 @@
+"""The bus: RabbitMQ topology, job publishing, reply streams and token coalescing.
+
+Measured on this kind of machine (see DESIGN.md): persistent jobs with publisher
+confirms cost ~0.25 ms and are worth it; per-token messages are not, so replies
+are transient, unconfirmed and coalesced several tokens to a message. They go
+to one exclusive reply queue per gateway process, which the robust channel
+re-declares after a broker restart (the plain `amq.rabbitmq.reply-to` consumer
+does not recover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustExchange,
+)
+
+from proto.messages import REPLY_ADAPTER, BusMessage, ChatJob, JobError, JobResult, TokenChunk
+from services.errors import BusUnavailable, JobTimeout
+
+log = logging.getLogger(__name__)
+
+ReplyMessage = TokenChunk | JobResult | JobError
+CONTENT_TYPE = "application/json"
+
+
+def with_reconnect_interval(url: str, seconds: float = 1.0) -> str:
+    """aio-pika waits 5 s between reconnect attempts by default; we want ~1 s."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("reconnect_interval", str(seconds))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def connect(url: str, name: str) -> AbstractRobustConnection:
+    """A robust connection: channels, queues and consumers come back after a broker restart."""
+    try:
+        return await aio_pika.connect_robust(
+            with_reconnect_interval(url), client_properties={"connection_name": name}, timeout=10
+        )
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        raise BusUnavailable(f"cannot reach RabbitMQ at {_redact(url)}: {exc}") from exc
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{host}{port}", query=""))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every exchange and queue name, in one place."""
+
+    namespace: str
+    model_family: str
+    # Above the longest allowed generation, so the broker never closes a busy worker's channel.
+    consumer_timeout_ms: int = 30 * 60 * 1000
+
+    @property
+    def jobs_exchange(self) -> str:
+        return f"{self.namespace}.jobs"
+
+    @property
+    def job_queue(self) -> str:
+        return f"{self.namespace}.jobs.{self.model_family}"
+
+    def reply_queue(self, client_id: str) -> str:
+        return f"{self.namespace}.replies.{client_id}"
+
+    async def declare_jobs(
+        self, channel: AbstractRobustChannel
+    ) -> tuple[AbstractRobustExchange, AbstractQueue]:
+        exchange = await channel.declare_exchange(
+            self.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        queue = await channel.declare_queue(
+            self.job_queue,
+            durable=True,
+            arguments={"x-consumer-timeout": self.consumer_timeout_ms},
+        )
+        await queue.bind(exchange, routing_key=self.model_family)
+        return exchange, queue
+
+
+def encode(message: BusMessage, **properties: object) -> aio_pika.Message:
+    """A bus message as an AMQP message: JSON body, `type`/`schema_version` headers."""
+    return aio_pika.Message(
+        body=message.model_dump_json().encode(),
+        content_type=CONTENT_TYPE,
+        headers={"type": message.type, "schema_version": message.schema_version},  # type: ignore[attr-defined]
+        **properties,  # type: ignore[arg-type]
+    )
+
+
+def decode_reply(body: bytes) -> ReplyMessage:
+    return REPLY_ADAPTER.validate_json(body)
+
+
+# -- gateway side ---------------------------------------------------------------------
+
+
+class ReplyStream:
+    """The replies of one job, in order: TokenChunks, then one JobResult or JobError.
+
+    Iterating raises JobTimeout when the deadline passes and BusUnavailable when the
+    connection to the broker is lost; a reply out of sequence ends it with an error
+    rather than a silent mix of two streams.
+    """
+
+    def __init__(self, job_id: str, deadline: float, on_close: Callable[[], None]) -> None:
+        self.job_id = job_id
+        self.deadline = deadline
+        self._queue: asyncio.Queue[ReplyMessage | BaseException] = asyncio.Queue()
+        self._next_seq = 0
+        self._finished = False
+        self._on_close = on_close
+
+    def feed(self, item: ReplyMessage | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> ReplyStream:
+        return self
+
+    async def __anext__(self) -> ReplyMessage:
+        if self._finished:
+            raise StopAsyncIteration
+        remaining = self.deadline - time.monotonic()
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0))
+        except TimeoutError:
+            self._finished = True
+            raise JobTimeout(f"job {self.job_id}: no answer before the deadline") from None
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if item.seq != self._next_seq:
+            self._finished = True
+            raise BusUnavailable(
+                f"job {self.job_id}: reply {item.seq} arrived where {self._next_seq} was due",
+                code="reply_out_of_order",
+            )
+        self._next_seq += 1
+        if not isinstance(item, TokenChunk):
+            self._finished = True
+        return item
+
+    def close(self) -> None:
+        self._finished = True
+        self._on_close()
+
+
+class JobClient:
+    """Publishes jobs (persistent, confirmed) and routes their replies to ReplyStreams."""
+
+    def __init__(self, topology: Topology, client_id: str) -> None:
+        self.topology = topology
+        self.client_id = client_id
+        self._connection: AbstractRobustConnection | None = None
+        self._exchange: AbstractRobustExchange | None = None
+        self._reply_queue_name = topology.reply_queue(client_id)
+        self._streams: dict[str, ReplyStream] = {}
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and (self._connection.connected.is_set())
+        )
+
+    async def start(self, url: str) -> None:
+        self._connection = await connect(url, f"gateway-{self.client_id}")
+        self._connection.close_callbacks.add(self._on_connection_lost)
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchange, _ = await self.topology.declare_jobs(channel)
+        replies = await self._connection.channel(publisher_confirms=False)
+        queue = await replies.declare_queue(
+            self._reply_queue_name, exclusive=True, auto_delete=True
+        )
+        await queue.consume(self._on_reply, no_ack=True)
+
+    async def close(self) -> None:
+        self._fail_all(BusUnavailable("gateway is shutting down"))
+        if self._connection is not None:
+            await self._connection.close()
+
+    def _on_connection_lost(self, *_: object) -> None:
+        # Replies already sent to the old reply queue are gone with it: fail the
+        # callers now instead of letting them wait for their deadline.
+        self._fail_all(BusUnavailable("connection to RabbitMQ lost"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.feed(error)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        stream = self._streams.get(message.correlation_id or "")
+        if stream is None:
+            return  # a caller that gave up, or a late reply after a timeout
+        try:
+            stream.feed(decode_reply(message.body))
+        except ValueError as exc:
+            stream.feed(BusUnavailable(f"unreadable reply: {exc}", code="bad_reply"))
+
+    async def submit(self, job: ChatJob, timeout_s: float) -> ReplyStream:
+        """Publish `job` and return the stream of its replies (close it when done)."""
+        if self._exchange is None or not self.connected:
+            raise BusUnavailable("not connected to RabbitMQ")
+        deadline = time.monotonic() + timeout_s
+        stream = ReplyStream(job.job_id, deadline, lambda: self._streams.pop(job.job_id, None))
+        self._streams[job.job_id] = stream
+        # A caller that never reads its stream must not leak it.
+        asyncio.get_running_loop().call_later(timeout_s + 30, stream.close)
+        expiration = None
+        if job.deadline is not None:
+            expiration = max((job.deadline - datetime.now(UTC)).total_seconds(), 0.001)
+        message = encode(
+            job,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=job.job_id,
+            correlation_id=job.job_id,
+            reply_to=self._reply_queue_name,
+            expiration=expiration,
+            timestamp=job.created_at,
+        )
+        try:
+            await asyncio.wait_for(
+                self._exchange.publish(
+                    message, routing_key=self.topology.model_family, mandatory=True
+                ),
+                timeout=min(timeout_s, 10),
+            )
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            stream.close()
+            raise BusUnavailable(f"could not publish job {job.job_id}: {exc!r}") from exc
+        return stream
+
+
+# -- worker side ----------------------------------------------------------------------
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class WorkerBus:
+    """Consumes jobs with manual ack and publishes replies (transient, unconfirmed).
+
+    Replies go out on the same channel the jobs come in on: after a reconnect the
+    robust channel restores the consumer only once the channel itself is open, so a
+    redelivered job can always publish its replies.
+    """
+
+    def __init__(
+        self, topology: Topology, worker_id: str, capacity: int, priority: int = 0
+    ) -> None:
+        self.topology = topology
+        self.worker_id = worker_id
+        self.capacity = capacity
+        self.priority = priority
+        self._connection: AbstractRobustConnection | None = None
+        self._queue: AbstractQueue | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._consumer_tag: str | None = None
+
+    async def start(self, url: str) -> None:
+        self._connection = await connect(url, f"worker-{self.worker_id}")
+        self._channel = await self._connection.channel(publisher_confirms=False)
+        await self._channel.set_qos(prefetch_count=self.capacity)
+        _, self._queue = await self.topology.declare_jobs(self._channel)
+
+    async def consume(self, handler: Handler) -> None:
+        assert self._queue is not None, "start() first"
+        self._consumer_tag = await self._queue.consume(
+            handler, no_ack=False, arguments={"x-priority": self.priority}
+        )
+
+    async def stop_consuming(self) -> None:
+        """Take no new jobs; those already delivered keep running."""
+        if self._queue is not None and self._consumer_tag is not None:
+            await self._queue.cancel(self._consumer_tag)
+            self._consumer_tag = None
+
+    async def reply(self, reply_to: str, message: ReplyMessage) -> None:
+        assert self._channel is not None, "start() first"
+        await self._channel.default_exchange.publish(
+            encode(message, correlation_id=message.job_id), routing_key=reply_to
+        )
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
+T = TypeVar("T")
+
+
+async def coalesce(
+    items: AsyncIterator[T], max_items: int, max_delay_s: float
+) -> AsyncIterator[Sequence[T]]:
+    """Group `items` into batches of at most `max_items`, never holding one back longer
+    than `max_delay_s`: several tokens per message, and a slow model still streams."""
+    queue: asyncio.Queue[tuple[bool, T | BaseException | None]] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in items:
+                await queue.put((False, item))
+        except Exception as exc:  # handed to the consumer, re-raised there
+            await queue.put((True, exc))
+            return
+        await queue.put((True, None))
+
+    task = asyncio.create_task(pump())
+    batch: list[T] = []
+    flush_at = 0.0
+    try:
+        while True:
+            timeout = None if not batch else max(flush_at - time.monotonic(), 0)
+            try:
+                done, item = await asyncio.wait_for(queue.get(), timeout)
+            except TimeoutError:
+                yield batch
+                batch = []
+                continue
+            if done:
+                if batch:
+                    yield batch
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            if not batch:
+                flush_at = time.monotonic() + max_delay_s
+            batch.append(item)  # type: ignore[arg-type]
+            if len(batch) >= max_items:
+                yield batch
+                batch = []
+    finally:
+        # Cancelling the pump interrupts the source where it waits, so its own
+        # clean-up (e.g. stopping generation) runs before we return.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if hasattr(items, "aclose"):
+            await items.aclose()  # type: ignore[attr-defined]

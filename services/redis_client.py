@@ -1,0 +1,34 @@
+"""Redis connection and the key names every service agrees on."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+
+def connect(url: str) -> redis.Redis:
+    """A client pool for `url`; strings in and out (we store JSON)."""
+    return redis.Redis.from_url(
+        url, decode_responses=True, health_check_interval=10, socket_connect_timeout=5
+    )
+
+
+class Keys:
+    """Redis key names under one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.namespace}:workers:{worker_id}"
+
+    def workers_index(self) -> str:
+        return f"{self.namespace}:workers"
+
+    def latest_conversation(self, owner: str) -> str:
+        return f"{self.namespace}:conv-latest:{owner}"
+
+    def conversation(self, owner: str, conversation_id: str) -> str:
+        return f"{self.namespace}:conv:{owner}:{conversation_id}"
+
+    def all_pattern(self) -> str:
+        return f"{self.namespace}:*"

@@ -1,0 +1,133 @@
+"""The transformers backend on the demo model: streamed text equals a direct decode."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference_worker.backends.base import Finished, TextDelta
+from inference_worker.backends.detokenizer import IncrementalDetokenizer
+from inference_worker.backends.transformers_backend import TransformersBackend
+from proto.messages import ChatJob, ChatMessage, SamplingParams
+from services.errors import PermanentError
+
+QUESTION = "What is the four-tier handoff system?"
+
+
+def job(messages: list[dict[str, str]], max_tokens: int = 48, **sampling: float) -> ChatJob:
+    params = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.15, **sampling}
+    return ChatJob(
+        job_id=uuid.uuid4().hex,
+        messages=[ChatMessage(**m) for m in messages],  # type: ignore[arg-type]
+        sampling=SamplingParams(max_tokens=max_tokens, **params),
+        created_at=datetime.now(UTC),
+    )
+
+
+@pytest.fixture(scope="module")
+async def backend(demo_model: Path) -> TransformersBackend:
+    instance = TransformersBackend(str(demo_model), device="cpu", capacity=2)
+    await instance.start()
+    return instance
+
+
+async def run(backend: TransformersBackend, chat_job: ChatJob) -> tuple[str, Finished]:
+    pieces = []
+    finished = None
+    async for event in backend.generate(chat_job):
+        if isinstance(event, TextDelta):
+            pieces.append(event.text)
+        else:
+            finished = event
+    assert finished is not None
+    return "".join(pieces), finished
+
+
+async def test_streamed_greedy_text_equals_a_direct_generate(
+    backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    messages = [
+        {"role": "system", "content": "You are the owner's continuity assistant."},
+        {"role": "user", "content": QUESTION},
+    ]
+    text, finished = await run(backend, job(messages))
+    expected, prompt_tokens, completion_tokens = reference_greedy(messages, 48)
+    assert text == expected
+    assert "handoff" in text  # the demo model answers about its domain
+    assert (finished.prompt_tokens, finished.completion_tokens) == (
+        prompt_tokens,
+        completion_tokens,
+    )
+
+
+async def test_max_tokens_ends_with_length(backend: TransformersBackend) -> None:
+    _, finished = await run(backend, job([{"role": "user", "content": QUESTION}], max_tokens=5))
+    assert (finished.reason, finished.completion_tokens) == ("length", 5)
+
+
+async def test_two_jobs_run_at_once_and_keep_their_own_text(
+    backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    first = [{"role": "user", "content": QUESTION}]
+    second = [{"role": "user", "content": "What does the phone do?"}]
+    (a, _), (b, _) = await asyncio.gather(run(backend, job(first)), run(backend, job(second)))
+    assert a == reference_greedy(first, 48)[0]
+    assert b == reference_greedy(second, 48)[0]
+
+
+async def test_closing_the_stream_stops_generation(
+    backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model that never ends its turn: 1,500 tokens would take seconds.
+    plain_config = backend._generation_config
+
+    def never_stop(sampling: SamplingParams) -> Any:
+        config = plain_config(sampling)
+        config.min_new_tokens = sampling.max_tokens
+        return config
+
+    monkeypatch.setattr(backend, "_generation_config", never_stop)
+    long_job = job([{"role": "user", "content": QUESTION}], max_tokens=1500)
+    stream = backend.generate(long_job)
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            break
+    at_close = backend.tokens_decoded
+    await stream.aclose()
+    await asyncio.sleep(0.3)
+    settled = backend.tokens_decoded
+    await asyncio.sleep(0.3)
+    # The thread stopped at its next token: nothing more is decoded, and far fewer
+    # tokens than the job asked for were.
+    assert backend.tokens_decoded == settled
+    assert settled - at_close < 50
+
+
+async def test_a_prompt_beyond_the_context_is_refused(backend: TransformersBackend) -> None:
+    huge = "handoff " * 3000
+    with pytest.raises(PermanentError, match="context"):
+        await run(backend, job([{"role": "user", "content": huge}]))
+
+
+async def test_roles_that_do_not_alternate_are_refused(backend: TransformersBackend) -> None:
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(PermanentError, match="alternate"):
+        await run(backend, job(messages))
+
+
+@pytest.mark.parametrize("text", ["plain words", "naïve café — ünïcödé", "emoji 🚀🧠 and 中文"])
+def test_incremental_detokenizer_reassembles_multibyte_text(
+    reference_model: tuple[Any, Any], text: str
+) -> None:
+    _, tokenizer = reference_model
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.add(token_id) for token_id in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)

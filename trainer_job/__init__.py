@@ -1,0 +1,1 @@
+"""Builds models and adapters: for now, the demo model."""

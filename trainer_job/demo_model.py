@@ -1,0 +1,241 @@
+"""Build the small Mistral-architecture demo model and its tokenizer, on this machine.
+
+No weights are downloaded anywhere in the project: `make run`, the tests and the
+benchmarks serve this model. It is a real `MistralForCausalLM` with a byte-level BPE
+tokenizer and a Mistral-style `[INST] … [/INST]` chat template, trained for a couple
+of minutes on the generated continuity chats so that it answers in readable English.
+
+    python -m trainer_job build-demo-model            # build into the cache if missing
+    python -m trainer_job build-demo-model --force    # rebuild
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from services.paths import demo_model_dir
+
+log = logging.getLogger(__name__)
+
+# Bump when anything below changes what gets built: a cached model with another
+# version is rebuilt.
+BUILDER_VERSION = 2
+BUILD_INFO = "BUILD_INFO.json"
+
+# Mistral's template shape: the system prompt is folded into the first user turn,
+# the prompt ends with "[/INST]" and the assistant's turn ends with the eos token.
+# The answer follows "[/INST]" directly: with byte-level BPE a space there would
+# become the first character of every answer (sentencepiece hides it; BPE does not).
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = none %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only system, user and assistant roles are supported') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class DemoModelSpec:
+    """Shape and training budget of the demo model (about 4.7M parameters)."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 2048
+    block_size: int = 128
+    batch_size: int = 16
+    train_steps: int = 400
+    learning_rate: float = 3e-3
+    chats: int = 3000
+    seed: int = 0
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _model_config(spec: DemoModelSpec, tokenizer):
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _packed_blocks(token_lists: list[list[int]], block_size: int):
+    import torch
+
+    flat = [t for ids in token_lists for t in ids]
+    usable = len(flat) // block_size * block_size
+    return torch.tensor(flat[:usable], dtype=torch.long).view(-1, block_size)
+
+
+def train_demo_model(spec: DemoModelSpec, progress: bool = True):
+    """Train the tokenizer and the model in memory; returns (model, tokenizer, stats)."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    from trainer_job.continuity_corpus import training_chats
+
+    torch.manual_seed(spec.seed)
+    chats = training_chats(spec.chats, seed=spec.seed)
+    texts = [_render(chat) for chat in chats]
+    tokenizer = build_tokenizer(texts, spec.vocab_size)
+    token_lists = [
+        tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False) for chat in chats
+    ]
+    blocks = _packed_blocks(token_lists, spec.block_size)
+
+    model = MistralForCausalLM(_model_config(spec, tokenizer))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    warmup = max(1, spec.train_steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, spec.train_steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    generator = torch.Generator().manual_seed(spec.seed)
+    started = time.monotonic()
+    loss_value = float("nan")
+    for step in range(spec.train_steps):
+        index = torch.randint(0, blocks.shape[0], (spec.batch_size,), generator=generator)
+        batch = blocks[index]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if progress and (step % 50 == 0 or step == spec.train_steps - 1):
+            elapsed = time.monotonic() - started
+            eta = elapsed / (step + 1) * (spec.train_steps - step - 1)
+            print(
+                f"demo model: step {step + 1}/{spec.train_steps} loss {loss_value:.3f} "
+                f"({elapsed:.0f}s, eta {eta:.0f}s)",
+                flush=True,
+            )
+    model.eval()
+    stats = {
+        "final_loss": loss_value,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return model, tokenizer, stats
+
+
+def _render(chat: list[dict[str, str]]) -> str:
+    # Tokenizer training text: the same surface form the chat template produces.
+    parts = []
+    system = chat[0]["content"] if chat[0]["role"] == "system" else None
+    for message in chat:
+        if message["role"] == "user":
+            prefix = f"{system}\n\n" if system else ""
+            parts.append(f"[INST] {prefix}{message['content']} [/INST]")
+        elif message["role"] == "assistant":
+            parts.append(message["content"])
+    return "".join(parts)
+
+
+def is_built(path: Path) -> bool:
+    info = path / BUILD_INFO
+    if not info.is_file():
+        return False
+    try:
+        return json.loads(info.read_text()).get("builder_version") == BUILDER_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_demo_model(
+    path: Path | None = None, force: bool = False, spec: DemoModelSpec | None = None
+) -> Path:
+    """Build the demo model into `path` (the cache by default) unless it is already there.
+
+    The model is written to a temporary folder beside the target and renamed into
+    place, so an interrupted build never leaves a half-written model behind.
+    """
+    path = Path(path) if path else demo_model_dir()
+    if is_built(path) and not force:
+        return path
+    spec = spec or DemoModelSpec()
+    model, tokenizer, stats = train_demo_model(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=path.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        info = {"builder_version": BUILDER_VERSION, "spec": asdict(spec), **stats}
+        (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("demo model built at %s (%s)", path, stats)
+    return path
