@@ -23,7 +23,9 @@ def main() -> int:
         settings = GatewaySettings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        print(f"gateway: setting {first['loc'][0]}: {first['msg']}", file=sys.stderr)
+        print(
+            f"gateway: setting MESH_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr
+        )
         return 2
     if not settings.api_key:
         print("gateway: MESH_API_KEY is not set; refusing to serve without a key", file=sys.stderr)

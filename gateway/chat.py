@@ -82,9 +82,11 @@ class ChatService:
         )
 
     async def build_job(self, owner: str, request: ChatRequest, conversation_id: str) -> ChatJob:
-        history = await self.conversations.history(
-            owner, conversation_id, self.settings.history_messages
-        )
+        history: list[ChatMessage] = []
+        if request.conversation_id:  # a new conversation has none: skip the round trip
+            history = await self.conversations.history(
+                owner, conversation_id, self.settings.history_messages
+            )
         messages = [ChatMessage(role="system", content=self.settings.system_prompt)]
         messages += history
         messages.append(ChatMessage(role="user", content=request.message))

@@ -30,13 +30,13 @@ class ConversationStore:
     async def append_turn(
         self, owner: str, conversation_id: str, user: str, assistant: str
     ) -> None:
-        """Both halves of a turn in one atomic write, and mark it the owner's latest."""
+        """Both halves of a turn in one atomic RPUSH, and mark it the owner's latest."""
         at = datetime.now(UTC).isoformat()
         entries = [
             json.dumps({"role": "user", "content": user, "at": at}),
             json.dumps({"role": "assistant", "content": assistant, "at": at}),
         ]
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with self.client.pipeline(transaction=False) as pipe:
             pipe.rpush(self.keys.conversation(owner, conversation_id), *entries)
             pipe.set(self.keys.latest_conversation(owner), conversation_id)
             await pipe.execute()

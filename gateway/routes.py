@@ -39,7 +39,7 @@ ERRORS = {
 }
 
 
-def chat_service(request: Request) -> ChatService:
+async def chat_service(request: Request) -> ChatService:
     return request.app.state.chat
 
 

@@ -9,9 +9,11 @@ Settings are MESH_* environment variables (inference_worker/settings.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
+
+import uvloop
+from pydantic import ValidationError
 
 from inference_worker.settings import WorkerSettings
 from inference_worker.worker import serve
@@ -20,10 +22,18 @@ from services.logs import setup_logging
 
 
 def main() -> int:
-    settings = WorkerSettings()
+    try:
+        settings = WorkerSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(
+            f"inference_worker: setting MESH_{str(first['loc'][0]).upper()}: {first['msg']}",
+            file=sys.stderr,
+        )
+        return 2
     setup_logging(settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        uvloop.run(serve(settings))
     except MeshError as exc:
         logging.getLogger("inference_worker").error("%s", exc.message)
         print(f"inference_worker: {exc.message}", file=sys.stderr)

@@ -33,9 +33,7 @@ def build_backend(settings: WorkerSettings) -> Backend:
         return EchoBackend()
     from inference_worker.backends.transformers_backend import TransformersBackend
 
-    return TransformersBackend(
-        resolve_model_ref(settings.model), settings.device, settings.dtype, settings.capacity
-    )
+    return TransformersBackend(resolve_model_ref(settings.model), settings.device, settings.dtype)
 
 
 def resolve_model_ref(model: str) -> str:

@@ -32,7 +32,7 @@ def job(messages: list[dict[str, str]], max_tokens: int = 48, **sampling: float)
 
 @pytest.fixture(scope="module")
 async def backend(demo_model: Path) -> TransformersBackend:
-    instance = TransformersBackend(str(demo_model), device="cpu", capacity=2)
+    instance = TransformersBackend(str(demo_model), device="cpu")
     await instance.start()
     return instance
 
@@ -71,7 +71,7 @@ async def test_max_tokens_ends_with_length(backend: TransformersBackend) -> None
     assert (finished.reason, finished.completion_tokens) == ("length", 5)
 
 
-async def test_two_jobs_run_at_once_and_keep_their_own_text(
+async def test_concurrent_jobs_keep_their_own_text(
     backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
 ) -> None:
     first = [{"role": "user", "content": QUESTION}]
