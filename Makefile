@@ -37,6 +37,7 @@ format: install
 
 proto: install
 	$(PY) -m proto
+	$(PY) -m gateway openapi > openapi.json
 
 bench: install
 	$(PY) -m services.local_infra ensure

@@ -2,40 +2,67 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from gateway import errors
-from gateway.chat import ChatService, WorkerDirectory
+from gateway import errors, openai_routes, routes
+from gateway.chat import ChatService
 from gateway.conversations import ConversationStore
-from gateway.routes import router
+from gateway.generation import Generation, PromptCounter, WorkerDirectory
+from gateway.keys import SCOPES, KeyStore
+from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
 from services.bus import JobClient, Topology
+from services.paths import demo_model_dir
 from services.redis_client import Keys, connect
 
 log = logging.getLogger(__name__)
 
 
+def tokenizer_ref(settings: GatewaySettings) -> str | None:
+    """Where the prompt-counting tokenizer comes from (None: the check is off)."""
+    if settings.tokenizer.lower() == "none":
+        return None
+    return settings.tokenizer or settings.model or str(demo_model_dir())
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
+    metrics = Metrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys = Keys(settings.namespace)
         redis = connect(settings.redis_url)
+        key_store = KeyStore(redis, keys)
+        if settings.api_key:
+            await key_store.add(settings.api_key, "bootstrap (MESH_API_KEY)", list(SCOPES))
+        ref = tokenizer_ref(settings)
+        prompts = (
+            await asyncio.to_thread(PromptCounter.load, ref, settings.max_context) if ref else None
+        )
         jobs = JobClient(
             Topology(settings.namespace, settings.model_family),
             client_id=f"gateway-{uuid.uuid4().hex[:12]}",
         )
         await jobs.start(settings.amqp_url)
         workers = WorkerDirectory(redis, keys, settings.model_family, settings.workers_cache_s)
+        generation = Generation(settings, jobs, workers, metrics, prompts)
         app.state.settings = settings
         app.state.redis = redis
         app.state.jobs = jobs
         app.state.workers = workers
-        app.state.chat = ChatService(settings, jobs, ConversationStore(redis, keys), workers)
+        app.state.metrics = metrics
+        app.state.key_store = key_store
+        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_per_minute)
+        app.state.generation = generation
+        app.state.chat = ChatService(settings, generation, ConversationStore(redis, keys))
         log.info("gateway ready on %s:%d", settings.http_host, settings.http_port)
         try:
             yield
@@ -45,10 +72,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(
         title="Continuity mesh",
-        version="0.1.0",
-        description="Chat with the owner's continuity assistant across desktop, VPS and phone.",
+        version=routes.VERSION,
+        description="Chat with the owner's continuity assistant across desktop, VPS and phone. "
+        "Every route but /health and /ready needs `Authorization: Bearer <key>`.",
         lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
     )
     errors.install(app)
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(openai_routes.router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app

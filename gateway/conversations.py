@@ -1,4 +1,4 @@
-"""Conversation history in Redis, keyed by API key owner and conversation id."""
+"""Conversation history in Redis, keyed by API key and conversation id."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class ConversationStore:
         self.keys = keys
 
     async def history(self, owner: str, conversation_id: str, limit: int) -> list[ChatMessage]:
-        """The last `limit` messages, oldest first."""
+        """The last `limit` messages for the model, oldest first."""
         if limit <= 0:
             return []
         raw = await self.client.lrange(self.keys.conversation(owner, conversation_id), -limit, -1)
@@ -26,6 +26,14 @@ class ConversationStore:
         while messages and messages[0]["role"] != "user":
             messages.pop(0)
         return [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+
+    async def messages(self, owner: str, conversation_id: str) -> list[dict[str, str]]:
+        """Every recorded message, oldest first (empty when there is no such conversation)."""
+        raw = await self.client.lrange(self.keys.conversation(owner, conversation_id), 0, -1)
+        return [json.loads(item) for item in raw]
+
+    async def latest(self, owner: str) -> str | None:
+        return await self.client.get(self.keys.latest_conversation(owner))
 
     async def append_turn(
         self, owner: str, conversation_id: str, user: str, assistant: str
@@ -40,3 +48,12 @@ class ConversationStore:
             pipe.rpush(self.keys.conversation(owner, conversation_id), *entries)
             pipe.set(self.keys.latest_conversation(owner), conversation_id)
             await pipe.execute()
+
+    async def delete(self, owner: str, conversation_id: str) -> bool:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.conversation(owner, conversation_id))
+            pipe.get(self.keys.latest_conversation(owner))
+            deleted, latest = await pipe.execute()
+        if latest == conversation_id:
+            await self.client.delete(self.keys.latest_conversation(owner))
+        return bool(deleted)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.disconnect import ClientDisconnected
 from proto.api import ErrorBody, ErrorDetail
 from services.errors import JobFailed, JobTimeout, MeshError, PermanentError, RetryableError
 
@@ -83,6 +84,13 @@ def install(app: FastAPI) -> None:
             {"Retry-After": RETRY_AFTER_S},
         ).response()
 
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        # Nobody reads this; 499 (nginx's "client closed request") marks it in metrics.
+        return ApiError(
+            499, "client_closed", "client closed the request", "client_closed"
+        ).response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return ApiError(
@@ -91,7 +99,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return ApiError(
             exc.status_code, "invalid_request_error", str(exc.detail), code, dict(exc.headers or {})
         ).response()

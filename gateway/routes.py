@@ -1,4 +1,5 @@
-"""The public HTTP routes."""
+"""The original service's routes, kept compatible: chat, stream, conversation,
+generate, health, ready, info; plus metrics."""
 
 from __future__ import annotations
 
@@ -7,43 +8,63 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.auth import Owner
-from gateway.chat import ChatService, Outcome
-from gateway.errors import from_mesh_error
+from gateway.auth import AdminKey, ChatKey, ReadKey
+from gateway.chat import ChatService
+from gateway.disconnect import unless_disconnected
+from gateway.errors import ApiError, from_mesh_error
+from gateway.generation import Generation, Outcome, collect
 from proto.api import (
     ChatRequest,
     ChatResponse,
+    Conversation,
+    ConversationDeleted,
+    ConversationMessage,
     ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
     Health,
+    Info,
     Readiness,
     StreamChunk,
     StreamDone,
+    WorkerInfo,
 )
 from services.errors import MeshError
 
 router = APIRouter()
+VERSION = "0.1.0"
 
 ERRORS = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
-        400: "Bad request",
+        400: "Bad request (e.g. prompt too long, max_tokens above the cap)",
         401: "Missing or invalid API key",
+        403: "The key lacks the scope",
+        404: "Unknown model",
+        413: "Body too large",
         422: "Invalid body",
+        429: "Rate limit reached (see Retry-After)",
         502: "A worker failed",
-        503: "No worker or broker available",
-        504: "Timed out",
+        503: "No worker, a full queue or no broker (see Retry-After)",
+        504: "No answer before the deadline",
     }.items()
 }
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def chat_service(request: Request) -> ChatService:
     return request.app.state.chat
 
 
+async def generation(request: Request) -> Generation:
+    return request.app.state.generation
+
+
 Chat = Annotated[ChatService, Depends(chat_service)]
+Gen = Annotated[Generation, Depends(generation)]
 
 
 @router.get("/health", operation_id="health", response_model=Health)
@@ -64,7 +85,7 @@ async def ready(request: Request) -> JSONResponse:
     broker = state.jobs.connected
     try:
         redis_ok = bool(await state.redis.ping())
-        workers = await state.workers.live_count()
+        workers = len(await state.workers.live())
     except Exception:
         redis_ok, workers = False, 0
     body = Readiness(
@@ -77,23 +98,17 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.post("/chat", operation_id="chat", response_model=ChatResponse, responses=ERRORS)
-async def chat(body: ChatRequest, owner: Owner, service: Chat) -> ChatResponse:
+async def chat(body: ChatRequest, key: ChatKey, service: Chat, request: Request) -> ChatResponse:
     """Send a message and get the whole answer."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
-    pieces: list[str] = []
-    outcome: Outcome | None = None
-    async for item in await service.stream(owner, body, conversation_id):
-        if isinstance(item, Outcome):
-            outcome = item
-        else:
-            pieces.append(item)
-    assert outcome is not None  # the relay ends with an Outcome or raises
+    relay = await service.start(key.key_id, body, conversation_id)
+    text, outcome = await unless_disconnected(request, collect(relay))
     return ChatResponse(
-        response="".join(pieces),
+        response=text,
         conversation_id=conversation_id,
         finish_reason=outcome.finish_reason,
-        usage=outcome.usage,
-    )  # type: ignore[arg-type]
+        usage=outcome.usage,  # type: ignore[arg-type]
+    )
 
 
 def sse_event(event: str, data: str) -> bytes:
@@ -112,15 +127,15 @@ def sse_event(event: str, data: str) -> bytes:
         **ERRORS,
     },
 )
-async def chat_stream(body: ChatRequest, owner: Owner, service: Chat) -> StreamingResponse:
+async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> StreamingResponse:
     """Send a message and receive the answer as server-sent events."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
     # Started before the response: no worker or no broker is still a plain HTTP error.
-    items = await service.stream(owner, body, conversation_id)
+    relay = await service.start(key.key_id, body, conversation_id)
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for item in items:
+            async for item in relay:
                 if isinstance(item, Outcome):
                     done = StreamDone(
                         conversation_id=conversation_id,
@@ -133,8 +148,115 @@ async def chat_stream(body: ChatRequest, owner: Owner, service: Chat) -> Streami
         except MeshError as exc:
             yield sse_event("error", json.dumps(from_mesh_error(exc).body().model_dump()))
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+ConversationQuery = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Which conversation; absent: this key's most recent one.",
+    ),
+]
+
+
+async def _pick_conversation(service: ChatService, owner: str, wanted: str | None) -> str:
+    conversation_id = wanted or await service.conversations.latest(owner)
+    if conversation_id is None:
+        raise ApiError(404, "invalid_request_error", "no conversation yet", "not_found")
+    return conversation_id
+
+
+@router.get(
+    "/conversation",
+    operation_id="get_conversation",
+    response_model=Conversation,
+    responses=ERRORS,
+)
+async def get_conversation(
+    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+) -> Conversation:
+    """A conversation's history (this key's most recent one without `conversation_id`)."""
+    chosen = await _pick_conversation(service, key.key_id, conversation_id)
+    messages = await service.conversations.messages(key.key_id, chosen)
+    if not messages and conversation_id:
+        raise ApiError(404, "invalid_request_error", "no such conversation", "not_found")
+    return Conversation(
+        conversation_id=chosen, messages=[ConversationMessage(**m) for m in messages]
+    )
+
+
+@router.delete(
+    "/conversation",
+    operation_id="delete_conversation",
+    response_model=ConversationDeleted,
+    responses=ERRORS,
+)
+async def delete_conversation(
+    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+) -> ConversationDeleted:
+    """Forget a conversation (this key's most recent one without `conversation_id`)."""
+    chosen = await _pick_conversation(service, key.key_id, conversation_id)
+    deleted = await service.conversations.delete(key.key_id, chosen)
+    return ConversationDeleted(conversation_id=chosen, deleted=deleted)
+
+
+@router.post(
+    "/generate", operation_id="generate", response_model=GenerateResponse, responses=ERRORS
+)
+async def generate(
+    body: GenerateRequest, key: ChatKey, gen: Gen, request: Request
+) -> GenerateResponse:
+    """Continue a raw prompt, taken verbatim (e.g. `[INST] … [/INST]`)."""
+    job = gen.new_job(
+        gen.sampling(body), prompt=body.prompt, model=await gen.resolve_model(body.model)
+    )
+    relay = await gen.start(job)
+    text, outcome = await unless_disconnected(request, collect(relay))
+    return GenerateResponse(
+        text=text,
+        finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
+        usage=outcome.usage,
+    )
+
+
+@router.get("/info", operation_id="info", response_model=Info, responses=ERRORS)
+async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
+    """Served models, live workers by site and device, and the queue's depth."""
+    workers: dict[str, dict[str, list[WorkerInfo]]] = {}
+    for w in sorted(await gen.workers.live(), key=lambda w: w.worker_id):
+        workers.setdefault(w.site, {}).setdefault(w.device, []).append(
+            WorkerInfo(
+                worker_id=w.worker_id,
+                base_model=w.base_model,
+                capacity=w.capacity,
+                in_flight=w.in_flight,
+            )
+        )
+    try:
+        depth: int | None = await gen.jobs.queue_depth()
+    except MeshError:
+        depth = None
+    return Info(
+        version=VERSION,
+        model_family=gen.settings.model_family,
+        models=await gen.models(),
+        workers=workers,
+        queue_depth=depth,
+    )
+
+
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics(key: AdminKey, gen: Gen, request: Request) -> Response:
+    """Prometheus metrics of this gateway process (needs the admin scope)."""
+    gen.metrics.live_workers.set(len(await gen.workers.live()))
+    return Response(
+        request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
     )

@@ -15,7 +15,10 @@ DEFAULT_SYSTEM_PROMPT = (
 class GatewaySettings(MeshSettings):
     http_host: str = Field(default="127.0.0.1", description="MESH_HTTP_HOST")
     http_port: int = Field(default=8000, ge=1, le=65535, description="MESH_HTTP_PORT")
-    api_key: str = Field(default="", description="MESH_API_KEY: the bearer key clients send.")
+    api_key: str = Field(
+        default="",
+        description="MESH_API_KEY: a bootstrap key with every scope, stored (hashed) at start.",
+    )
     system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, description="MESH_SYSTEM_PROMPT")
     # The original service's sampling defaults.
     temperature: float = Field(default=0.7, ge=0, le=2)
@@ -28,6 +31,27 @@ class GatewaySettings(MeshSettings):
         default=20, ge=0, description="Most earlier messages of a conversation sent to the model."
     )
     workers_cache_s: float = Field(default=1.0, ge=0, description="Live-worker lookup cache.")
+    max_queue_depth: int = Field(
+        default=256, ge=0, description="More jobs waiting than this: 503 at once (0: no bound)."
+    )
+    queue_depth_cache_s: float = Field(default=0.25, ge=0, description="Queue depth read cache.")
+    rate_limit_per_minute: int = Field(
+        default=120, ge=0, description="Generation requests per key per minute (0: no limit)."
+    )
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger bodies: 413.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='MESH_CORS_ORIGINS: JSON list of allowed origins, e.g. ["https://phone.lan"].',
+    )
+    tokenizer: str = Field(
+        default="",
+        description="MESH_TOKENIZER: folder or hub id to count prompt tokens with; empty: "
+        "MESH_MODEL, else the demo model; 'none' turns the gateway-side check off.",
+    )
+    model: str = Field(default="", description="MESH_MODEL, as the workers read it.")
+    max_context: int = Field(
+        default=0, ge=0, description="Context length in tokens; 0: the model's config."
+    )
 
     @field_validator("api_key")
     @classmethod

@@ -6,15 +6,18 @@ reply (when there is someone to reply to) and an ack or reject decision.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from inference_worker.backends.base import Backend, Finished, GenerationEvent, TextDelta
-from proto.messages import ChatJob, JobError, JobResult, TokenChunk, Usage
+from proto.messages import CancelJob, ChatJob, JobError, JobResult, TokenChunk, Usage
 from services.bus import WorkerBus, coalesce
 from services.errors import MeshError
 
@@ -22,15 +25,39 @@ log = logging.getLogger(__name__)
 
 
 class JobRunner:
-    """Turns delivered ChatJobs into reply streams."""
+    """Turns delivered ChatJobs into reply streams; stops them on CancelJob."""
 
-    def __init__(self, backend: Backend, bus: WorkerBus, coalesce_tokens: int, coalesce_ms: float):
+    def __init__(
+        self,
+        backend: Backend,
+        bus: WorkerBus,
+        coalesce_tokens: int,
+        coalesce_ms: float,
+        cancel_memory_s: float = 600.0,
+    ) -> None:
         self.backend = backend
         self.bus = bus
         self.coalesce_tokens = coalesce_tokens
         self.coalesce_s = coalesce_ms / 1000
+        self.cancel_memory_s = cancel_memory_s
         self.in_flight = 0
         self.completed = 0
+        self.cancelled = 0
+        self._running: dict[str, asyncio.Task[int | None]] = {}
+        # Cancels for jobs this worker has not seen (yet): job id -> forget after.
+        self._cancel_before_start: dict[str, float] = {}
+
+    def cancel(self, command: CancelJob) -> None:
+        task = self._running.get(command.job_id)
+        if task is not None:
+            log.info("job %s: cancelled (%s)", command.job_id, command.reason)
+            task.cancel()
+            return
+        now = time.monotonic()
+        self._cancel_before_start = {
+            job_id: until for job_id, until in self._cancel_before_start.items() if until > now
+        }
+        self._cancel_before_start[command.job_id] = now + self.cancel_memory_s
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         self.in_flight += 1
@@ -56,16 +83,23 @@ class JobRunner:
                 )
             await message.reject(requeue=False)
             return
-        if job.deadline is not None and job.deadline <= datetime.now(UTC):
-            log.info("job %s: deadline passed before it started; dropped", job.job_id)
-            await message.ack()
-            return
         if not reply_to:
             log.error("job %s has no reply_to; dropped", job.job_id)
             await message.reject(requeue=False)
             return
+        if self._drop_before_start(job):
+            await message.ack()
+            return
+        task = asyncio.create_task(self._stream(job, reply_to))
+        self._running[job.job_id] = task
         try:
-            seq = await self._stream(job, reply_to)
+            seq = await task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the worker is shutting down: not acked, the broker redelivers
+            self.cancelled += 1  # CancelJob: nobody waits for it; done with it
+            await message.ack()
+            return
         except Exception:
             # The replies could not be published (connection lost mid-stream): hand
             # the job back rather than sit on it. If the channel is gone the broker
@@ -74,40 +108,53 @@ class JobRunner:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             raise
+        finally:
+            self._running.pop(job.job_id, None)
         if seq is not None:
             self.completed += 1
         await message.ack()  # only after the final reply was published
 
+    def _drop_before_start(self, job: ChatJob) -> bool:
+        if self._cancel_before_start.pop(job.job_id, None) is not None:
+            log.info("job %s: cancelled before it started; dropped", job.job_id)
+            self.cancelled += 1
+            return True
+        if job.deadline is not None and job.deadline <= datetime.now(UTC):
+            log.info("job %s: deadline passed before it started; dropped", job.job_id)
+            self.cancelled += 1
+            return True
+        return False
+
     async def _stream(self, job: ChatJob, reply_to: str) -> int | None:
         """Publish the job's chunks and its result; returns the last seq, None on error."""
         seq = 0
+        queued_ms = max((datetime.now(UTC) - job.created_at).total_seconds() * 1000, 0)
         log.info("job %s: started (conversation %s)", job.job_id, job.conversation_id)
         try:
+            if job.model is not None and job.model != self.backend.base_model:
+                raise MeshError(f"model {job.model!r} is not served here", "model_not_found")
             events = self.backend.generate(job)
             finished: Finished | None = None
             async for batch in coalesce(events, self.coalesce_tokens, self.coalesce_s):
                 text, tokens, finished = _merge(batch, finished)
                 if text or tokens:
-                    await self.bus.reply(
-                        reply_to,
-                        TokenChunk(job_id=job.job_id, seq=seq, text=text, token_count=tokens),
-                    )
+                    chunk = TokenChunk(job_id=job.job_id, seq=seq, text=text, token_count=tokens)
+                    await self.bus.reply(reply_to, chunk)
                     seq += 1
             if finished is None:
                 raise MeshError("the backend ended without finishing", "backend_error")
             usage = Usage(
                 prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens
             )
-            await self.bus.reply(
-                reply_to,
-                JobResult(
-                    job_id=job.job_id,
-                    seq=seq,
-                    finish_reason=finished.reason,
-                    usage=usage,
-                    worker_id=self.bus.worker_id,
-                ),
+            result = JobResult(
+                job_id=job.job_id,
+                seq=seq,
+                finish_reason=finished.reason,
+                usage=usage,
+                worker_id=self.bus.worker_id,
+                queued_ms=round(queued_ms, 3),
             )
+            await self.bus.reply(reply_to, result)
             log.info(
                 "job %s: done, %d tokens (%s)", job.job_id, usage.completion_tokens, finished.reason
             )
@@ -130,13 +177,12 @@ class JobRunner:
     async def _reply_error(
         self, reply_to: str, job_id: str, seq: int, code: str, text: str, retryable: bool
     ) -> None:
-        await self.bus.reply(
-            reply_to, JobError(job_id=job_id, seq=seq, code=code, message=text, retryable=retryable)
-        )
+        error = JobError(job_id=job_id, seq=seq, code=code, message=text, retryable=retryable)
+        await self.bus.reply(reply_to, error)
 
 
 def _merge(
-    batch: list[GenerationEvent] | tuple[GenerationEvent, ...], finished: Finished | None
+    batch: Sequence[GenerationEvent], finished: Finished | None
 ) -> tuple[str, int, Finished | None]:
     texts = []
     tokens = 0

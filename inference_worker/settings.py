@@ -17,6 +17,10 @@ class WorkerSettings(MeshSettings):
         default="",
         description="MESH_MODEL: local folder or hub id of the base model; empty: the demo model.",
     )
+    model_name: str = Field(
+        default="",
+        description="MESH_MODEL_NAME: the name clients use; empty: the model folder's name.",
+    )
     device: str = Field(default="auto", description="MESH_DEVICE: auto, cpu, cuda, cuda:1 …")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="MESH_DTYPE: auto is fp16 on CUDA, fp32 on CPU."
@@ -31,4 +35,7 @@ class WorkerSettings(MeshSettings):
     liveness_ttl_s: float = Field(default=10.0, gt=0, description="Liveness record lifetime.")
     coalesce_tokens: int = Field(default=8, ge=1, description="Most tokens in one reply message.")
     coalesce_ms: float = Field(default=20.0, ge=0, description="Longest a token waits to be sent.")
+    cancel_memory_s: float = Field(
+        default=600.0, gt=0, description="How long a cancel is remembered for a job not yet seen."
+    )
     drain_timeout_s: float = Field(default=60.0, ge=0, description="SIGTERM: wait this long.")

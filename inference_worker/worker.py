@@ -33,7 +33,9 @@ def build_backend(settings: WorkerSettings) -> Backend:
         return EchoBackend()
     from inference_worker.backends.transformers_backend import TransformersBackend
 
-    return TransformersBackend(resolve_model_ref(settings.model), settings.device, settings.dtype)
+    return TransformersBackend(
+        resolve_model_ref(settings.model), settings.device, settings.dtype, settings.model_name
+    )
 
 
 def resolve_model_ref(model: str) -> str:
@@ -58,7 +60,13 @@ class Worker:
         )
         self.topology = Topology(settings.namespace, settings.model_family)
         self.bus = WorkerBus(self.topology, self.worker_id, settings.capacity, settings.priority)
-        self.runner = JobRunner(backend, self.bus, settings.coalesce_tokens, settings.coalesce_ms)
+        self.runner = JobRunner(
+            backend,
+            self.bus,
+            settings.coalesce_tokens,
+            settings.coalesce_ms,
+            settings.cancel_memory_s,
+        )
         self.redis = connect(settings.redis_url)
         self.keys = Keys(settings.namespace)
         self.started_at = datetime.now(UTC)
@@ -74,6 +82,9 @@ class Worker:
             base_model=self.backend.base_model,
             capacity=self.settings.capacity,
             in_flight=self.runner.in_flight,
+            jobs_completed=self.runner.completed,
+            jobs_cancelled=self.runner.cancelled,
+            tokens_generated=self.backend.tokens_generated,
             started_at=self.started_at,
             updated_at=datetime.now(UTC),
         )
@@ -112,6 +123,7 @@ class Worker:
             self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
         )
         heartbeat = asyncio.create_task(self._heartbeat())
+        await self.bus.consume_control(self.runner.cancel)
         await self.bus.consume(self._on_message)
         log.info(
             "worker %s consuming %s (capacity %d, priority %d, %s)",

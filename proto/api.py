@@ -6,7 +6,7 @@ internal message changes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,11 +23,9 @@ class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ChatRequest(ApiModel):
-    """A chat turn from the user."""
+class SamplingOptions(ApiModel):
+    """Decoding options; the server's defaults apply to what is absent."""
 
-    message: str = Field(min_length=1, description="The user's message.")
-    conversation_id: str | None = ConversationIdField
     max_tokens: int | None = Field(
         default=None, ge=1, description="Most tokens to generate (server default when absent)."
     )
@@ -39,6 +37,32 @@ class ChatRequest(ApiModel):
     )
     repetition_penalty: float | None = Field(
         default=None, gt=0.0, le=2.0, description="Repetition penalty (default 1.15)."
+    )
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, max_length=4, description="Stop before any of these strings."
+    )
+    seed: int | None = Field(default=None, ge=0, description="Seed for reproducible sampling.")
+
+
+class ChatRequest(SamplingOptions):
+    """A chat turn from the user."""
+
+    message: str = Field(min_length=1, description="The user's message.")
+    context: str | None = Field(
+        default=None, description="Extra context appended to the system prompt for this turn."
+    )
+    conversation_id: str | None = ConversationIdField
+    model: str | None = Field(
+        default=None, min_length=1, description="Base model or adapter name (default: base)."
+    )
+
+
+class GenerateRequest(SamplingOptions):
+    """A raw prompt, used verbatim (e.g. `[INST] … [/INST]`)."""
+
+    prompt: str = Field(min_length=1, description="The prompt, exactly as the model sees it.")
+    model: str | None = Field(
+        default=None, min_length=1, description="Base model or adapter name (default: base)."
     )
 
 
@@ -57,6 +81,51 @@ class ChatResponse(ApiModel):
         description="stop: the model ended its turn; length: max_tokens reached."
     )
     usage: Usage
+
+
+class GenerateResponse(ApiModel):
+    """The model's continuation of the prompt."""
+
+    text: str = Field(description="The generated text.")
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+
+
+class ConversationMessage(ApiModel):
+    role: Literal["user", "assistant"]
+    content: str
+    at: str = Field(description="When it was recorded (ISO 8601, UTC).")
+
+
+class Conversation(ApiModel):
+    """One conversation's history, oldest first."""
+
+    conversation_id: str
+    messages: list[ConversationMessage]
+
+
+class ConversationDeleted(ApiModel):
+    conversation_id: str
+    deleted: bool = Field(description="True: it existed and is gone now.")
+
+
+class WorkerInfo(ApiModel):
+    worker_id: str
+    base_model: str
+    capacity: int
+    in_flight: int
+
+
+class Info(ApiModel):
+    """What the mesh serves and who serves it."""
+
+    version: str
+    model_family: str
+    models: list[str] = Field(description="Base models served by live workers.")
+    workers: dict[str, dict[str, list[WorkerInfo]]] = Field(
+        description="Live workers by site, then by device."
+    )
+    queue_depth: int | None = Field(description="Jobs waiting for a worker (None: unknown).")
 
 
 class StreamChunk(ApiModel):

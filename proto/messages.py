@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -48,6 +48,14 @@ class SamplingParams(BusMessage):
     repetition_penalty: float = Field(
         gt=0.0, le=2.0, description="Penalty on tokens already present (1.0 is none)."
     )
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Generation ends before the first of these strings; it is not returned.",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, description="Seed for sampling, for reproducible answers."
+    )
 
 
 class ChatJob(BusMessage):
@@ -62,7 +70,12 @@ class ChatJob(BusMessage):
         description="Base model or adapter name to serve it with; absent: the base model.",
     )
     messages: list[ChatMessage] = Field(
-        min_length=1, description="The conversation, system prompt first when present."
+        default_factory=list,
+        description="The conversation, system prompt first when present; empty with `prompt`.",
+    )
+    prompt: str | None = Field(
+        default=None,
+        description="A raw prompt used verbatim instead of the chat template (`/generate`).",
     )
     sampling: SamplingParams = Field(description="Decoding options.")
     conversation_id: str | None = Field(
@@ -72,6 +85,12 @@ class ChatJob(BusMessage):
     deadline: datetime | None = Field(
         default=None, description="After this instant (UTC) nobody waits for the answer."
     )
+
+    @model_validator(mode="after")
+    def _messages_or_prompt(self) -> ChatJob:
+        if bool(self.messages) == (self.prompt is not None):
+            raise ValueError("a job carries either messages or a prompt, not both or neither")
+        return self
 
 
 class TokenChunk(BusMessage):
@@ -104,6 +123,9 @@ class JobResult(BusMessage):
     )
     usage: Usage = Field(description="Token counts.")
     worker_id: str = Field(description="The worker that served the job.")
+    queued_ms: float | None = Field(
+        default=None, ge=0, description="From the job's creation until a worker started it."
+    )
 
 
 class JobError(BusMessage):
@@ -116,6 +138,15 @@ class JobError(BusMessage):
     code: str = Field(description="Machine-readable reason, e.g. 'invalid_job', 'backend_error'.")
     message: str = Field(description="Human-readable reason.")
     retryable: bool = Field(description="Whether sending the same request again may succeed.")
+
+
+class CancelJob(BusMessage):
+    """Command: stop working on a job; nobody waits for its answer any more."""
+
+    type: Literal["cancel_job"] = Field(default="cancel_job", description="Message type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    job_id: JobId
+    reason: str = Field(description="Why, for logs: 'client_disconnected', 'deadline'.")
 
 
 ReplyMessage = Annotated[TokenChunk | JobResult | JobError, Field(discriminator="type")]
@@ -131,15 +162,21 @@ class WorkerStatus(BusMessage):
     site: str = Field(description="Where it runs, e.g. 'desktop' or 'vps'.")
     device: str = Field(description="'cpu' or 'cuda' (with the GPU's name when known).")
     model_family: str = Field(description="The job queue it consumes.")
-    base_model: str = Field(description="The base model it serves.")
+    base_model: str = Field(description="Name of the base model it serves.")
     capacity: int = Field(ge=1, description="Jobs it runs at once.")
     in_flight: int = Field(ge=0, description="Jobs it is running now.")
+    jobs_completed: int = Field(default=0, ge=0, description="Jobs answered since start.")
+    jobs_cancelled: int = Field(default=0, ge=0, description="Jobs cancelled since start.")
+    tokens_generated: int = Field(
+        default=0, ge=0, description="Tokens decoded since start, including unread ones."
+    )
     started_at: datetime = Field(description="When the worker started (UTC).")
     updated_at: datetime = Field(description="When this record was written (UTC).")
 
 
 BUS_MESSAGES: tuple[type[BusMessage], ...] = (
     ChatJob,
+    CancelJob,
     TokenChunk,
     JobResult,
     JobError,

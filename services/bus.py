@@ -29,7 +29,15 @@ from aio_pika.abc import (
     AbstractRobustExchange,
 )
 
-from proto.messages import REPLY_ADAPTER, BusMessage, ChatJob, JobError, JobResult, TokenChunk
+from proto.messages import (
+    REPLY_ADAPTER,
+    BusMessage,
+    CancelJob,
+    ChatJob,
+    JobError,
+    JobResult,
+    TokenChunk,
+)
 from services.errors import BusUnavailable, JobTimeout
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,13 @@ class Topology:
     def job_queue(self) -> str:
         return f"{self.namespace}.jobs.{self.model_family}"
 
+    @property
+    def control_exchange(self) -> str:
+        return f"{self.namespace}.control"
+
+    def control_queue(self, worker_id: str) -> str:
+        return f"{self.namespace}.control.{worker_id}"
+
     def reply_queue(self, client_id: str) -> str:
         return f"{self.namespace}.replies.{client_id}"
 
@@ -96,6 +111,11 @@ class Topology:
         )
         await queue.bind(exchange, routing_key=self.model_family)
         return exchange, queue
+
+    async def declare_control(self, channel: AbstractRobustChannel) -> AbstractRobustExchange:
+        return await channel.declare_exchange(
+            self.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
 
 
 Q = TypeVar("Q")
@@ -188,6 +208,8 @@ class JobClient:
         self.client_id = client_id
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractRobustExchange | None = None
+        self._control: AbstractRobustExchange | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._reply_queue_name = topology.reply_queue(client_id)
         self._streams: dict[str, ReplyStream] = {}
 
@@ -204,6 +226,8 @@ class JobClient:
         self._connection.close_callbacks.add(self._on_connection_lost)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._exchange, _ = await self.topology.declare_jobs(channel)
+        self._channel = await self._connection.channel(publisher_confirms=False)
+        self._control = await self.topology.declare_control(self._channel)
         replies = await self._connection.channel(publisher_confirms=False)
         queue = await replies.declare_queue(
             self._reply_queue_name, exclusive=True, auto_delete=True
@@ -232,6 +256,28 @@ class JobClient:
             stream.feed(decode_reply(message.body))
         except ValueError as exc:
             stream.feed(BusUnavailable(f"unreadable reply: {exc}", code="bad_reply"))
+
+    async def cancel(self, job_id: str, reason: str) -> None:
+        """Tell every worker to stop (or never start) `job_id`. Best effort."""
+        if self._control is None or not self.connected:
+            return
+        try:
+            await self._control.publish(
+                encode(CancelJob(job_id=job_id, reason=reason)), routing_key=""
+            )
+        except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            log.warning("job %s: cancel not sent: %s", job_id, exc)
+
+    async def queue_depth(self) -> int:
+        """Jobs waiting in the queue (not yet delivered to a worker)."""
+        if self._channel is None or not self.connected:
+            raise BusUnavailable("not connected to RabbitMQ")
+        # robust=False: a passive declare must reach the broker every time (a robust
+        # channel answers a repeated one from its cache) and is nothing to restore.
+        queue = await self._channel.declare_queue(
+            self.topology.job_queue, passive=True, robust=False, timeout=5
+        )
+        return int(queue.declaration_result.message_count or 0)
 
     async def submit(self, job: ChatJob, timeout_s: float) -> ReplyStream:
         """Publish `job` and return the stream of its replies (close it when done)."""
@@ -297,6 +343,23 @@ class WorkerBus:
         self._channel = await self._connection.channel(publisher_confirms=False)
         await self._channel.set_qos(prefetch_count=self.capacity)
         _, self._queue = await self.topology.declare_jobs(self._channel)
+
+    async def consume_control(self, on_cancel: Callable[[CancelJob], None]) -> None:
+        """Receive CancelJob commands (fanout: every worker hears every cancel)."""
+        assert self._channel is not None, "start() first"
+        exchange = await self.topology.declare_control(self._channel)
+        queue = await self._channel.declare_queue(
+            self.topology.control_queue(self.worker_id), exclusive=True, auto_delete=True
+        )
+        await queue.bind(exchange)
+
+        async def handle(message: AbstractIncomingMessage) -> None:
+            try:
+                on_cancel(CancelJob.model_validate_json(message.body))
+            except ValueError:
+                log.warning("ignoring an unreadable control message")
+
+        await queue.consume(handle, no_ack=True)
 
     async def consume(self, handler: Handler) -> None:
         assert self._queue is not None, "start() first"

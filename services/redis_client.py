@@ -30,5 +30,11 @@ class Keys:
     def conversation(self, owner: str, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{owner}:{conversation_id}"
 
+    def api_keys(self) -> str:
+        return f"{self.namespace}:api-keys"
+
+    def rate_window(self, key_id: str, window: int) -> str:
+        return f"{self.namespace}:rate:{key_id}:{window}"
+
     def all_pattern(self) -> str:
         return f"{self.namespace}:*"

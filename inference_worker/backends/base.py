@@ -34,8 +34,13 @@ GenerationEvent = TextDelta | Finished
 class Backend(Protocol):
     """What a worker needs from a model runtime."""
 
-    base_model: str
+    base_model: str  # the name clients use for it
     device: str
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens decoded since start, including ones nobody read (a cancelled job's)."""
+        ...
 
     async def start(self) -> None:
         """Load the model (off the event loop)."""

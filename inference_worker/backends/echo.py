@@ -15,13 +15,16 @@ from proto.messages import ChatJob
 class EchoBackend:
     base_model = "echo"
     device = "cpu"
+    tokens_generated = 0
 
     async def start(self) -> None:
         return None
 
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
-        words = job.messages[-1].content.split(" ")[: job.sampling.max_tokens]
+        text = job.prompt if job.prompt is not None else job.messages[-1].content
+        words = text.split(" ")[: job.sampling.max_tokens]
         for index, word in enumerate(words):
+            self.tokens_generated += 1
             yield TextDelta(word if index == 0 else " " + word, 1)
         reason = "length" if len(words) == job.sampling.max_tokens else "stop"
         yield Finished(reason, len(words), len(words))

@@ -15,6 +15,7 @@ from typing import Any
 
 from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
 from inference_worker.backends.detokenizer import IncrementalDetokenizer
+from inference_worker.backends.stops import StopMatcher
 from proto.messages import ChatJob, SamplingParams
 from services.errors import PermanentError
 
@@ -85,11 +86,14 @@ class TransformersBackend:
     `generate`, not from more threads.
     """
 
-    def __init__(self, model_ref: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self, model_ref: str, device: str = "auto", dtype: str = "auto", name: str = ""
+    ) -> None:
         self.model_ref = model_ref
         self.device = resolve_device(device)
         self._dtype_name = dtype
-        self.base_model = model_ref
+        # The name clients use: never a local path.
+        self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.model: Any = None
         self.tokenizer: Any = None
@@ -111,15 +115,21 @@ class TransformersBackend:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         log.info("loaded %s on %s (%s)", self.model_ref, self.device, dtype)
 
-    def encode_chat(self, job: ChatJob) -> list[int]:
-        """The prompt's token ids, through the tokenizer's own chat template."""
-        messages = [message.model_dump() for message in job.messages]
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, return_dict=False
-            )
-        except Exception as exc:  # jinja's raise_exception: e.g. roles not alternating
-            raise PermanentError(f"cannot build the prompt: {exc}", "invalid_messages") from exc
+    def encode_prompt(self, job: ChatJob) -> list[int]:
+        """The prompt's token ids: the tokenizer's own chat template, or a raw prompt."""
+        if job.prompt is not None:
+            ids = self.tokenizer.encode(job.prompt, add_special_tokens=True)
+            bos = self.tokenizer.bos_token_id
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
+        else:
+            messages = [message.model_dump() for message in job.messages]
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, tokenize=True, add_generation_prompt=True, return_dict=False
+                )
+            except Exception as exc:  # jinja's raise_exception: e.g. roles not alternating
+                raise PermanentError(f"cannot build the prompt: {exc}", "invalid_messages") from exc
         if self.max_context and len(ids) + job.sampling.max_tokens > self.max_context:
             raise PermanentError(
                 f"prompt of {len(ids)} tokens plus max_tokens {job.sampling.max_tokens} "
@@ -153,6 +163,11 @@ class TransformersBackend:
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
 
+        if stop.is_set():  # cancelled while it waited for the generation thread
+            return
+        if sampling.seed is not None:
+            # Safe: this is the only thread that generates.
+            torch.manual_seed(sampling.seed)
         input_ids = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
             self.model.generate(
@@ -164,7 +179,7 @@ class TransformersBackend:
             )
 
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
-        ids = self.encode_chat(job)
+        ids = self.encode_prompt(job)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
@@ -179,6 +194,7 @@ class TransformersBackend:
         # Runs on the loop after every token the thread queued: marks the end.
         future.add_done_callback(lambda _: queue.put_nowait(_END))
         detokenizer = IncrementalDetokenizer(self.tokenizer)
+        stops = StopMatcher(job.sampling.stop)
         generated = pending = 0
         last_token = None
         try:
@@ -186,24 +202,27 @@ class TransformersBackend:
                 generated += 1
                 pending += 1
                 last_token = token_id
-                text = detokenizer.add(token_id)
-                if text:
+                text = stops.feed(detokenizer.add(token_id))
+                if text or stops.stopped:
                     yield TextDelta(text, pending)
                     pending = 0
-            future.result()  # re-raise what the generation thread raised
-            tail = detokenizer.flush()
-            if tail or pending:
-                yield TextDelta(tail, pending)
-            if last_token == self.tokenizer.eos_token_id or generated < job.sampling.max_tokens:
+                if stops.stopped:
+                    break
+            else:
+                future.result()  # re-raise what the generation thread raised
+                tail = stops.feed(detokenizer.flush()) + stops.flush()
+                if tail or pending:
+                    yield TextDelta(tail, pending)
+            if stops.stopped or last_token == self.tokenizer.eos_token_id:
                 reason = "stop"
             else:
-                reason = "length"
+                reason = "length" if generated >= job.sampling.max_tokens else "stop"
             yield Finished(reason, len(ids), generated)
         finally:
             stop.set()  # the consumer went away (or we are done): stop decoding
 
     @property
-    def tokens_decoded(self) -> int:
+    def tokens_generated(self) -> int:
         """Every token decoded since start, including ones nobody read."""
         return self.decoded.value
 

@@ -98,14 +98,14 @@ async def test_closing_the_stream_stops_generation(
     async for event in stream:
         if isinstance(event, TextDelta):
             break
-    at_close = backend.tokens_decoded
+    at_close = backend.tokens_generated
     await stream.aclose()
     await asyncio.sleep(0.3)
-    settled = backend.tokens_decoded
+    settled = backend.tokens_generated
     await asyncio.sleep(0.3)
     # The thread stopped at its next token: nothing more is decoded, and far fewer
     # tokens than the job asked for were.
-    assert backend.tokens_decoded == settled
+    assert backend.tokens_generated == settled
     assert settled - at_close < 50
 
 

@@ -1,0 +1,282 @@
+"""Runs jobs for the HTTP routes: admission (workers, queue depth, prompt length),
+submission, relaying the replies, and cancelling jobs nobody waits for any more."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis
+
+from gateway.errors import ApiError
+from gateway.metrics import Metrics
+from gateway.settings import GatewaySettings
+from proto.api import SamplingOptions, Usage
+from proto.messages import ChatJob, ChatMessage, JobError, JobResult, SamplingParams, TokenChunk
+from services import liveness
+from services.bus import JobClient, ReplyStream
+from services.errors import BusUnavailable, JobFailed, JobTimeout, NoWorkers
+from services.redis_client import Keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended and what it cost."""
+
+    finish_reason: str
+    usage: Usage
+
+
+class Cached:
+    """A value read at most once per `ttl_s` (admission checks on every request)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.value: Any = None
+        self.read_at = float("-inf")
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self.read_at <= self.ttl_s
+
+    def set(self, value: Any) -> Any:
+        self.value, self.read_at = value, time.monotonic()
+        return value
+
+
+class WorkerDirectory:
+    """Live workers of this gateway's model family, cached for a moment."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, family: str, cache_s: float) -> None:
+        self.client = client
+        self.keys = keys
+        self.family = family
+        self._cache = Cached(cache_s)
+
+    async def live(self) -> list[Any]:
+        if not self._cache.fresh():
+            workers = await liveness.live_workers(self.client, self.keys)
+            self._cache.set([w for w in workers if w.model_family == self.family])
+        return list(self._cache.value)
+
+
+class PromptCounter:
+    """Counts prompt tokens with the model's own tokenizer, before any worker sees them."""
+
+    def __init__(self, tokenizer: Any, max_context: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+
+    @classmethod
+    def load(cls, ref: str, max_context: int) -> PromptCounter:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+        if not max_context:
+            config = Path(ref) / "config.json"
+            if config.is_file():
+                max_context = int(json.loads(config.read_text()).get("max_position_embeddings", 0))
+        return cls(tokenizer, max_context or 32768)
+
+    def count(self, job: ChatJob) -> int:
+        if job.prompt is not None:
+            return len(self.tokenizer.encode(job.prompt, add_special_tokens=True))
+        messages = [m.model_dump() for m in job.messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, return_dict=False
+            )
+        except Exception as exc:  # the template's raise_exception
+            raise ApiError(400, "invalid_request_error", str(exc), "invalid_messages") from exc
+        return len(ids)
+
+    def check(self, job: ChatJob) -> int:
+        tokens = self.count(job)
+        if tokens + job.sampling.max_tokens > self.max_context:
+            raise ApiError(
+                400,
+                "invalid_request_error",
+                f"the prompt has {tokens} tokens; with max_tokens {job.sampling.max_tokens} "
+                f"that exceeds the model's context of {self.max_context}",
+                "context_length_exceeded",
+            )
+        return tokens
+
+
+class Generation:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        jobs: JobClient,
+        workers: WorkerDirectory,
+        metrics: Metrics,
+        prompts: PromptCounter | None,
+    ) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.workers = workers
+        self.metrics = metrics
+        self.prompts = prompts
+        self._depth = Cached(settings.queue_depth_cache_s)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def sampling(self, options: SamplingOptions) -> SamplingParams:
+        s = self.settings
+        max_tokens = options.max_tokens or s.default_max_tokens
+        if max_tokens > s.max_tokens_cap:
+            raise ApiError(
+                400,
+                "invalid_request_error",
+                f"max_tokens {max_tokens} is above the cap of {s.max_tokens_cap}",
+                "max_tokens_too_large",
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=s.temperature if options.temperature is None else options.temperature,
+            top_p=options.top_p or s.top_p,
+            repetition_penalty=options.repetition_penalty or s.repetition_penalty,
+            stop=options.stop or [],
+            seed=options.seed,
+        )
+
+    def new_job(
+        self,
+        sampling: SamplingParams,
+        *,
+        messages: list[ChatMessage] | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+        conversation_id: str | None = None,
+    ) -> ChatJob:
+        now = datetime.now(UTC)
+        return ChatJob(
+            job_id=uuid.uuid4().hex,
+            model=model,
+            messages=messages or [],
+            prompt=prompt,
+            sampling=sampling,
+            conversation_id=conversation_id,
+            created_at=now,
+            deadline=now + timedelta(seconds=self.settings.request_timeout_s),
+        )
+
+    async def models(self) -> list[str]:
+        return sorted({w.base_model for w in await self.workers.live()})
+
+    async def resolve_model(self, requested: str | None) -> str | None:
+        """None for the base model; 404 for a model no live worker serves."""
+        if requested is None:
+            return None
+        served = await self.models()
+        if requested not in served:
+            raise ApiError(
+                404,
+                "invalid_request_error",
+                f"model {requested!r} is not served; see GET /v1/models",
+                "model_not_found",
+            )
+        return None  # adapters come with the adapter manager; the base needs no name
+
+    async def admit(self) -> None:
+        """503 at once when nobody can take the job soon, instead of waiting."""
+        live = await self.workers.live()
+        self.metrics.live_workers.set(len(live))
+        if not live:
+            raise NoWorkers("no live worker can serve this model; try again shortly")
+        if self.settings.max_queue_depth > 0:
+            depth = self._depth.value if self._depth.fresh() else None
+            if depth is None:
+                depth = self._depth.set(await self.jobs.queue_depth())
+            if depth >= self.settings.max_queue_depth:
+                raise BusUnavailable(
+                    f"{depth} jobs are already waiting; try again shortly", code="queue_full"
+                )
+
+    async def start(self, job: ChatJob) -> AsyncIterator[str | Outcome]:
+        """Admit and submit `job`; returns its relay (text pieces, then one Outcome).
+
+        Raises before anything is sent, so a route can still answer with an HTTP
+        error. Closing the relay early cancels the job on its worker.
+        """
+        if self.prompts is not None:
+            self.prompts.check(job)
+        await self.admit()
+        replies = await self.jobs.submit(job, self.settings.request_timeout_s)
+        return self._relay(job, replies)
+
+    async def _relay(self, job: ChatJob, replies: ReplyStream) -> AsyncIterator[str | Outcome]:
+        submitted = time.perf_counter()
+        first = True
+        finished = False
+        try:
+            async for reply in replies:
+                if isinstance(reply, TokenChunk):
+                    if first and reply.text:
+                        self.metrics.ttft.observe(time.perf_counter() - submitted)
+                        first = False
+                    if reply.text:
+                        yield reply.text
+                elif isinstance(reply, JobError):
+                    finished = True
+                    self.metrics.jobs.labels("error").inc()
+                    raise JobFailed(reply.message, reply.code, reply.retryable)
+                else:
+                    finished = True
+                    yield self._finish(reply)
+        except JobTimeout:
+            self.metrics.jobs.labels("timeout").inc()
+            raise
+        finally:
+            replies.close()
+            if not finished:
+                # The client left, the deadline passed, or the broker went away.
+                self.metrics.jobs.labels("abandoned").inc()
+                self._in_background(self.jobs.cancel(job.job_id, "abandoned"))
+
+    def _finish(self, result: JobResult) -> Outcome:
+        usage = result.usage
+        self.metrics.jobs.labels("answered").inc()
+        self.metrics.tokens_in.inc(usage.prompt_tokens)
+        self.metrics.tokens_out.inc(usage.completion_tokens)
+        if result.queued_ms is not None:
+            self.metrics.queue_wait.observe(result.queued_ms / 1000)
+        log.info(
+            "job %s: answered by %s (%s)", result.job_id, result.worker_id, result.finish_reason
+        )
+        total = usage.prompt_tokens + usage.completion_tokens
+        return Outcome(
+            result.finish_reason,
+            Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=total,
+            ),
+        )
+
+    def _in_background(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def collect(relay: AsyncIterator[str | Outcome]) -> tuple[str, Outcome]:
+    """The whole answer of a relay."""
+    pieces: list[str] = []
+    outcome: Outcome | None = None
+    async for item in relay:
+        if isinstance(item, Outcome):
+            outcome = item
+        else:
+            pieces.append(item)
+    if outcome is None:
+        raise BusUnavailable("the reply stream ended without a result", code="bad_reply")
+    return "".join(pieces), outcome

@@ -1,0 +1,204 @@
+"""OpenAI-compatible routes (`/v1/...`), so any OpenAI SDK or tool can use the mesh."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from gateway.auth import ChatKey, ReadKey
+from gateway.disconnect import unless_disconnected
+from gateway.errors import ApiError, from_mesh_error
+from gateway.generation import Generation, Outcome, collect
+from gateway.routes import ERRORS, SSE_HEADERS, generation
+from proto.api import SamplingOptions
+from proto.messages import ChatMessage
+from proto.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    Model,
+    ModelList,
+    SamplingFields,
+)
+from services.errors import MeshError
+
+router = APIRouter(prefix="/v1")
+Gen = Annotated[Generation, Depends(generation)]
+STARTED = int(time.time())
+
+
+def _options(body: SamplingFields, max_tokens: int | None) -> SamplingOptions:
+    if body.n not in (None, 1):
+        raise ApiError(400, "invalid_request_error", "only n=1 is supported", "unsupported_n")
+    stops = body.stop_list()
+    if len(stops) > 4:
+        raise ApiError(400, "invalid_request_error", "at most 4 stop strings", "too_many_stops")
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        repetition_penalty=body.repetition_penalty,
+        stop=stops or None,
+        seed=body.seed,
+    )
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _data(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+def _stream(
+    relay: AsyncIterator[str | Outcome],
+    include_usage: bool,
+    chunk: Callable[[str | None, str | None], str],
+    usage_chunk: Callable[[Outcome], str],
+) -> StreamingResponse:
+    """`data:` events as OpenAI streams them, ending with `data: [DONE]`."""
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for item in relay:
+                if isinstance(item, Outcome):
+                    yield _data(chunk(None, _finish(item.finish_reason)))
+                    if include_usage:
+                        yield _data(usage_chunk(item))
+                else:
+                    yield _data(chunk(item, None))
+        except MeshError as exc:
+            yield _data(json.dumps(from_mesh_error(exc).body().model_dump()))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post(
+    "/chat/completions",
+    operation_id="create_chat_completion",
+    response_model=ChatCompletion,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+)
+async def chat_completions(
+    body: ChatCompletionRequest, key: ChatKey, gen: Gen, request: Request
+) -> ChatCompletion | StreamingResponse:
+    """OpenAI chat completions, streaming (`stream: true`) or not."""
+    options = _options(body, body.max_completion_tokens or body.max_tokens)
+    messages = [
+        ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+        for m in body.messages
+    ]
+    job = gen.new_job(
+        gen.sampling(options), messages=messages, model=await gen.resolve_model(body.model)
+    )
+    relay = await gen.start(job)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if body.stream:
+        first = True
+
+        def chunk(text: str | None, finish: str | None) -> str:
+            nonlocal first
+            delta = Delta(role="assistant" if first else None, content=text)
+            first = False
+            return ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=body.model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+            ).model_dump_json(exclude_none=True)
+
+        def usage_chunk(outcome: Outcome) -> str:
+            return ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=body.model,
+                choices=[],
+                usage=outcome.usage,
+            ).model_dump_json(exclude_none=True)
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(relay, include, chunk, usage_chunk)
+
+    text, outcome = await unless_disconnected(request, collect(relay))
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=body.model,
+        usage=outcome.usage,
+        choices=[
+            ChatChoice(
+                message=AssistantMessage(content=text), finish_reason=_finish(outcome.finish_reason)
+            )
+        ],  # type: ignore[arg-type]
+    )
+
+
+@router.post(
+    "/completions",
+    operation_id="create_completion",
+    response_model=Completion,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+)
+async def completions(
+    body: CompletionRequest, key: ChatKey, gen: Gen, request: Request
+) -> Completion | StreamingResponse:
+    """OpenAI (legacy) completions: the prompt is taken verbatim."""
+    options = _options(body, body.max_tokens)
+    job = gen.new_job(
+        gen.sampling(options), prompt=body.prompt, model=await gen.resolve_model(body.model)
+    )
+    relay = await gen.start(job)
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if body.stream:
+
+        def chunk(text: str | None, finish: str | None) -> str:
+            return Completion(
+                id=completion_id,
+                created=created,
+                model=body.model,
+                choices=[CompletionChoice(text=text or "", finish_reason=finish)],  # type: ignore[arg-type]
+            ).model_dump_json(exclude_none=True)
+
+        def usage_chunk(outcome: Outcome) -> str:
+            return Completion(
+                id=completion_id,
+                created=created,
+                model=body.model,
+                choices=[],
+                usage=outcome.usage,
+            ).model_dump_json(exclude_none=True)
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(relay, include, chunk, usage_chunk)
+
+    text, outcome = await unless_disconnected(request, collect(relay))
+    return Completion(
+        id=completion_id,
+        created=created,
+        model=body.model,
+        usage=outcome.usage,
+        choices=[CompletionChoice(text=text, finish_reason=_finish(outcome.finish_reason))],  # type: ignore[arg-type]
+    )
+
+
+@router.get("/models", operation_id="list_models", response_model=ModelList, responses=ERRORS)
+async def list_models(key: ReadKey, gen: Gen) -> ModelList:
+    """The base models live workers serve (adapters appear with their parent)."""
+    return ModelList(data=[Model(id=name, created=STARTED) for name in await gen.models()])

@@ -1,0 +1,139 @@
+"""The OpenAI-compatible REST bodies (`/v1/...`): the subset the mesh serves.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do, so that any
+OpenAI client library works; what the mesh cannot honour (n > 1) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proto.api import Usage
+
+
+class OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class OpenAIResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(OpenAIRequest):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class OpenAIMessage(OpenAIRequest):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False
+
+
+class SamplingFields(OpenAIRequest):
+    model: str = Field(min_length=1, description="A model id from GET /v1/models.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="Up to 4 stop strings."
+    )
+    seed: int | None = Field(default=None, ge=0)
+    n: int | None = Field(default=None, description="Only 1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, le=2.0, description="Extension: the mesh's repetition penalty."
+    )
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str = Field(min_length=1)
+
+
+class AssistantMessage(OpenAIResponse):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(OpenAIResponse):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(OpenAIResponse):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(OpenAIResponse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(OpenAIResponse):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(OpenAIResponse):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(OpenAIResponse):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(OpenAIResponse):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Model(OpenAIResponse):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "continuity-mesh"
+    parent: str | None = Field(default=None, description="For an adapter: its base model.")
+
+
+class ModelList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[Model]
