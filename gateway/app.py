@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from gateway import errors, openai_routes, routes
+from gateway.body_limit import BodyLimitMiddleware
 from gateway.chat import ChatService
 from gateway.conversations import ConversationStore
 from gateway.generation import Generation, PromptCounter, WorkerDirectory
@@ -76,11 +77,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Chat with the owner's continuity assistant across desktop, VPS and phone. "
         "Every route but /health and /ready needs `Authorization: Bearer <key>`.",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(openai_routes.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(

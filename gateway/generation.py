@@ -139,8 +139,13 @@ class Generation:
                 f"max_tokens {max_tokens} is above the cap of {s.max_tokens_cap}",
                 "max_tokens_too_large",
             )
+        if (options.min_tokens or 0) > max_tokens:
+            raise ApiError(
+                400, "invalid_request_error", "min_tokens is above max_tokens", "invalid_min_tokens"
+            )
         return SamplingParams(
             max_tokens=max_tokens,
+            min_tokens=options.min_tokens or 0,
             temperature=s.temperature if options.temperature is None else options.temperature,
             top_p=options.top_p or s.top_p,
             repetition_penalty=options.repetition_penalty or s.repetition_penalty,

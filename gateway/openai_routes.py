@@ -48,6 +48,7 @@ def _options(body: SamplingFields, max_tokens: int | None) -> SamplingOptions:
         raise ApiError(400, "invalid_request_error", "at most 4 stop strings", "too_many_stops")
     return SamplingOptions(
         max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         repetition_penalty=body.repetition_penalty,

@@ -29,6 +29,9 @@ class SamplingOptions(ApiModel):
     max_tokens: int | None = Field(
         default=None, ge=1, description="Most tokens to generate (server default when absent)."
     )
+    min_tokens: int | None = Field(
+        default=None, ge=0, description="Fewest tokens before the model may end its turn."
+    )
     temperature: float | None = Field(
         default=None, ge=0.0, le=2.0, description="0 for greedy decoding (default 0.7)."
     )

@@ -43,6 +43,9 @@ class SamplingParams(BusMessage):
     """How to decode. temperature 0 means greedy decoding."""
 
     max_tokens: int = Field(ge=1, description="Most tokens to generate.")
+    min_tokens: int = Field(
+        default=0, ge=0, description="Fewest tokens to generate before the model may stop."
+    )
     temperature: float = Field(ge=0.0, le=2.0, description="0 for greedy decoding.")
     top_p: float = Field(gt=0.0, le=1.0, description="Nucleus sampling mass.")
     repetition_penalty: float = Field(

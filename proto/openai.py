@@ -45,6 +45,7 @@ class SamplingFields(OpenAIRequest):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int | None = Field(default=None, ge=0, description="Extension (as in vLLM).")
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
         default=None, description="Up to 4 stop strings."
     )

@@ -91,6 +91,15 @@ class MeshProcesses:
         self.start_process("worker", "inference_worker")
         self.start_process("gateway", "gateway")
 
+    def stop_process(self, name: str, timeout_s: float = 15) -> None:
+        child = self.children.pop(name)
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
     def wait_ready(
         self, timeout_s: float = 120, interrupted: Callable[[], bool] = lambda: False
     ) -> None:

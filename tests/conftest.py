@@ -137,6 +137,8 @@ def mesh_env(namespace: str, port: int, api_key: str, **extra: str) -> dict[str,
         MESH_SYSTEM_PROMPT=SYSTEM_PROMPT,
         MESH_CAPACITY="4",
         MESH_LOG_LEVEL="INFO",
+        MESH_HEARTBEAT_S="0.2",
+        MESH_RATE_LIMIT_PER_MINUTE="0",
         **extra,
     )
     return env

@@ -143,6 +143,7 @@ class TransformersBackend:
 
         options: dict[str, Any] = {
             "max_new_tokens": sampling.max_tokens,
+            "min_new_tokens": sampling.min_tokens,
             "repetition_penalty": sampling.repetition_penalty,
             "eos_token_id": self.tokenizer.eos_token_id,
             "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
