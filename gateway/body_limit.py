@@ -52,7 +52,9 @@ class BodyLimitMiddleware:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = ApiError(
-            413, "invalid_request_error",
-            f"request body is larger than {self.max_bytes} bytes", "body_too_large",
+            413,
+            "invalid_request_error",
+            f"request body is larger than {self.max_bytes} bytes",
+            "body_too_large",
         )
         await error.response()(scope, receive, send)

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -96,6 +97,14 @@ def install(app: FastAPI) -> None:
         return ApiError(
             422, "invalid_request_error", _validation_message(exc), "invalid_body"
         ).response()
+
+    @app.exception_handler(ValidationError)
+    async def _inconsistent(_: Request, exc: ValidationError) -> JSONResponse:
+        # Input that passed the request schema but not an internal model built from it.
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
+        return ApiError(400, "invalid_request_error", message, "invalid_request").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

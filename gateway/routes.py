@@ -252,7 +252,10 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
     "/metrics",
     operation_id="metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+        **ERRORS,
+    },
 )
 async def metrics(key: AdminKey, gen: Gen, request: Request) -> Response:
     """Prometheus metrics of this gateway process (needs the admin scope)."""

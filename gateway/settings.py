@@ -23,7 +23,7 @@ class GatewaySettings(MeshSettings):
     # The original service's sampling defaults.
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=0.9, gt=0, le=1)
-    repetition_penalty: float = Field(default=1.15, gt=0, le=2)
+    repetition_penalty: float = Field(default=1.15, ge=0.01, le=2)
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens_cap: int = Field(default=2048, ge=1, description="Larger max_tokens get a 400.")
     request_timeout_s: float = Field(default=120.0, gt=0, description="Then 504.")

@@ -39,7 +39,7 @@ class SamplingOptions(ApiModel):
         default=None, gt=0.0, le=1.0, description="Nucleus sampling mass (default 0.9)."
     )
     repetition_penalty: float | None = Field(
-        default=None, gt=0.0, le=2.0, description="Repetition penalty (default 1.15)."
+        default=None, ge=0.01, le=2.0, description="Repetition penalty (default 1.15)."
     )
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
         default=None, max_length=4, description="Stop before any of these strings."

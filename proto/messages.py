@@ -49,7 +49,7 @@ class SamplingParams(BusMessage):
     temperature: float = Field(ge=0.0, le=2.0, description="0 for greedy decoding.")
     top_p: float = Field(gt=0.0, le=1.0, description="Nucleus sampling mass.")
     repetition_penalty: float = Field(
-        gt=0.0, le=2.0, description="Penalty on tokens already present (1.0 is none)."
+        ge=0.01, le=2.0, description="Penalty on tokens already present (1.0 is none)."
     )
     stop: list[str] = Field(
         default_factory=list,

@@ -54,11 +54,11 @@ class SamplingFields(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     repetition_penalty: float | None = Field(
-        default=None, gt=0.0, le=2.0, description="Extension: the mesh's repetition penalty."
+        default=None, ge=0.01, le=2.0, description="Extension: the mesh's repetition penalty."
     )
 
     def stop_list(self) -> list[str]:
-        if self.stop is None:
+        if not self.stop:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 

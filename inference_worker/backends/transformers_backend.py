@@ -22,6 +22,7 @@ from services.errors import PermanentError
 log = logging.getLogger(__name__)
 
 _END = object()
+SAMPLING_EPS = 1e-5
 
 
 class _TokenCounter:
@@ -148,7 +149,8 @@ class TransformersBackend:
             "eos_token_id": self.tokenizer.eos_token_id,
             "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
         }
-        if sampling.temperature > 0:
+        # Temperatures this close to 0 overflow the logits to inf/nan: they mean greedy.
+        if sampling.temperature > SAMPLING_EPS:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             options.update(do_sample=False)
