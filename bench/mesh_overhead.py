@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,6 +79,84 @@ async def measure(call: Callable[[int], Awaitable[None]], requests: int, concurr
     }
 
 
+Stream = tuple[float, float, int]  # time to first token, total time, tokens
+
+
+async def measure_streams(
+    call: Callable[[int], Awaitable[Stream]], requests: int, concurrency: int
+) -> dict:
+    """Time to first token (p50/p99) and mean time per generated token of each stream."""
+    ttfts: list[float] = []
+    totals: list[float] = []
+    tokens: list[int] = []
+    counter = iter(range(requests))
+
+    async def lane() -> None:
+        for index in counter:
+            ttft, total, count = await call(index)
+            ttfts.append(ttft * 1000)
+            totals.append(total)
+            tokens.append(count)
+
+    await call(0)  # warm-up
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "ttft_p50_ms": round(statistics.median(ttfts), 3),
+        "ttft_p99_ms": round(percentile(ttfts, 0.99), 3),
+        "per_token_us": round(sum(totals) / max(sum(tokens), 1) * 1e6, 1),
+        "tokens_per_s": round(sum(tokens) / elapsed, 1),
+    }
+
+
+def in_process_stream(backend: Backend) -> Callable[[int], Awaitable[Stream]]:
+    async def call(index: int) -> Stream:
+        started = time.perf_counter()
+        first = None
+        count = 0
+        async for event in backend.generate(chat_job(index)):
+            if isinstance(event, TextDelta):
+                if first is None and event.text:
+                    first = time.perf_counter() - started
+            else:
+                count = event.completion_tokens
+        return first or 0.0, time.perf_counter() - started, count
+
+    return call
+
+
+def openai_stream(client: KeepAliveClient, model: str) -> Callable[[int], Awaitable[Stream]]:
+    async def call(index: int) -> Stream:
+        body = {
+            "model": model,
+            "temperature": 0,
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": PROMPTS[index % len(PROMPTS)]},
+            ],
+        }
+        started = time.perf_counter()
+        first = None
+        count = 0
+        async for data in _stream_events(client, "/v1/chat/completions", body):
+            if data == b"[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("usage"):
+                count = event["usage"]["completion_tokens"]
+            elif first is None and event["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started
+        return first or 0.0, time.perf_counter() - started, count
+
+    return call
+
+
 def chat_job(index: int) -> ChatJob:
     return ChatJob(
         job_id=uuid.uuid4().hex,
@@ -118,11 +196,13 @@ class KeepAliveClient:
         )
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    async def post(self, path: str, body: dict) -> bytes:
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.idle:
-            reader, writer = self.idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            return self.idle.pop()
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def post(self, path: str, body: dict) -> bytes:
+        reader, writer = await self.open()
         payload = json.dumps(body).encode()
         request = f"POST {path} HTTP/1.1\r\n{self.head}Content-Length: {len(payload)}\r\n\r\n"
         writer.write(request.encode() + payload)
@@ -137,6 +217,32 @@ class KeepAliveClient:
         if not status_line.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(f"{status_line!r}: {data[:200]!r}")
         return data
+
+
+async def _stream_events(self_: KeepAliveClient, path: str, body: dict) -> AsyncIterator[bytes]:
+    """POST and yield each SSE `data:` payload as it arrives (chunked transfer)."""
+    reader, writer = await self_.open()
+    payload = json.dumps(body).encode()
+    request = f"POST {path} HTTP/1.1\r\n{self_.head}Content-Length: {len(payload)}\r\n\r\n"
+    writer.write(request.encode() + payload)
+    status_line = await reader.readline()
+    while await reader.readline() not in (b"\r\n", b""):
+        pass  # headers: the body is chunked
+    if not status_line.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(status_line)
+    buffer = b""
+    while True:
+        size = int((await reader.readline()).strip(), 16)
+        if size == 0:
+            await reader.readline()
+            break
+        buffer += await reader.readexactly(size)
+        await reader.readline()
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event.startswith(b"data: "):
+                yield event[6:]
+    self_.idle.append((reader, writer))
 
 
 def mesh_call(client: KeepAliveClient) -> Callable[[int], Awaitable[None]]:
@@ -195,7 +301,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def through_mesh(backend_name: str, capacity: int, runs: list[tuple[int, int]]) -> list[dict]:
+async def through_mesh(
+    backend_name: str, capacity: int, runs: list[tuple[int, int]]
+) -> tuple[list[dict], list[dict]]:
     port, key = free_port(), secrets.token_urlsafe(16)
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
@@ -206,6 +314,7 @@ async def through_mesh(backend_name: str, capacity: int, runs: list[tuple[int, i
         MESH_BACKEND="echo" if backend_name == "echo" else "transformers",
         MESH_CAPACITY=str(capacity),
         MESH_LOG_LEVEL="WARNING",
+        MESH_RATE_LIMIT_PER_MINUTE="0",
         MESH_SYSTEM_PROMPT=SYSTEM_PROMPT,
     )
     mesh = MeshProcesses(env, "127.0.0.1", port, output=LOG_DIR / backend_name)
@@ -213,7 +322,10 @@ async def through_mesh(backend_name: str, capacity: int, runs: list[tuple[int, i
     try:
         await asyncio.to_thread(mesh.wait_ready, 120)
         client = KeepAliveClient("127.0.0.1", port, key)
-        return [await measure(mesh_call(client), n, c) for n, c in runs]
+        plain = [await measure(mesh_call(client), n, c) for n, c in runs]
+        model = "echo" if backend_name == "echo" else "demo-model"
+        streams = [await measure_streams(openai_stream(client, model), n, c) for n, c in runs]
+        return plain, streams
     finally:
         await asyncio.to_thread(mesh.stop)
         await _remove_namespace(MeshSettings(namespace=namespace))
@@ -252,7 +364,12 @@ async def main(quick: bool) -> dict:
         "demo": {"capacity": 8, "runs": [(int(40 * scale), 1), (int(128 * scale), 32)]},
     }
     settings = MeshSettings()
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "max_tokens": MAX_TOKENS, "rows": []}
+    results: dict = {
+        "machine": {"cpus": os.cpu_count()},
+        "max_tokens": MAX_TOKENS,
+        "rows": [],
+        "streams": [],
+    }
     for n, c in plans["echo"]["runs"]:
         results["rows"].append({"backend": "-", "path": "rpc", **await bare_rpc(settings, n, c)})
     for name, plan in plans.items():
@@ -261,11 +378,25 @@ async def main(quick: bool) -> dict:
         for n, c in plan["runs"]:
             row = await measure(in_process_call(backend), n, c)
             results["rows"].append({"backend": name, "path": "in-process", **row})
+            row = await measure_streams(in_process_stream(backend), n, c)
+            results["streams"].append({"backend": name, "path": "in-process", **row})
         await backend.close()
-        for row in await through_mesh(name, plan["capacity"], plan["runs"]):
-            results["rows"].append({"backend": name, "path": "mesh", **row})
+        plain, streams = await through_mesh(name, plan["capacity"], plan["runs"])
+        results["rows"] += [{"backend": name, "path": "mesh", **row} for row in plain]
+        results["streams"] += [{"backend": name, "path": "mesh-openai", **r} for r in streams]
     add_ratios(results["rows"])
+    add_stream_ratios(results["streams"])
     return results
+
+
+def add_stream_ratios(rows: list[dict]) -> None:
+    base = {(r["backend"], r["concurrency"]): r for r in rows if r["path"] == "in-process"}
+    for row in rows:
+        if row["path"] == "in-process":
+            continue
+        ref = base[(row["backend"], row["concurrency"])]
+        row["added_ttft_p50_ms"] = round(row["ttft_p50_ms"] - ref["ttft_p50_ms"], 3)
+        row["added_per_token_us"] = round(row["per_token_us"] - ref["per_token_us"], 1)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -296,6 +427,22 @@ def print_table(results: dict) -> None:
         )
 
 
+def print_streams(results: dict) -> None:
+    header = (
+        f"{'backend':8} {'path':11} {'conc':>4} {'ttft p50':>9} {'ttft p99':>9} "
+        f"{'us/token':>9} {'tok/s':>8} {'+ttft ms':>9} {'+us/token':>9}"
+    )
+    print("\nstreaming (OpenAI chat completions, stream=true)")
+    print(header)
+    print("-" * len(header))
+    for r in results["streams"]:
+        print(
+            f"{r['backend']:8} {r['path']:11} {r['concurrency']:>4} {r['ttft_p50_ms']:>9.2f} "
+            f"{r['ttft_p99_ms']:>9.2f} {r['per_token_us']:>9.1f} {r['tokens_per_s']:>8.1f} "
+            f"{r.get('added_ttft_p50_ms', ''):>9} {r.get('added_per_token_us', ''):>9}"
+        )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -307,6 +454,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     outcome = asyncio.run(main(args.quick))
     print_table(outcome)
+    print_streams(outcome)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(outcome, indent=2) + "\n")
     print(f"\nwrote {args.out}")

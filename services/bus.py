@@ -391,7 +391,11 @@ async def coalesce(
     items: AsyncIterator[T], max_items: int, max_delay_s: float
 ) -> AsyncIterator[Sequence[T]]:
     """Group `items` into batches of at most `max_items`, never holding one back longer
-    than `max_delay_s`: several tokens per message, and a slow model still streams."""
+    than `max_delay_s`: several tokens per message, and a slow model still streams.
+
+    The first item goes out alone and at once: time to first token is what a
+    person waiting for the answer notices.
+    """
     queue: asyncio.Queue[tuple[bool, T | BaseException | None]] = asyncio.Queue()
 
     async def pump() -> None:
@@ -406,6 +410,7 @@ async def coalesce(
     task = asyncio.create_task(pump())
     batch: list[T] = []
     flush_at = 0.0
+    first = True
     try:
         while True:
             timeout = None if not batch else flush_at - time.monotonic()
@@ -424,7 +429,8 @@ async def coalesce(
             if not batch:
                 flush_at = time.monotonic() + max_delay_s
             batch.append(item)  # type: ignore[arg-type]
-            if len(batch) >= max_items:
+            if first or len(batch) >= max_items:
+                first = False
                 yield batch
                 batch = []
     finally:

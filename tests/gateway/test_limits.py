@@ -232,3 +232,29 @@ async def test_openapi_json_is_committed_and_current(client: httpx.AsyncClient) 
     ]
     assert all(op.replace("_", "").isalnum() and op.islower() for op in operation_ids)
     assert len(operation_ids) == len(set(operation_ids))
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [("user", "hi")],
+        [("system", "Be brief."), ("user", "héllo 🚀 " * 20)],
+        [("user", "a"), ("assistant", "b" * 50), ("user", "naïve " * 30)],
+    ],
+)
+def test_the_prompt_bound_never_undercounts(
+    demo_model: object, messages: list[tuple[str, str]]
+) -> None:
+    from gateway.generation import PromptCounter
+    from proto.messages import ChatJob, ChatMessage, SamplingParams
+
+    counter = PromptCounter.load(str(demo_model), 0)
+    job = ChatJob(
+        job_id="j",
+        created_at=datetime.now(UTC),
+        messages=[ChatMessage(role=r, content=c) for r, c in messages],  # type: ignore[arg-type]
+        sampling=SamplingParams(max_tokens=1, temperature=0, top_p=1, repetition_penalty=1),
+    )
+    raw = job.model_copy(update={"messages": [], "prompt": messages[-1][1]})
+    assert counter.upper_bound(job) >= counter.count(job)
+    assert counter.upper_bound(raw) >= counter.count(raw)

@@ -57,8 +57,9 @@ async def items_with_gaps(values: list[int], gap_after: int, gap_s: float) -> As
 
 
 async def test_coalesce_groups_up_to_max_items() -> None:
-    batches = [list(b) async for b in coalesce(items_with_gaps(list(range(20)), -1, 0), 8, 1.0)]
-    assert batches == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+    batches = [list(b) async for b in coalesce(items_with_gaps(list(range(21)), -1, 0), 8, 1.0)]
+    # the first item alone (time to first token), then full batches
+    assert batches == [[0], list(range(1, 9)), list(range(9, 17)), list(range(17, 21))]
 
 
 async def test_coalesce_flushes_on_the_timer_when_the_source_is_slow() -> None:
@@ -69,7 +70,7 @@ async def test_coalesce_flushes_on_the_timer_when_the_source_is_slow() -> None:
     arrivals = []
     async for batch in coalesce(source, 8, 0.02):
         arrivals.append((list(batch), time.monotonic() - started))
-    assert [b for b, _ in arrivals] == [[1, 2, 3], [4]]
+    assert [b for b, _ in arrivals] == [[1], [2, 3], [4]]
     assert arrivals[0][1] < arrivals[1][1]  # the first batch left before the pause ended
 
 
