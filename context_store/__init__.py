@@ -1,1 +1,2 @@
-"""The four handoff tiers in Redis (portfolio, project, briefing, log). Not built yet."""
+"""The four handoff tiers in Redis: versioned documents, history, an append-only log,
+sync between sites, markdown import/export and prompt assembly."""

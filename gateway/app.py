@@ -11,7 +11,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from gateway import errors, openai_routes, routes
+from context_store.assembly import TokenCounter
+from context_store.store import ContextStore
+from gateway import context_routes, errors, openai_routes, routes
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.chat import ChatService
 from gateway.conversations import ConversationStore
@@ -32,6 +34,14 @@ def tokenizer_ref(settings: GatewaySettings) -> str | None:
     if settings.tokenizer.lower() == "none":
         return None
     return settings.tokenizer or settings.model or str(demo_model_dir())
+
+
+def token_counter(prompts: PromptCounter | None) -> TokenCounter:
+    """Tokens of a piece of text with the model's tokenizer (about 3 bytes each without)."""
+    if prompts is None:
+        return lambda text: len(text.encode()) // 3 + 1
+    tokenizer = prompts.tokenizer
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -63,7 +73,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.key_store = key_store
         app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_per_minute)
         app.state.generation = generation
-        app.state.chat = ChatService(settings, generation, ConversationStore(redis, keys))
+        app.state.context = ContextStore(redis, settings.namespace, settings.site)
+        app.state.count_tokens = token_counter(prompts)
+        app.state.chat = ChatService(
+            settings,
+            generation,
+            ConversationStore(redis, keys),
+            app.state.context,
+            app.state.count_tokens,
+        )
         log.info("gateway ready on %s:%d", settings.http_host, settings.http_port)
         try:
             yield
@@ -81,6 +99,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(context_routes.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:

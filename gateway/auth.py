@@ -50,3 +50,4 @@ def require(scope: Scope, rate_limited: bool = False) -> Callable[..., Awaitable
 ChatKey = Annotated[ApiKey, Depends(require("chat", rate_limited=True))]
 ReadKey = Annotated[ApiKey, Depends(require("chat"))]
 AdminKey = Annotated[ApiKey, Depends(require("admin"))]
+ContextKey = Annotated[ApiKey, Depends(require("context"))]

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.auth import ChatKey, ReadKey
+from gateway.chat import ChatService
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, from_mesh_error
 from gateway.generation import Generation, Outcome, collect
@@ -104,6 +105,9 @@ async def chat_completions(
         ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
         for m in body.messages
     ]
+    assembly = await request.app.state.chat.tiers(None)
+    messages = ChatService.with_tiers(messages, assembly)
+    report = assembly.report if assembly else None
     job = gen.new_job(
         gen.sampling(options), messages=messages, model=await gen.resolve_model(body.model)
     )
@@ -116,13 +120,15 @@ async def chat_completions(
         def chunk(text: str | None, finish: str | None) -> str:
             nonlocal first
             delta = Delta(role="assistant" if first else None, content=text)
-            first = False
-            return ChatCompletionChunk(
+            chunk = ChatCompletionChunk(
                 id=completion_id,
                 created=created,
                 model=body.model,
                 choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-            ).model_dump_json(exclude_none=True)
+                context=report if first else None,
+            )
+            first = False
+            return chunk.model_dump_json(exclude_none=True)
 
         def usage_chunk(outcome: Outcome) -> str:
             return ChatCompletionChunk(
@@ -142,6 +148,7 @@ async def chat_completions(
         created=created,
         model=body.model,
         usage=outcome.usage,
+        context=report,
         choices=[
             ChatChoice(
                 message=AssistantMessage(content=text), finish_reason=_finish(outcome.finish_reason)

@@ -101,13 +101,14 @@ async def ready(request: Request) -> JSONResponse:
 async def chat(body: ChatRequest, key: ChatKey, service: Chat, request: Request) -> ChatResponse:
     """Send a message and get the whole answer."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
-    relay = await service.start(key.key_id, body, conversation_id)
+    relay, report = await service.start(key.key_id, body, conversation_id)
     text, outcome = await unless_disconnected(request, collect(relay))
     return ChatResponse(
         response=text,
         conversation_id=conversation_id,
-        finish_reason=outcome.finish_reason,
-        usage=outcome.usage,  # type: ignore[arg-type]
+        finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
+        usage=outcome.usage,
+        context=report,
     )
 
 
@@ -131,7 +132,7 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
     """Send a message and receive the answer as server-sent events."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
     # Started before the response: no worker or no broker is still a plain HTTP error.
-    relay = await service.start(key.key_id, body, conversation_id)
+    relay, report = await service.start(key.key_id, body, conversation_id)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -141,6 +142,7 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
                         conversation_id=conversation_id,
                         finish_reason=item.finish_reason,  # type: ignore[arg-type]
                         usage=item.usage,
+                        context=report,
                     )
                     yield sse_event("done", done.model_dump_json())
                 else:

@@ -49,6 +49,15 @@ class GatewaySettings(MeshSettings):
         "MESH_MODEL, else the demo model; 'none' turns the gateway-side check off.",
     )
     model: str = Field(default="", description="MESH_MODEL, as the workers read it.")
+    site: str = Field(
+        default="local", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="MESH_SITE"
+    )
+    context_budget: int = Field(
+        default=1024, ge=0, description="Tokens of the tiers in each chat's prompt (0: none)."
+    )
+    default_project: str = Field(
+        default="", description="Project tier used when a chat names none (empty: none)."
+    )
     max_context: int = Field(
         default=0, ge=0, description="Context length in tokens; 0: the model's config."
     )

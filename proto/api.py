@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from proto.context import ContextReport
+
 ConversationIdField = Field(
     default=None,
     min_length=1,
@@ -58,6 +60,11 @@ class ChatRequest(SamplingOptions):
     model: str | None = Field(
         default=None, min_length=1, description="Base model or adapter name (default: base)."
     )
+    project: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        description="Whose project tier goes into the prompt (default: the server's).",
+    )
 
 
 class GenerateRequest(SamplingOptions):
@@ -84,6 +91,9 @@ class ChatResponse(ApiModel):
         description="stop: the model ended its turn; length: max_tokens reached."
     )
     usage: Usage
+    context: ContextReport | None = Field(
+        default=None, description="Which context tiers went into the prompt, and how much."
+    )
 
 
 class GenerateResponse(ApiModel):
@@ -143,6 +153,7 @@ class StreamDone(ApiModel):
     conversation_id: str
     finish_reason: Literal["stop", "length", "cancelled"]
     usage: Usage
+    context: ContextReport | None = None
 
 
 class ErrorDetail(ApiModel):

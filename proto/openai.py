@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from proto.api import Usage
+from proto.context import ContextReport
 
 
 class OpenAIRequest(BaseModel):
@@ -90,6 +91,9 @@ class ChatCompletion(OpenAIResponse):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    context: ContextReport | None = Field(
+        default=None, description="Extension: the context tiers added to the prompt."
+    )
 
 
 class Delta(OpenAIResponse):
@@ -110,6 +114,9 @@ class ChatCompletionChunk(OpenAIResponse):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    context: ContextReport | None = Field(
+        default=None, description="Extension, on the first chunk: the context tiers added."
+    )
 
 
 class CompletionChoice(OpenAIResponse):

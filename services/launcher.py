@@ -3,9 +3,10 @@
     python -m services.launcher
     MESH_HTTP_PORT=5000 MESH_API_KEY=my-long-key python -m services.launcher
 
-It starts RabbitMQ and Redis when they are installed but down, builds the demo
-model when MESH_MODEL is not set and the model is missing, starts a gateway and a
-worker as separate processes, waits until the gateway is ready and prints
+It starts RabbitMQ and Redis when they are installed but down, seeds an empty
+context store with starter documents, builds the demo model when MESH_MODEL is not
+set and the model is missing, starts a gateway, a worker and the context-store sync
+process as separate processes, waits until the gateway is ready and prints
 
     gateway: http://HOST:PORT
     api key: KEY
@@ -63,7 +64,11 @@ class MeshProcesses:
         return f"http://{self.host}:{self.port}"
 
     def start_process(
-        self, name: str, module: str, extra_env: dict[str, str] | None = None
+        self,
+        name: str,
+        module: str,
+        extra_env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
         env = {**self.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
         stdout: int | IO[bytes] = subprocess.PIPE
@@ -74,7 +79,7 @@ class MeshProcesses:
         elif self.output is None:
             stdout = subprocess.DEVNULL
         child = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [sys.executable, "-m", module, *(args or [])],
             env=env,
             cwd=REPO_ROOT,
             stdout=stdout,
@@ -87,9 +92,11 @@ class MeshProcesses:
         if callable(self.output) and child.stdout is not None:
             threading.Thread(target=self.output, args=(name, child.stdout), daemon=True).start()
 
-    def start(self) -> None:
+    def start(self, context_sync: bool = False) -> None:
         self.start_process("worker", "inference_worker")
         self.start_process("gateway", "gateway")
+        if context_sync:
+            self.start_process("context", "context_store", args=["sync"])
 
     def stop_process(self, name: str, timeout_s: float = 15) -> None:
         child = self.children.pop(name)
@@ -169,6 +176,12 @@ def main() -> int:
     except local_infra.InfraError as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 1
+    seed = subprocess.run(
+        [sys.executable, "-m", "context_store", "seed"], cwd=REPO_ROOT, check=False
+    )
+    if seed.returncode != 0:
+        print("make run: seeding the context store failed", file=sys.stderr)
+        return 1
     if not os.environ.get("MESH_MODEL"):
         build = subprocess.run(
             [sys.executable, "-m", "trainer_job", "build-demo-model"], cwd=REPO_ROOT, check=False
@@ -191,7 +204,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
     try:
-        mesh.start()
+        mesh.start(context_sync=True)
         mesh.wait_ready(interrupted=stopping.is_set)
         print(f"gateway: {mesh.url}\napi key: {key}", flush=True)
         while not stopping.is_set():

@@ -5,11 +5,21 @@ from __future__ import annotations
 import redis.asyncio as redis
 
 
-def connect(url: str) -> redis.Redis:
-    """A client pool for `url`; strings in and out (we store JSON)."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, health_check_interval=10, socket_connect_timeout=5
+def connect(url: str, max_connections: int = 64) -> redis.Redis:
+    """A client for `url`; strings in and out (we store JSON).
+
+    The pool blocks (up to 5 s) for a free connection instead of failing: a burst
+    of requests queues for Redis rather than erroring.
+    """
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=5,
+        decode_responses=True,
+        health_check_interval=10,
+        socket_connect_timeout=5,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 class Keys:

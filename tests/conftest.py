@@ -106,7 +106,14 @@ async def remove_namespace(settings: MeshSettings) -> None:
         channel = await connection.channel()
         topo = Topology(settings.namespace, settings.model_family)
         await channel.queue_delete(topo.job_queue)
-        await channel.exchange_delete(topo.jobs_exchange)
+        for site in ("local", "desktop", "vps"):
+            await channel.queue_delete(f"{settings.namespace}.context.{site}")
+        for exchange in (
+            topo.jobs_exchange,
+            topo.control_exchange,
+            f"{settings.namespace}.context",
+        ):
+            await channel.exchange_delete(exchange)
     client = redis.Redis.from_url(settings.redis_url)
     names = [name async for name in client.scan_iter(match=f"{settings.namespace}:*")]
     if names:

@@ -57,7 +57,7 @@ def test_launcher_prints_url_and_key_serves_and_stops_cleanly(
         assert re.fullmatch(r"gateway: http://[^\s:]+:\d+", url_lines[0])
 
         children = psutil.Process(launcher.pid).children(recursive=True)
-        assert len(children) == 2  # the gateway and the worker
+        assert len(children) == 3  # the gateway, the worker and the context sync
         response = httpx.post(
             f"http://127.0.0.1:{port}/chat",
             json={"message": "What does the phone do?", "max_tokens": 24},

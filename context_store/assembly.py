@@ -1,0 +1,140 @@
+"""Build the model's context from the tiers within a token budget.
+
+Order of importance: briefing, then the project, then the portfolio, then the most
+recent log entries. Whole sections (and the oldest log entries) are left out
+before any text is cut; only a briefing that alone exceeds the budget is cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from context_store.store import ContextStore
+from proto.context import ContextReport, Document, LogEntry, SectionReport
+
+TokenCounter = Callable[[str], int]
+TITLES = {
+    "briefing": "Session briefing (SESSION_BRIEFING.md)",
+    "project": "Project context: {name} (PROJECT_CONTEXT.md)",
+    "portfolio": "Portfolio (PORTFOLIO_CONTEXT.md)",
+    "log": "Recent session log (SESSION_LOG.md)",
+}
+
+
+@dataclass(frozen=True)
+class Assembly:
+    text: str
+    report: ContextReport
+
+
+def _section(title: str, body: str) -> str:
+    return f"## {title}\n{body.strip()}\n"
+
+
+def _log_line(entry: LogEntry) -> str:
+    return f"- [{entry.written_at[:16]}Z {entry.site}] {entry.text.strip()}"
+
+
+async def assemble(
+    store: ContextStore,
+    count: TokenCounter,
+    budget: int,
+    project: str | None,
+    log_entries: int = 50,
+) -> Assembly:
+    docs: list[tuple[str, Document | None]] = [
+        ("briefing", await store.get("briefing")),
+        ("project", await store.get(f"project/{project}") if project else None),
+        ("portfolio", await store.get("portfolio")),
+    ]
+    parts: list[str] = []
+    reports: list[SectionReport] = []
+    remaining = budget
+    for tier, doc in docs:
+        if doc is None or not doc.content.strip():
+            continue
+        text = _section(TITLES[tier].format(name=project), doc.content)
+        tokens = count(text)
+        if tokens <= remaining:
+            parts.append(text)
+            remaining -= tokens
+            reports.append(
+                SectionReport(
+                    tier=tier,
+                    doc=doc.doc,
+                    version=doc.version,  # type: ignore[arg-type]
+                    tokens=tokens,
+                    included=True,
+                    cut=None,
+                )
+            )
+        elif tier == "briefing" and not parts:
+            text, tokens = _cut_to(text, remaining, count)
+            parts.append(text)
+            remaining -= tokens
+            reports.append(
+                SectionReport(
+                    tier=tier,
+                    doc=doc.doc,
+                    version=doc.version,
+                    tokens=tokens,
+                    included=True,
+                    cut="the end of the briefing",
+                )
+            )
+        else:
+            reports.append(
+                SectionReport(
+                    tier=tier,
+                    doc=doc.doc,
+                    version=doc.version,  # type: ignore[arg-type]
+                    tokens=0,
+                    included=False,
+                    cut=f"whole section ({tokens} tokens)",
+                )
+            )
+    reports.append(_add_log(await store.log(log_entries), count, remaining, parts))
+    used = sum(r.tokens for r in reports)
+    return Assembly("\n".join(parts), ContextReport(budget=budget, tokens=used, sections=reports))
+
+
+def _add_log(
+    entries: list[LogEntry], count: TokenCounter, remaining: int, parts: list[str]
+) -> SectionReport:
+    """As many of the newest entries as fit, shown oldest first."""
+    header = f"## {TITLES['log']}\n"
+    if not entries:
+        return SectionReport(tier="log", doc=None, version=None, tokens=0, included=False, cut=None)
+    kept: list[str] = []
+    tokens = count(header)
+    for entry in entries:  # newest first
+        line = _log_line(entry)
+        cost = count(line + "\n")
+        if tokens + cost > remaining:
+            break
+        kept.append(line)
+        tokens += cost
+    dropped = len(entries) - len(kept)
+    cut = f"{dropped} older entries" if dropped else None
+    if not kept:
+        return SectionReport(tier="log", doc=None, version=None, tokens=0, included=False, cut=cut)
+    parts.append(header + "\n".join(reversed(kept)) + "\n")
+    return SectionReport(tier="log", doc=None, version=None, tokens=tokens, included=True, cut=cut)
+
+
+def _cut_to(text: str, budget: int, count: TokenCounter) -> tuple[str, int]:
+    """The longest prefix of `text` (on a line, else a word boundary) within `budget`."""
+    low, high = 0, len(text)
+    while low < high:  # binary search on characters
+        middle = (low + high + 1) // 2
+        if count(text[:middle]) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    prefix = text[:low]
+    for separator in ("\n", " "):
+        if separator in prefix[len(prefix) // 2 :]:
+            prefix = prefix[: prefix.rindex(separator)]
+            break
+    return prefix, count(prefix)

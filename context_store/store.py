@@ -1,0 +1,279 @@
+"""The four handoff tiers in one site's Redis: versioned documents with history,
+an append-only log, conflict records, and an outbox of local changes for sync."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+import redis.asyncio as redis
+
+from context_store import scripts
+from proto.context import Conflict, ContextChanged, Document, DocVersion, LogEntry, VersionInfo
+from services.errors import PermanentError
+
+
+class VersionConflict(PermanentError):
+    """The write named a version that is no longer current."""
+
+    code = "version_conflict"
+
+    def __init__(self, doc: str, current: int) -> None:
+        super().__init__(f"{doc} is at version {current}")
+        self.current = current
+
+
+def doc_name(tier: str, project: str | None = None) -> str:
+    return f"project/{project}" if tier == "project" else tier
+
+
+def _now() -> tuple[int, str]:
+    return int(time.time() * 1000), datetime.now(UTC).isoformat()
+
+
+class ContextStore:
+    """One site's context store. Every write is one Lua script: atomic and CAS."""
+
+    def __init__(self, client: redis.Redis, namespace: str, site: str) -> None:
+        self.client = client
+        self.site = site
+        self.prefix = f"{namespace}:ctx"
+        self._write = client.register_script(scripts.WRITE_DOC)
+        self._apply_doc = client.register_script(scripts.APPLY_DOC)
+        self._append = client.register_script(scripts.APPEND_LOG)
+        self._apply_log = client.register_script(scripts.APPLY_LOG)
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @property
+    def outbox(self) -> str:
+        return self._key("outbox")
+
+    # -- documents ----------------------------------------------------------------------
+
+    async def get(self, doc: str) -> Document | None:
+        fields = await self.client.hgetall(self._key("doc", doc))
+        return _document(doc, fields) if fields else None
+
+    async def write(self, doc: str, content: str, expected_version: int) -> Document:
+        """Replace `doc` if it is still at `expected_version` (0: it must not exist)."""
+        now_ms, written_at = _now()
+        sha = hashlib.sha256(content.encode()).hexdigest()
+        ok, version, hlc = await self._write(
+            keys=[
+                self._key("doc", doc),
+                self._key("hist", doc),
+                self._key("known", doc),
+                self._key("hlc"),
+                self.outbox,
+                self._key("docs"),
+            ],
+            args=[expected_version, content, self.site, now_ms, sha, written_at, doc],
+        )
+        if not int(ok):
+            raise VersionConflict(doc, int(version))
+        return Document(
+            doc=doc,
+            version=int(version),
+            content=content,
+            hlc=str(hlc),
+            site=self.site,
+            sha256=sha,
+            written_at=written_at,
+        )
+
+    async def put_if_changed(self, doc: str, content: str) -> Document | None:
+        """Write `content` as the next version unless it is already current (import)."""
+        current = await self.get(doc)
+        if current and current.sha256 == hashlib.sha256(content.encode()).hexdigest():
+            return None
+        return await self.write(doc, content, current.version if current else 0)
+
+    async def docs(self) -> list[str]:
+        return sorted(await self.client.smembers(self._key("docs")))
+
+    async def history(self, doc: str) -> list[VersionInfo]:
+        entries = await self.client.xrange(self._key("hist", doc))
+        return [
+            VersionInfo(
+                version=int(f["version"]),
+                hlc=f["hlc"],
+                site=f["site"],
+                sha256=f["sha256"],
+                written_at=f["written_at"],
+                size=len(f["content"]),
+            )
+            for _, f in entries
+        ]
+
+    async def version(self, doc: str, number: int) -> Document | None:
+        for _, fields in await self.client.xrange(self._key("hist", doc)):
+            if int(fields["version"]) == number:
+                return _document(doc, fields)
+        return None
+
+    # -- log ----------------------------------------------------------------------------
+
+    async def append_log(self, text: str) -> LogEntry:
+        now_ms, written_at = _now()
+        entry_id = uuid.uuid4().hex
+        hlc = await self._append(
+            keys=[self._key("log"), self._key("log-entries"), self._key("hlc"), self.outbox],
+            args=[entry_id, text, self.site, now_ms, written_at],
+        )
+        return LogEntry(
+            entry_id=entry_id, text=text, hlc=str(hlc), site=self.site, written_at=written_at
+        )
+
+    async def log(self, limit: int = 50, before: str | None = None) -> list[LogEntry]:
+        """Entries newest first, ordered by (hlc, site, entry id); `before` is a cursor."""
+        upper = f"({before}" if before else "+"
+        members = await self.client.zrevrangebylex(self._key("log"), upper, "-", 0, limit)
+        return await self._entries(members)
+
+    async def log_cursor(self, entry: LogEntry) -> str:
+        return f"{int(entry.hlc):019d}|{entry.site}|{entry.entry_id}"
+
+    async def _entries(self, members: list[str]) -> list[LogEntry]:
+        ids = [member.rsplit("|", 1)[1] for member in members]
+        if not ids:
+            return []
+        raw = await self.client.hmget(self._key("log-entries"), ids)
+        return [
+            LogEntry(entry_id=entry_id, **json.loads(data))
+            for entry_id, data in zip(ids, raw, strict=True)
+            if data
+        ]
+
+    async def log_size(self) -> int:
+        return int(await self.client.zcard(self._key("log")))
+
+    # -- conflicts ----------------------------------------------------------------------
+
+    async def conflicts(self) -> list[Conflict]:
+        records = await self.client.hgetall(self._key("conflicts"))
+        return sorted(
+            (Conflict(conflict_id=cid, **json.loads(raw)) for cid, raw in records.items()),
+            key=lambda c: (c.doc, int(c.hlc)),
+        )
+
+    async def resolve(self, conflict_id: str, keep: str) -> Document | None:
+        """keep='conflict' makes the losing content current (a new version)."""
+        raw = await self.client.hget(self._key("conflicts"), conflict_id)
+        if raw is None:
+            return None
+        record = Conflict(conflict_id=conflict_id, **json.loads(raw))
+        document = None
+        if keep == "conflict":
+            current = await self.get(record.doc)
+            document = await self.write(
+                record.doc, record.content, current.version if current else 0
+            )
+        await self.client.hdel(self._key("conflicts"), conflict_id)
+        return document
+
+    # -- sync ---------------------------------------------------------------------------
+
+    async def apply(self, event: ContextChanged) -> bool:
+        """Apply a change from another site; idempotent. True when it changed anything."""
+        now_ms, _ = _now()
+        if event.version is not None:
+            v = event.version
+            applied, _ = await self._apply_doc(
+                keys=[
+                    self._key("doc", v.doc),
+                    self._key("hist", v.doc),
+                    self._key("known", v.doc),
+                    self._key("hlc"),
+                    self._key("conflicts"),
+                    self._key("docs"),
+                    self._key("seen"),
+                ],
+                args=[v.doc, v.content, v.hlc, v.site, v.base, v.sha256, v.written_at, now_ms],
+            )
+            return int(applied) >= 0
+        if event.entry is not None:
+            e = event.entry
+            applied = await self._apply_log(
+                keys=[
+                    self._key("log"),
+                    self._key("log-entries"),
+                    self._key("hlc"),
+                    self._key("seen"),
+                ],
+                args=[e.entry_id, e.text, e.hlc, e.site, e.written_at, now_ms],
+            )
+            return bool(int(applied))
+        return False
+
+    async def seen(self) -> dict[str, str]:
+        """Origin site -> newest hlc applied from it."""
+        return dict(await self.client.hgetall(self._key("seen")))
+
+    async def changes_since(self, since_hlc: int) -> list[ContextChanged]:
+        """This site's own changes newer than `since_hlc`, oldest first (catch-up)."""
+        changes: list[tuple[int, ContextChanged]] = []
+        for doc in await self.docs():
+            for _, f in await self.client.xrange(self._key("hist", doc)):
+                if f["site"] == self.site and int(f["hlc"]) > since_hlc:
+                    changes.append((int(f["hlc"]), _doc_event(self.site, doc, f)))
+        start = f"({since_hlc:019d}|~"
+        for member in await self.client.zrangebylex(self._key("log"), start, "+"):
+            hlc, site, _ = member.split("|", 2)
+            if site == self.site:
+                [entry] = await self._entries([member])
+                changes.append((int(hlc), ContextChanged(origin=self.site, entry=entry)))
+        return [change for _, change in sorted(changes, key=lambda item: item[0])]
+
+    async def read_outbox(self, after: str, count: int = 100) -> list[tuple[str, ContextChanged]]:
+        """Local changes not yet published, after the stream id `after`."""
+        entries = await self.client.xrange(self.outbox, f"({after}", "+", count=count)
+        return [(entry_id, _outbox_event(self.site, f)) for entry_id, f in entries]
+
+    async def sent_marker(self) -> str:
+        return await self.client.get(self._key("outbox-sent")) or "0-0"
+
+    async def mark_sent(self, entry_id: str) -> None:
+        await self.client.set(self._key("outbox-sent"), entry_id)
+
+
+def _document(doc: str, f: dict[str, str]) -> Document:
+    return Document(
+        doc=doc,
+        version=int(f["version"]),
+        content=f["content"],
+        hlc=f["hlc"],
+        site=f["site"],
+        sha256=f["sha256"],
+        written_at=f["written_at"],
+    )
+
+
+def _doc_event(site: str, doc: str, f: dict[str, str]) -> ContextChanged:
+    version = DocVersion(
+        doc=doc,
+        content=f["content"],
+        hlc=f["hlc"],
+        site=f["site"],
+        base=f["base"],
+        sha256=f["sha256"],
+        written_at=f["written_at"],
+    )
+    return ContextChanged(origin=site, version=version)
+
+
+def _outbox_event(site: str, f: dict[str, str]) -> ContextChanged:
+    if f["kind"] == "doc":
+        return _doc_event(site, f["doc"], f)
+    entry = LogEntry(
+        entry_id=f["entry_id"],
+        text=f["text"],
+        hlc=f["hlc"],
+        site=f["site"],
+        written_at=f["written_at"],
+    )
+    return ContextChanged(origin=site, entry=entry)

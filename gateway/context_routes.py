@@ -1,0 +1,230 @@
+"""The context tiers over HTTP (scope `context`): read with an ETag, write with
+If-Match, history, old versions, the log, conflicts, and a preview of the prompt."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+
+from context_store.assembly import assemble
+from context_store.store import ContextStore, VersionConflict, doc_name
+from gateway.auth import ContextKey
+from gateway.errors import ApiError
+from gateway.routes import ERRORS
+from proto.context import (
+    Conflict,
+    ConflictResolve,
+    ContextPreview,
+    Document,
+    DocumentWrite,
+    History,
+    LogAppend,
+    LogEntry,
+    LogPage,
+)
+
+router = APIRouter(prefix="/context", tags=["context"])
+TierPath = Literal["portfolio", "project", "briefing"]
+ProjectQuery = Annotated[
+    str | None,
+    Query(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="The project (tier=project)."),
+]
+CONTEXT_ERRORS = {
+    **ERRORS,
+    409: ERRORS[400] | {"description": "Version conflict"},
+    412: ERRORS[400] | {"description": "If-Match names a version that is no longer current"},
+    428: ERRORS[400] | {"description": "If-Match is required"},
+}
+
+
+async def context_store(request: Request) -> ContextStore:
+    return request.app.state.context
+
+
+Store = Annotated[ContextStore, Depends(context_store)]
+
+
+def _doc(tier: str, project: str | None) -> str:
+    if tier == "project" and not project:
+        raise ApiError(
+            400, "invalid_request_error", "tier 'project' needs ?project=NAME", "project_required"
+        )
+    return doc_name(tier, project)
+
+
+def _etag(document: Document) -> str:
+    return f'"v{document.version}"'
+
+
+def _expected_version(if_match: str | None) -> int:
+    if if_match is None:
+        raise ApiError(
+            428,
+            "invalid_request_error",
+            'send If-Match with the version you edited ("v0" for a new document)',
+            "if_match_required",
+        )
+    match = re.fullmatch(r'(?:W/)?"?v?(\d+)"?', if_match.strip())
+    if match is None:
+        raise ApiError(
+            400, "invalid_request_error", f"unreadable If-Match: {if_match}", "bad_if_match"
+        )
+    return int(match.group(1))
+
+
+@router.post(
+    "/log",
+    operation_id="append_log_entry",
+    response_model=LogEntry,
+    status_code=201,
+    responses=CONTEXT_ERRORS,
+)
+async def append_log(body: LogAppend, key: ContextKey, store: Store) -> LogEntry:
+    """Append an entry to the session log (entries are never edited)."""
+    return await store.append_log(body.text)
+
+
+@router.get(
+    "/log", operation_id="list_log_entries", response_model=LogPage, responses=CONTEXT_ERRORS
+)
+async def list_log(
+    key: ContextKey,
+    store: Store,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[str | None, Query(max_length=200, description="Cursor from a page.")] = None,
+) -> LogPage:
+    """Log entries, newest first, a page at a time."""
+    entries = await store.log(limit, before)
+    cursor = await store.log_cursor(entries[-1]) if len(entries) == limit else None
+    return LogPage(entries=entries, next_before=cursor)
+
+
+@router.get(
+    "/conflicts",
+    operation_id="list_conflicts",
+    response_model=list[Conflict],
+    responses=CONTEXT_ERRORS,
+)
+async def list_conflicts(key: ContextKey, store: Store) -> list[Conflict]:
+    """Versions that lost to a concurrent edit at another site, kept for review."""
+    return await store.conflicts()
+
+
+@router.post(
+    "/conflicts/resolve",
+    operation_id="resolve_conflict",
+    response_model=Document | None,
+    responses=CONTEXT_ERRORS,
+)
+async def resolve_conflict(body: ConflictResolve, key: ContextKey, store: Store) -> Document | None:
+    """Drop the record (keep=current) or make the losing version current (keep=conflict)."""
+    if not any(c.conflict_id == body.conflict_id for c in await store.conflicts()):
+        raise ApiError(404, "invalid_request_error", "no such conflict", "not_found")
+    try:
+        return await store.resolve(body.conflict_id, body.keep)
+    except VersionConflict as exc:
+        raise ApiError(409, "invalid_request_error", exc.message, exc.code) from exc
+
+
+@router.get(
+    "/preview",
+    operation_id="preview_context",
+    response_model=ContextPreview,
+    responses=CONTEXT_ERRORS,
+)
+async def preview(
+    request: Request,
+    key: ContextKey,
+    store: Store,
+    project: ProjectQuery = None,
+    budget: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+) -> ContextPreview:
+    """The context a chat would get now, and what went in."""
+    settings = request.app.state.settings
+    assembly = await assemble(
+        store,
+        request.app.state.count_tokens,
+        budget or settings.context_budget,
+        project or settings.default_project or None,
+    )
+    return ContextPreview(text=assembly.text, report=assembly.report)
+
+
+@router.get(
+    "/{tier}",
+    operation_id="get_context_document",
+    response_model=Document,
+    responses=CONTEXT_ERRORS,
+)
+async def get_document(
+    tier: TierPath, key: ContextKey, store: Store, response: Response, project: ProjectQuery = None
+) -> Document:
+    """The current version; its ETag is the version to send back in If-Match."""
+    document = await store.get(_doc(tier, project))
+    if document is None:
+        raise ApiError(404, "invalid_request_error", "no such document yet", "not_found")
+    response.headers["ETag"] = _etag(document)
+    return document
+
+
+@router.put(
+    "/{tier}",
+    operation_id="put_context_document",
+    response_model=Document,
+    responses=CONTEXT_ERRORS,
+)
+async def put_document(
+    tier: TierPath,
+    body: DocumentWrite,
+    key: ContextKey,
+    store: Store,
+    response: Response,
+    project: ProjectQuery = None,
+    if_match: Annotated[str | None, Header(description='The version edited, e.g. "v3".')] = None,
+) -> Document:
+    """Replace the document if it is still at the If-Match version (412 otherwise)."""
+    expected = _expected_version(if_match)
+    try:
+        document = await store.write(_doc(tier, project), body.content, expected)
+    except VersionConflict as exc:
+        raise ApiError(
+            412,
+            "invalid_request_error",
+            f"{exc.message}; read it again and reapply your edit",
+            "version_conflict",
+            {"ETag": f'"v{exc.current}"'},
+        ) from exc
+    response.headers["ETag"] = _etag(document)
+    return document
+
+
+@router.get(
+    "/{tier}/history",
+    operation_id="get_context_history",
+    response_model=History,
+    responses=CONTEXT_ERRORS,
+)
+async def history(
+    tier: TierPath, key: ContextKey, store: Store, project: ProjectQuery = None
+) -> History:
+    """Every version this site has had, oldest first."""
+    doc = _doc(tier, project)
+    return History(doc=doc, versions=await store.history(doc))
+
+
+@router.get(
+    "/{tier}/versions/{version}",
+    operation_id="get_context_version",
+    response_model=Document,
+    responses=CONTEXT_ERRORS,
+)
+async def old_version(
+    tier: TierPath, version: int, key: ContextKey, store: Store, project: ProjectQuery = None
+) -> Document:
+    """One earlier version, as it was."""
+    document = await store.version(_doc(tier, project), version)
+    if document is None:
+        raise ApiError(404, "invalid_request_error", "no such version", "not_found")
+    return document

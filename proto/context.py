@@ -1,0 +1,143 @@
+"""Context store contracts: the sync events between sites and the REST bodies.
+
+A document is named `portfolio`, `briefing` or `project/NAME`. Hybrid-logical-clock
+timestamps (`hlc`) are integers: milliseconds since the epoch times 1000, plus a
+counter; carried as strings on the wire so that no JSON parser rounds them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proto.messages import BusMessage
+
+DOC_PATTERN = r"^(portfolio|briefing|project/[a-z0-9][a-z0-9._-]{0,63})$"
+Tier = Literal["portfolio", "project", "briefing"]
+
+
+class DocVersion(BusMessage):
+    """One version of a document, as written at its origin site."""
+
+    doc: str = Field(pattern=DOC_PATTERN, description="portfolio, briefing or project/NAME.")
+    content: str = Field(description="The whole markdown document.")
+    hlc: str = Field(pattern=r"^\d{1,19}$", description="Hybrid-logical-clock timestamp.")
+    site: str = Field(description="The site that wrote it.")
+    base: str = Field(description="'hlc|site' of the version it replaced; empty for the first.")
+    sha256: str = Field(description="sha256 of the content.")
+    written_at: str = Field(description="Wall-clock time of the write (ISO 8601, UTC).")
+
+
+class LogEntry(BusMessage):
+    """One session-log entry; never changed once written."""
+
+    entry_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Unique id.")
+    text: str = Field(description="The entry, markdown.")
+    hlc: str = Field(pattern=r"^\d{1,19}$", description="Hybrid-logical-clock timestamp.")
+    site: str = Field(description="The site that wrote it.")
+    written_at: str = Field(description="Wall-clock time of the write (ISO 8601, UTC).")
+
+
+class ContextChanged(BusMessage):
+    """Event: a site changed its context store (a document version or a log entry)."""
+
+    type: Literal["context_changed"] = Field(default="context_changed", description="Type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    origin: str = Field(description="The site where the change was made.")
+    version: DocVersion | None = Field(default=None, description="A new document version.")
+    entry: LogEntry | None = Field(default=None, description="A new log entry.")
+
+
+class ContextSyncRequest(BusMessage):
+    """Command: send me your own changes newer than my watermarks (catch-up)."""
+
+    type: Literal["context_sync_request"] = Field(
+        default="context_sync_request", description="Type."
+    )
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    site: str = Field(description="The site asking.")
+    since: dict[str, str] = Field(description="Origin site -> newest hlc already applied.")
+
+
+# -- REST -----------------------------------------------------------------------------
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Document(ApiModel):
+    doc: str
+    version: int = Field(description="This site's version number; send it back in If-Match.")
+    content: str
+    hlc: str
+    site: str = Field(description="Where this version was written.")
+    sha256: str
+    written_at: str
+
+
+class DocumentWrite(ApiModel):
+    content: str = Field(max_length=2_000_000, description="The whole new document (markdown).")
+
+
+class VersionInfo(ApiModel):
+    version: int
+    hlc: str
+    site: str
+    sha256: str
+    written_at: str
+    size: int = Field(description="Characters of content.")
+
+
+class History(ApiModel):
+    doc: str
+    versions: list[VersionInfo] = Field(description="Oldest first.")
+
+
+class LogAppend(ApiModel):
+    text: str = Field(min_length=1, max_length=100_000, description="The entry (markdown).")
+
+
+class LogPage(ApiModel):
+    entries: list[LogEntry] = Field(description="Newest first.")
+    next_before: str | None = Field(description="Pass as `before` for the next (older) page.")
+
+
+class Conflict(ApiModel):
+    conflict_id: str
+    doc: str
+    content: str = Field(description="The losing version's content.")
+    hlc: str
+    site: str
+    written_at: str
+    winner: str = Field(description="'hlc|site' of the version that won.")
+
+
+class ConflictResolve(ApiModel):
+    conflict_id: str = Field(max_length=200, description="From GET /context/conflicts.")
+    keep: Literal["current", "conflict"] = Field(
+        description="current: drop the record; conflict: make the losing version current."
+    )
+
+
+class SectionReport(ApiModel):
+    tier: Literal["briefing", "project", "portfolio", "log"]
+    doc: str | None = Field(description="Document name; None for the log.")
+    version: int | None = Field(description="Version that went in (documents).")
+    tokens: int = Field(description="Tokens of this section in the prompt (0 when dropped).")
+    included: bool
+    cut: str | None = Field(description="What was left out of this section, if anything.")
+
+
+class ContextReport(ApiModel):
+    """What the tiers contributed to a prompt."""
+
+    budget: int
+    tokens: int
+    sections: list[SectionReport]
+
+
+class ContextPreview(ApiModel):
+    text: str = Field(description="The assembled context, as the model sees it.")
+    report: ContextReport
