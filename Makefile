@@ -43,6 +43,7 @@ bench: install
 	$(PY) -m services.local_infra ensure
 	$(PY) -m trainer_job build-demo-model
 	$(PY) bench/mesh_overhead.py
+	$(PY) bench/context_store.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -7,6 +7,7 @@ before any text is cut; only a briefing that alone exceeds the budget is cut.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,12 @@ TITLES = {
 class Assembly:
     text: str
     report: ContextReport
+
+
+def cached(count: TokenCounter, size: int = 512) -> TokenCounter:
+    """`count` remembering recent texts: documents change rarely, chats come often.
+    (A 15-page project document costs ~40 ms to tokenize on this machine.)"""
+    return functools.lru_cache(maxsize=size)(count)
 
 
 def _section(title: str, body: str) -> str:

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from context_store.assembly import TokenCounter
+from context_store.assembly import TokenCounter, cached
 from context_store.store import ContextStore
 from gateway import context_routes, errors, openai_routes, routes
 from gateway.body_limit import BodyLimitMiddleware
@@ -41,7 +41,7 @@ def token_counter(prompts: PromptCounter | None) -> TokenCounter:
     if prompts is None:
         return lambda text: len(text.encode()) // 3 + 1
     tokenizer = prompts.tokenizer
-    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+    return cached(lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:

@@ -155,6 +155,24 @@ def _relay(name: str, stream: IO[bytes]) -> None:
         sys.stderr.write(f"[{name}] {line.decode(errors='replace')}")
 
 
+def _warn_without_aof(settings: MeshSettings) -> None:
+    """The context tiers are the owner's memory: say so when Redis could lose edits."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        appendonly = client.config_get("appendonly").get("appendonly")
+        client.close()
+    except redis.RedisError:
+        return
+    if appendonly != "yes":
+        print(
+            "warning: Redis runs without AOF (appendonly no): context edits since its last "
+            "snapshot would be lost in a crash; see README, 'Durability'",
+            file=sys.stderr,
+        )
+
+
 def _api_key() -> str:
     """MESH_API_KEY, or a generated key kept in the cache so it survives restarts."""
     if os.environ.get("MESH_API_KEY"):
@@ -176,6 +194,7 @@ def main() -> int:
     except local_infra.InfraError as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 1
+    _warn_without_aof(settings)
     seed = subprocess.run(
         [sys.executable, "-m", "context_store", "seed"], cwd=REPO_ROOT, check=False
     )

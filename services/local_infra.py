@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from services.settings import MeshSettings
@@ -140,3 +141,36 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def start_redis_server(
+    folder: Path, port: int, appendonly: bool = False, fsync: str = "everysec"
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server (a second site in tests, a benchmark) and its URL."""
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin")
+    if binary is None:
+        raise InfraError("redis-server is not installed: sudo apt-get install -y redis-server")
+    aof = ["--appendonly", "yes", "--appendfsync", fsync] if appendonly else ["--appendonly", "no"]
+    server = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--save",
+            "",
+            *aof,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    local = Server("Redis", "redis-server", "MESH_REDIS_URL", f"redis://127.0.0.1:{port}/0", port)
+    deadline = time.monotonic() + 10
+    while not local.reachable(timeout=0.2):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise InfraError(f"redis-server on port {port} did not start")
+        time.sleep(0.05)
+    return server, local.url

@@ -5,7 +5,6 @@ site that lost its events catches up from the other's history."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ import pytest
 
 from context_store.store import ContextStore
 from services.launcher import MeshProcesses
+from services.local_infra import start_redis_server
 from services.redis_client import connect
 from services.settings import MeshSettings
 from tests.conftest import free_port, mesh_env, remove_namespace
@@ -24,29 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 
 def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(folder),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout:
-            return server, f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.05)
-    raise RuntimeError("second redis-server did not start")
+    return start_redis_server(folder, free_port())
 
 
 class Sites:

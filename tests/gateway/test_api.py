@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.conftest import remove_namespace
+from tests.gateway.conftest import gateway_client
 
 pytestmark = pytest.mark.integration
 KEY = "gateway-test-key"
@@ -21,11 +21,8 @@ async def client(namespace: str) -> AsyncIterator[httpx.AsyncClient]:
     settings = GatewaySettings(
         namespace=f"{namespace}-gw", api_key=KEY, max_tokens_cap=64, default_max_tokens=32
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
-            yield http
+    async with gateway_client(settings) as http:
+        yield http
     await remove_namespace(settings)
 
 

@@ -17,7 +17,6 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from gateway.app import create_app
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
 from proto.messages import CancelJob, WorkerStatus
@@ -25,6 +24,7 @@ from services import liveness
 from services.bus import Topology
 from services.redis_client import Keys
 from tests.conftest import remove_namespace
+from tests.gateway.conftest import gateway_client
 
 pytestmark = pytest.mark.integration
 BOOTSTRAP = "limits-test-key"
@@ -51,12 +51,8 @@ async def app_settings(namespace: str) -> AsyncIterator[GatewaySettings]:
 
 @pytest.fixture(scope="module")
 async def client(app_settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(app_settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
-            http.app = app  # type: ignore[attr-defined]
-            yield http
+    async with gateway_client(app_settings) as http:
+        yield http
 
 
 @pytest.fixture
