@@ -119,3 +119,29 @@ async def test_assembly_keeps_priority_order_and_drops_whole_sections_first(
     tiny = await assemble(store, count, 6, "mesh")
     assert tiny.report.sections[0].cut == "the end of the briefing"
     assert tiny.report.tokens <= 6
+
+
+async def test_a_conflict_can_be_resolved_either_way(store: ContextStore) -> None:
+    from proto.context import ContextChanged, DocVersion
+
+    mine = await store.write("briefing", "mine", 0)
+    # An edit made elsewhere on the same (empty) base, with an older timestamp: it loses.
+    theirs = DocVersion(
+        doc="briefing",
+        content="theirs",
+        hlc=str(int(mine.hlc) - 5),
+        site="vps",
+        base="",
+        sha256="x",
+        written_at=mine.written_at,
+    )
+    assert await store.apply(ContextChanged(origin="vps", version=theirs))
+    [conflict] = await store.conflicts()
+    assert (conflict.content, conflict.site) == ("theirs", "vps")
+    assert (await store.get("briefing")).content == "mine"  # type: ignore[union-attr]
+    assert await store.apply(ContextChanged(origin="vps", version=theirs)) is False  # idempotent
+
+    restored = await store.resolve(conflict.conflict_id, "conflict")
+    assert restored is not None and restored.content == "theirs" and restored.version == 2
+    assert await store.conflicts() == []
+    assert [v.version for v in await store.history("briefing")] == [1, 2]
