@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from context_store.assembly import Assembly, TokenCounter, assemble
 from context_store.store import ContextStore
 from gateway.conversations import ConversationStore
-from gateway.generation import Generation, Outcome
+from gateway.generation import Generation, Outcome, Restart
 from gateway.settings import GatewaySettings
 from proto.api import ChatRequest
 from proto.context import ContextReport
@@ -74,7 +74,7 @@ class ChatService:
 
     async def start(
         self, owner: str, request: ChatRequest, conversation_id: str
-    ) -> tuple[AsyncIterator[str | Outcome], ContextReport | None]:
+    ) -> tuple[AsyncIterator[str | Outcome | Restart], ContextReport | None]:
         """Text pieces, then one Outcome; the turn is recorded once it is complete.
         Also what the context tiers contributed to the prompt."""
         job, report = await self.build_job(owner, request, conversation_id)
@@ -86,14 +86,16 @@ class ChatService:
         owner: str,
         request: ChatRequest,
         conversation_id: str,
-        relay: AsyncIterator[str | Outcome],
-    ) -> AsyncIterator[str | Outcome]:
+        relay: AsyncIterator[str | Outcome | Restart],
+    ) -> AsyncIterator[str | Outcome | Restart]:
         pieces: list[str] = []
         async for item in relay:
             if isinstance(item, Outcome):
                 await self.conversations.append_turn(
                     owner, conversation_id, request.message, "".join(pieces)
                 )
+            elif isinstance(item, Restart):
+                pieces.clear()
             else:
                 pieces.append(item)
             yield item

@@ -22,11 +22,15 @@ from gateway.settings import GatewaySettings
 from proto.api import SamplingOptions, Usage
 from proto.messages import ChatJob, ChatMessage, JobError, JobResult, SamplingParams, TokenChunk
 from services import liveness
-from services.bus import JobClient, ReplyStream
+from services.bus import JobClient, ReplyStream, StreamRestarted
 from services.errors import BusUnavailable, JobFailed, JobTimeout, NoWorkers
 from services.redis_client import Keys
 
 log = logging.getLogger(__name__)
+
+
+class Restart:
+    """The job started over on another worker: drop the text received so far."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ class Generation:
                     f"{depth} jobs are already waiting; try again shortly", code="queue_full"
                 )
 
-    async def start(self, job: ChatJob) -> AsyncIterator[str | Outcome]:
+    async def start(self, job: ChatJob) -> AsyncIterator[str | Outcome | Restart]:
         """Admit and submit `job`; returns its relay (text pieces, then one Outcome).
 
         Raises before anything is sent, so a route can still answer with an HTTP
@@ -246,13 +250,19 @@ class Generation:
         replies = await self.jobs.submit(job, self.settings.request_timeout_s)
         return self._relay(job, replies)
 
-    async def _relay(self, job: ChatJob, replies: ReplyStream) -> AsyncIterator[str | Outcome]:
+    async def _relay(
+        self, job: ChatJob, replies: ReplyStream
+    ) -> AsyncIterator[str | Outcome | Restart]:
         submitted = time.perf_counter()
         first = True
         finished = False
         try:
             async for reply in replies:
-                if isinstance(reply, TokenChunk):
+                if isinstance(reply, StreamRestarted):
+                    self.metrics.jobs.labels("restarted").inc()
+                    log.warning("job %s: its worker was lost; another one started over", job.job_id)
+                    yield Restart()
+                elif isinstance(reply, TokenChunk):
                     if first and reply.text:
                         self.metrics.ttft.observe(time.perf_counter() - submitted)
                         first = False
@@ -301,13 +311,15 @@ class Generation:
         task.add_done_callback(self._background.discard)
 
 
-async def collect(relay: AsyncIterator[str | Outcome]) -> tuple[str, Outcome]:
-    """The whole answer of a relay."""
+async def collect(relay: AsyncIterator[str | Outcome | Restart]) -> tuple[str, Outcome]:
+    """The whole answer of a relay (exactly once, also when a worker was lost midway)."""
     pieces: list[str] = []
     outcome: Outcome | None = None
     async for item in relay:
         if isinstance(item, Outcome):
             outcome = item
+        elif isinstance(item, Restart):
+            pieces.clear()
         else:
             pieces.append(item)
     if outcome is None:

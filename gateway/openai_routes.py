@@ -15,8 +15,8 @@ from gateway.auth import ChatKey, ReadKey
 from gateway.chat import ChatService
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, from_mesh_error
-from gateway.generation import Generation, Outcome, collect
-from gateway.routes import ERRORS, SSE_HEADERS, generation
+from gateway.generation import Generation, Outcome, Restart, collect
+from gateway.routes import ERRORS, SSE_HEADERS, WORKER_LOST, generation
 from proto.api import SamplingOptions
 from proto.messages import ChatMessage
 from proto.openai import (
@@ -67,7 +67,7 @@ def _data(payload: str) -> bytes:
 
 
 def _stream(
-    relay: AsyncIterator[str | Outcome],
+    relay: AsyncIterator[str | Outcome | Restart],
     include_usage: bool,
     chunk: Callable[[str | None, str | None], str],
     usage_chunk: Callable[[Outcome], str],
@@ -77,6 +77,8 @@ def _stream(
     async def events() -> AsyncIterator[bytes]:
         try:
             async for item in relay:
+                if isinstance(item, Restart):
+                    raise WORKER_LOST
                 if isinstance(item, Outcome):
                     yield _data(chunk(None, _finish(item.finish_reason)))
                     if include_usage:

@@ -15,7 +15,7 @@ from gateway.auth import AdminKey, ChatKey, ReadKey
 from gateway.chat import ChatService
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, from_mesh_error
-from gateway.generation import Generation, Outcome, collect
+from gateway.generation import Generation, Outcome, Restart, collect
 from proto.api import (
     ChatRequest,
     ChatResponse,
@@ -32,7 +32,7 @@ from proto.api import (
     StreamDone,
     WorkerInfo,
 )
-from services.errors import MeshError
+from services.errors import MeshError, WorkerLost
 
 router = APIRouter()
 VERSION = "0.1.0"
@@ -53,6 +53,11 @@ ERRORS = {
     }.items()
 }
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A streamed answer whose worker died midway: the part already sent is not resent
+# from another worker's fresh start (that could mix two different texts).
+WORKER_LOST = WorkerLost(
+    "the worker generating this answer stopped after part of it was sent; ask again"
+)
 
 
 async def chat_service(request: Request) -> ChatService:
@@ -137,6 +142,8 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
     async def events() -> AsyncIterator[bytes]:
         try:
             async for item in relay:
+                if isinstance(item, Restart):
+                    raise WORKER_LOST
                 if isinstance(item, Outcome):
                     done = StreamDone(
                         conversation_id=conversation_id,

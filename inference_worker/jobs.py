@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import redis.asyncio as redis
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
@@ -20,8 +21,27 @@ from inference_worker.backends.base import Backend, Finished, GenerationEvent, T
 from proto.messages import CancelJob, ChatJob, JobError, JobResult, TokenChunk, Usage
 from services.bus import WorkerBus, coalesce
 from services.errors import MeshError
+from services.redis_client import Keys
 
 log = logging.getLogger(__name__)
+
+
+class DeliveryCounter:
+    """How often each job was delivered, in Redis so that every worker counts."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, limit: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.limit = limit
+
+    async def count(self, job_id: str) -> int:
+        """Deliveries so far, this one included (called on redeliveries only)."""
+        key = self.keys.deliveries(job_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 86400)
+            redeliveries, _ = await pipe.execute()
+        return int(redeliveries) + 1
 
 
 class JobRunner:
@@ -34,12 +54,15 @@ class JobRunner:
         coalesce_tokens: int,
         coalesce_ms: float,
         cancel_memory_s: float = 600.0,
+        deliveries: DeliveryCounter | None = None,
     ) -> None:
         self.backend = backend
         self.bus = bus
         self.coalesce_tokens = coalesce_tokens
         self.coalesce_s = coalesce_ms / 1000
         self.cancel_memory_s = cancel_memory_s
+        self.deliveries = deliveries
+        self.dead_lettered = 0
         self.in_flight = 0
         self.completed = 0
         self.cancelled = 0
@@ -90,6 +113,8 @@ class JobRunner:
         if self._drop_before_start(job):
             await message.ack()
             return
+        if await self._set_aside(job, message, reply_to):
+            return
         task = asyncio.create_task(self._stream(job, reply_to))
         self._running[job.job_id] = task
         try:
@@ -113,6 +138,31 @@ class JobRunner:
         if seq is not None:
             self.completed += 1
         await message.ack()  # only after the final reply was published
+
+    async def _set_aside(
+        self, job: ChatJob, message: AbstractIncomingMessage, reply_to: str
+    ) -> bool:
+        """A job that keeps taking its workers down (a poison job) goes to the
+        dead-letter queue instead of taking down the next one."""
+        if self.deliveries is None or not message.redelivered:
+            return False
+        count = await self.deliveries.count(job.job_id)
+        if count <= self.deliveries.limit:
+            return False
+        reason = f"delivered {count} times; its workers never finished it"
+        log.error("job %s: %s; moved to the dead-letter queue", job.job_id, reason)
+        await self.bus.dead_letter(message, reason)
+        await self._reply_error(
+            reply_to,
+            job.job_id,
+            0,
+            "poison_job",
+            f"this request failed on {count - 1} workers and was set aside for inspection",
+            False,
+        )
+        await message.ack()
+        self.dead_lettered += 1
+        return True
 
     def _drop_before_start(self, job: ChatJob) -> bool:
         if self._cancel_before_start.pop(job.job_id, None) is not None:

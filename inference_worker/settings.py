@@ -38,4 +38,7 @@ class WorkerSettings(MeshSettings):
     cancel_memory_s: float = Field(
         default=600.0, gt=0, description="How long a cancel is remembered for a job not yet seen."
     )
+    max_deliveries: int = Field(
+        default=3, ge=1, description="A job delivered more often than this is set aside."
+    )
     drain_timeout_s: float = Field(default=60.0, ge=0, description="SIGTERM: wait this long.")

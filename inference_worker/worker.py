@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from aio_pika.abc import AbstractIncomingMessage
 
 from inference_worker.backends.base import Backend
-from inference_worker.jobs import JobRunner
+from inference_worker.jobs import DeliveryCounter, JobRunner
 from inference_worker.settings import WorkerSettings
 from proto.messages import WorkerStatus
 from services import liveness
@@ -60,15 +60,16 @@ class Worker:
         )
         self.topology = Topology(settings.namespace, settings.model_family)
         self.bus = WorkerBus(self.topology, self.worker_id, settings.capacity, settings.priority)
+        self.redis = connect(settings.redis_url)
+        self.keys = Keys(settings.namespace)
         self.runner = JobRunner(
             backend,
             self.bus,
             settings.coalesce_tokens,
             settings.coalesce_ms,
             settings.cancel_memory_s,
+            DeliveryCounter(self.redis, self.keys, settings.max_deliveries),
         )
-        self.redis = connect(settings.redis_url)
-        self.keys = Keys(settings.namespace)
         self.started_at = datetime.now(UTC)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()

@@ -89,6 +89,11 @@ class Topology:
         return f"{self.namespace}.jobs.{self.model_family}"
 
     @property
+    def dead_letter_queue(self) -> str:
+        """Jobs set aside after failing on too many workers, for a person to look at."""
+        return f"{self.job_queue}.dead"
+
+    @property
     def control_exchange(self) -> str:
         return f"{self.namespace}.control"
 
@@ -151,12 +156,18 @@ def decode_reply(body: bytes) -> ReplyMessage:
 # -- gateway side ---------------------------------------------------------------------
 
 
+class StreamRestarted:
+    """The job's worker died and another one started the answer over (seq 0 again)."""
+
+
 class ReplyStream:
     """The replies of one job, in order: TokenChunks, then one JobResult or JobError.
 
     Iterating raises JobTimeout when the deadline passes and BusUnavailable when the
-    connection to the broker is lost; a reply out of sequence ends it with an error
-    rather than a silent mix of two streams.
+    connection to the broker is lost. When a redelivered job starts over on another
+    worker (seq 0 after later ones) it yields StreamRestarted before the new first
+    chunk, so the caller can drop what it has; any other gap ends the stream with
+    an error rather than a silent mix of two streams.
     """
 
     def __init__(self, job_id: str, deadline: float, on_close: Callable[[], None]) -> None:
@@ -164,6 +175,7 @@ class ReplyStream:
         self.deadline = deadline
         self._queue: asyncio.Queue[ReplyMessage | BaseException] = asyncio.Queue()
         self._next_seq = 0
+        self._held: ReplyMessage | None = None
         self._finished = False
         self._on_close = on_close
 
@@ -173,17 +185,22 @@ class ReplyStream:
     def __aiter__(self) -> ReplyStream:
         return self
 
-    async def __anext__(self) -> ReplyMessage:
+    async def __anext__(self) -> ReplyMessage | StreamRestarted:
         if self._finished:
             raise StopAsyncIteration
         try:
-            item = await _get(self._queue, self.deadline - time.monotonic())
+            item = self._held or await _get(self._queue, self.deadline - time.monotonic())
+            self._held = None
         except TimeoutError:
             self._finished = True
             raise JobTimeout(f"job {self.job_id}: no answer before the deadline") from None
         if isinstance(item, BaseException):
             self._finished = True
             raise item
+        if item.seq == 0 and self._next_seq > 0:
+            self._next_seq = 0
+            self._held = item  # handed out right after the marker
+            return StreamRestarted()
         if item.seq != self._next_seq:
             self._finished = True
             raise BusUnavailable(
@@ -343,6 +360,7 @@ class WorkerBus:
         self._channel = await self._connection.channel(publisher_confirms=False)
         await self._channel.set_qos(prefetch_count=self.capacity)
         _, self._queue = await self.topology.declare_jobs(self._channel)
+        await self._channel.declare_queue(self.topology.dead_letter_queue, durable=True)
 
     async def consume_control(self, on_cancel: Callable[[CancelJob], None]) -> None:
         """Receive CancelJob commands (fanout: every worker hears every cancel)."""
@@ -377,6 +395,20 @@ class WorkerBus:
         assert self._channel is not None, "start() first"
         await self._channel.default_exchange.publish(
             encode(message, correlation_id=message.job_id), routing_key=reply_to
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Park a job in the dead-letter queue, as it came, with the reason."""
+        assert self._channel is not None, "start() first"
+        parked = aio_pika.Message(
+            body=message.body,
+            content_type=message.content_type,
+            headers={**(message.headers or {}), "x-mesh-dead-reason": reason},
+            message_id=message.message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self._channel.default_exchange.publish(
+            parked, routing_key=self.topology.dead_letter_queue
         )
 
     async def close(self) -> None:

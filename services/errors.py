@@ -51,3 +51,9 @@ class JobFailed(MeshError):
     def __init__(self, message: str, code: str, retryable: bool) -> None:
         super().__init__(message, code)
         self.retryable = retryable
+
+
+class WorkerLost(RetryableError):
+    """A worker died after part of a streamed answer was sent; it is not resent."""
+
+    code = "worker_lost"

@@ -40,6 +40,9 @@ class Keys:
     def conversation(self, owner: str, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{owner}:{conversation_id}"
 
+    def deliveries(self, job_id: str) -> str:
+        return f"{self.namespace}:deliveries:{job_id}"
+
     def api_keys(self) -> str:
         return f"{self.namespace}:api-keys"
 

@@ -69,7 +69,10 @@ def reference_greedy(reference_model: tuple[Any, Any]) -> Callable[..., tuple[st
     model, tokenizer = reference_model
 
     def generate(
-        messages: list[dict[str, str]], max_tokens: int, repetition_penalty: float = 1.15
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        repetition_penalty: float = 1.15,
+        min_tokens: int = 0,
     ) -> tuple[str, int, int]:
         prompt = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -78,6 +81,7 @@ def reference_greedy(reference_model: tuple[Any, Any]) -> Callable[..., tuple[st
             out = model.generate(
                 **prompt,
                 max_new_tokens=max_tokens,
+                min_new_tokens=min_tokens,
                 do_sample=False,
                 repetition_penalty=repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id,

@@ -95,6 +95,32 @@ async def test_reply_stream_refuses_out_of_order_replies() -> None:
         await anext(stream)
 
 
+async def test_a_stream_that_starts_over_is_marked_not_mixed() -> None:
+    stream = ReplyStream("j", time.monotonic() + 5, lambda: None)
+    for seq, text in [(0, "a"), (1, "b"), (0, "A"), (1, "B")]:
+        stream.feed(TokenChunk(job_id="j", seq=seq, text=text, token_count=1))
+    stream.feed(
+        JobResult(
+            job_id="j",
+            seq=2,
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=1, completion_tokens=2),
+            worker_id="w",
+        )
+    )
+    seen = [item async for item in stream]
+    kinds = [type(item).__name__ for item in seen]
+    assert kinds == [
+        "TokenChunk",
+        "TokenChunk",
+        "StreamRestarted",
+        "TokenChunk",
+        "TokenChunk",
+        "JobResult",
+    ]
+    assert [item.text for item in seen if isinstance(item, TokenChunk)] == ["a", "b", "A", "B"]
+
+
 async def test_reply_stream_times_out_at_its_deadline() -> None:
     stream = ReplyStream("j", time.monotonic() + 0.05, lambda: None)
     with pytest.raises(JobTimeout):
