@@ -44,6 +44,7 @@ bench: install
 	$(PY) -m trainer_job build-demo-model
 	$(PY) bench/mesh_overhead.py
 	$(PY) bench/context_store.py
+	$(PY) bench/worker_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

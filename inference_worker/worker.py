@@ -34,7 +34,11 @@ def build_backend(settings: WorkerSettings) -> Backend:
     from inference_worker.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(
-        resolve_model_ref(settings.model), settings.device, settings.dtype, settings.model_name
+        resolve_model_ref(settings.model),
+        settings.device,
+        settings.dtype,
+        settings.model_name,
+        max_batch=settings.capacity,
     )
 
 

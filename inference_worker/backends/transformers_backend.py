@@ -7,22 +7,28 @@ the tests and `make run` pass the demo model's folder, so nothing downloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from inference_worker.backends.batching import BatchScheduler, Row
 from inference_worker.backends.detokenizer import IncrementalDetokenizer
 from inference_worker.backends.stops import StopMatcher
-from proto.messages import ChatJob, SamplingParams
+from proto.messages import ChatJob
 from services.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
-_END = object()
-SAMPLING_EPS = 1e-5
+
+@dataclass(frozen=True)
+class _Done:
+    """The end of a row's tokens, with the generation thread's error if it failed."""
+
+    error: BaseException | None
 
 
 class _TokenCounter:
@@ -54,48 +60,30 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-class _QueueStreamer:
-    """transformers streamer that hands each new token id to the event loop."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], counter: _TokenCounter
-    ) -> None:
-        self._loop = loop
-        self._queue = queue
-        self._counter = counter
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # the first call carries the prompt
-            self._prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            self._counter.add(1)
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, token_id)
-
-    def end(self) -> None:
-        return None
-
-
 class TransformersBackend:
-    """One causal LM served with `model.generate` on one generation thread.
+    """One causal LM; concurrent jobs are decoded together (see batching.py).
 
-    Jobs run one after another on that thread, in arrival order. Measured on the
-    demo model (2 cores): eight threads each running its own `generate` gave 0.3x
-    the throughput of one thread (the GIL, and one OpenMP team per calling thread
-    fighting over the cores), so concurrency must come from batching jobs into one
-    `generate`, not from more threads.
+    All decoding happens on one generation thread: measured on the demo model
+    (2 cores), eight threads each running its own `generate` gave 0.3x the
+    throughput of one thread (the GIL, and one OpenMP team per calling thread
+    fighting over the cores). Concurrency comes from batching instead.
     """
 
     def __init__(
-        self, model_ref: str, device: str = "auto", dtype: str = "auto", name: str = ""
+        self,
+        model_ref: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        name: str = "",
+        max_batch: int = 8,
     ) -> None:
         self.model_ref = model_ref
         self.device = resolve_device(device)
         self._dtype_name = dtype
         # The name clients use: never a local path.
         self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.max_batch = max_batch
+        self.scheduler: BatchScheduler | None = None
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_context = 0
@@ -114,6 +102,7 @@ class TransformersBackend:
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.scheduler = BatchScheduler(self.model, self.tokenizer, self.device, self.max_batch)
         log.info("loaded %s on %s (%s)", self.model_ref, self.device, dtype)
 
     def encode_prompt(self, job: ChatJob) -> list[int]:
@@ -139,69 +128,29 @@ class TransformersBackend:
             )
         return list(ids)
 
-    def _generation_config(self, sampling: SamplingParams) -> Any:
-        from transformers import GenerationConfig
-
-        options: dict[str, Any] = {
-            "max_new_tokens": sampling.max_tokens,
-            "min_new_tokens": sampling.min_tokens,
-            "repetition_penalty": sampling.repetition_penalty,
-            "eos_token_id": self.tokenizer.eos_token_id,
-            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-        }
-        # Temperatures this close to 0 overflow the logits to inf/nan: they mean greedy.
-        if sampling.temperature > SAMPLING_EPS:
-            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-        else:
-            options.update(do_sample=False)
-        return GenerationConfig(**options)
-
-    def _run_generate(
-        self, ids: list[int], sampling: SamplingParams, streamer: Any, stop: threading.Event
-    ) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class StopWhenCancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
-
-        if stop.is_set():  # cancelled while it waited for the generation thread
-            return
-        if sampling.seed is not None:
-            # Safe: this is the only thread that generates.
-            torch.manual_seed(sampling.seed)
-        input_ids = torch.tensor([ids], device=self.device)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=self._generation_config(sampling),
-                stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-                streamer=streamer,
-            )
-
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
+        assert self.scheduler is not None, "start() first"
         ids = self.encode_prompt(job)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
-        future = loop.run_in_executor(
-            self._executor,
-            self._run_generate,
-            ids,
-            job.sampling,
-            _QueueStreamer(loop, queue, self.decoded),
-            stop,
-        )
-        # Runs on the loop after every token the thread queued: marks the end.
-        future.add_done_callback(lambda _: queue.put_nowait(_END))
+        tokens: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(token_id: int) -> None:  # on the generation thread
+            self.decoded.add(1)
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+                loop.call_soon_threadsafe(tokens.put_nowait, token_id)
+
+        def finish(error: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(tokens.put_nowait, _Done(error))
+
+        row = Row(ids, job.sampling, emit, finish)
+        self.scheduler.submit(row)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(job.sampling.stop)
         generated = pending = 0
         last_token = None
         try:
-            while (token_id := await queue.get()) is not _END:
+            while not isinstance(token_id := await tokens.get(), _Done):
                 generated += 1
                 pending += 1
                 last_token = token_id
@@ -212,7 +161,8 @@ class TransformersBackend:
                 if stops.stopped:
                     break
             else:
-                future.result()  # re-raise what the generation thread raised
+                if token_id.error is not None:
+                    raise token_id.error
                 tail = stops.feed(detokenizer.flush()) + stops.flush()
                 if tail or pending:
                     yield TextDelta(tail, pending)
@@ -222,7 +172,7 @@ class TransformersBackend:
                 reason = "length" if generated >= job.sampling.max_tokens else "stop"
             yield Finished(reason, len(ids), generated)
         finally:
-            stop.set()  # the consumer went away (or we are done): stop decoding
+            row.stop.set()  # the consumer went away (or we are done): stop decoding
 
     @property
     def tokens_generated(self) -> int:
@@ -233,4 +183,5 @@ class TransformersBackend:
         return {"backend": "transformers", "model": self.model_ref, "device": self.device}
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.scheduler is not None:
+            self.scheduler.close()

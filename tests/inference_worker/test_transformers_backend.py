@@ -81,6 +81,32 @@ async def test_concurrent_jobs_keep_their_own_text(
     assert b == reference_greedy(second, 48)[0]
 
 
+async def test_concurrent_jobs_share_batches_with_their_own_sampling(
+    backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    questions = [
+        "What does the phone do?",
+        QUESTION,
+        "What is an adapter?",
+        "Why is the session log append-only?",
+    ] * 2
+    assert backend.scheduler is not None
+    batches_before = backend.scheduler.batches
+    greedy = [
+        job([{"role": "user", "content": q}], max_tokens=30 + i) for i, q in enumerate(questions)
+    ]
+    sampled = job([{"role": "user", "content": "Hello"}], max_tokens=30, temperature=1.2)
+    results = await asyncio.gather(*(run(backend, j) for j in [*greedy, sampled]))
+    for (text, finished), chat_job, question in zip(results, greedy, questions, strict=False):
+        expected, _, tokens = reference_greedy(
+            [{"role": "user", "content": question}], chat_job.sampling.max_tokens
+        )
+        assert text == expected  # a sampled neighbour does not change a greedy row
+        assert finished.completion_tokens == tokens
+    # nine jobs at once were decoded in far fewer than nine generate calls
+    assert backend.scheduler.batches - batches_before <= 3
+
+
 async def test_closing_the_stream_stops_generation(backend: TransformersBackend) -> None:
     # min_tokens keeps the model talking: 1,500 tokens would take seconds.
     long_job = job([{"role": "user", "content": QUESTION}], max_tokens=1500, min_tokens=1500)

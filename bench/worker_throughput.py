@@ -1,0 +1,144 @@
+"""Worker throughput: generated tokens/s with 1, 4, 8 and 16 concurrent chat requests
+through the mesh, against the same requests run one at a time in-process.
+
+    python bench/worker_throughput.py          # table + bench/results/worker_throughput.json
+    python bench/worker_throughput.py --quick
+
+The ratio (concurrent through the mesh / sequential in-process) shows what
+batching concurrent jobs into one `generate` buys, net of the mesh's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mesh_overhead import PROMPTS, SYSTEM_PROMPT, KeepAliveClient, _remove_namespace, free_port
+
+from inference_worker.backends.base import Finished
+from inference_worker.backends.transformers_backend import TransformersBackend
+from proto.messages import ChatJob, ChatMessage, SamplingParams
+from services.launcher import MeshProcesses
+from services.settings import MeshSettings
+from trainer_job.demo_model import ensure_demo_model
+
+MAX_TOKENS = 64
+RESULTS = Path(__file__).parent / "results"
+
+
+def job(index: int) -> ChatJob:
+    return ChatJob(
+        job_id=uuid.uuid4().hex,
+        messages=[
+            ChatMessage(role="system", content=SYSTEM_PROMPT),
+            ChatMessage(role="user", content=PROMPTS[index % len(PROMPTS)]),
+        ],
+        sampling=SamplingParams(
+            max_tokens=MAX_TOKENS,
+            min_tokens=MAX_TOKENS,
+            temperature=0,
+            top_p=1,
+            repetition_penalty=1.15,
+        ),
+        created_at=__import__("datetime").datetime.now(__import__("datetime").UTC),
+    )
+
+
+async def sequential_in_process(requests: int) -> float:
+    backend = TransformersBackend(str(ensure_demo_model()), device="cpu", max_batch=1)
+    await backend.start()
+    tokens = 0
+    started = time.perf_counter()
+    for index in range(requests):
+        async for event in backend.generate(job(index)):
+            if isinstance(event, Finished):
+                tokens += event.completion_tokens
+    elapsed = time.perf_counter() - started
+    await backend.close()
+    return tokens / elapsed
+
+
+async def through_mesh(levels: list[int], rounds: int) -> dict[int, float]:
+    port, key = free_port(), secrets.token_urlsafe(16)
+    namespace = f"bench{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(
+        MESH_NAMESPACE=namespace,
+        MESH_HTTP_PORT=str(port),
+        MESH_API_KEY=key,
+        MESH_CAPACITY=str(max(levels)),
+        MESH_LOG_LEVEL="WARNING",
+        MESH_RATE_LIMIT_PER_MINUTE="0",
+        MESH_SYSTEM_PROMPT=SYSTEM_PROMPT,
+        MESH_CONTEXT_BUDGET="0",
+    )
+    mesh = MeshProcesses(env, "127.0.0.1", port)
+    mesh.start()
+    try:
+        await asyncio.to_thread(mesh.wait_ready, 120)
+        client = KeepAliveClient("127.0.0.1", port, key)
+        body = {"temperature": 0, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS}
+        await client.post("/chat", {"message": PROMPTS[0], **body})  # warm-up
+        results = {}
+        for level in levels:
+            tokens = 0
+
+            async def one(index: int) -> int:
+                reply = await client.post(
+                    "/chat", {"message": PROMPTS[index % len(PROMPTS)], **body}
+                )
+                return int(json.loads(reply)["usage"]["completion_tokens"])
+
+            started = time.perf_counter()
+            for _ in range(rounds):
+                tokens += sum(await asyncio.gather(*(one(i) for i in range(level))))
+            results[level] = tokens / (time.perf_counter() - started)
+        return results
+    finally:
+        await asyncio.to_thread(mesh.stop)
+        await _remove_namespace(MeshSettings(namespace=namespace))
+
+
+async def main(quick: bool) -> dict:
+    levels = [1, 4, 8, 16]
+    baseline = await sequential_in_process(8 if quick else 24)
+    mesh = await through_mesh(levels, 1 if quick else 3)
+    return {
+        "max_tokens": MAX_TOKENS,
+        "sequential_in_process_tokens_per_s": round(baseline, 1),
+        "rows": [
+            {
+                "concurrency": level,
+                "tokens_per_s": round(rate, 1),
+                "vs_sequential": round(rate / baseline, 2),
+            }
+            for level, rate in mesh.items()
+        ],
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "worker_throughput.json")
+    args = parser.parse_args()
+    result = asyncio.run(main(args.quick))
+    print(f"sequential in-process: {result['sequential_in_process_tokens_per_s']} tokens/s")
+    print(f"{'concurrency':>11} {'tokens/s':>9} {'x sequential':>13}")
+    for row in result["rows"]:
+        print(f"{row['concurrency']:>11} {row['tokens_per_s']:>9} {row['vs_sequential']:>13}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
