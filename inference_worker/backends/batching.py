@@ -52,34 +52,47 @@ class Row:
 
 class PerRowSampling(LogitsProcessor):
     """Each row's own repetition penalty, min_tokens, temperature and top-p; greedy
-    rows (temperature ~0) are reduced to their argmax so one sampler serves all."""
+    rows (temperature ~0) are reduced to their argmax so one sampler serves all.
+    Work a batch does not need (sorting for top-p, temperature) is skipped."""
 
     def __init__(self, rows: list[Row], eos_token_id: int | None, device: Any) -> None:
         self.rows = rows
         self.eos = eos_token_id
+        self.device = device
         self.penalty = torch.tensor([[r.sampling.repetition_penalty] for r in rows], device=device)
+        self.any_penalty = any(r.sampling.repetition_penalty != 1.0 for r in rows)
+        self.min_tokens = torch.tensor([r.sampling.min_tokens for r in rows], device=device)
+        self.any_min = any(r.sampling.min_tokens > 0 for r in rows) and eos_token_id is not None
+        self.greedy = torch.tensor(
+            [r.sampling.temperature <= SAMPLING_EPS for r in rows], device=device
+        )
+        self.any_sampled = not bool(self.greedy.all())
         self.temperature = torch.tensor(
             [[max(r.sampling.temperature, SAMPLING_EPS)] for r in rows], device=device
         )
         self.top_p = torch.tensor([[r.sampling.top_p] for r in rows], device=device)
-        self.greedy = torch.tensor(
-            [r.sampling.temperature <= SAMPLING_EPS for r in rows], device=device
+        self.any_top_p = any(
+            r.sampling.top_p < 1.0 and r.sampling.temperature > SAMPLING_EPS for r in rows
         )
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        seen = torch.gather(scores, 1, input_ids)
-        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-        scores = scores.scatter(1, input_ids, seen)
-        if self.eos is not None:
-            for index, row in enumerate(self.rows):
-                if row.generated < row.sampling.min_tokens:
-                    scores[index, self.eos] = -float("inf")
+        if self.any_penalty:
+            seen = torch.gather(scores, 1, input_ids)
+            seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+            scores = scores.scatter(1, input_ids, seen)
+        if self.any_min:
+            generated = torch.tensor([r.generated for r in self.rows], device=self.device)
+            too_soon = generated < self.min_tokens
+            scores[too_soon, self.eos] = -float("inf")
+        if not self.any_sampled:
+            return scores  # every row greedy: generate takes the argmax
         best = scores.argmax(dim=-1, keepdim=True)
         scores = scores / self.temperature
-        ordered, order = torch.sort(scores, descending=True, dim=-1)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = (cumulative - ordered.softmax(dim=-1)) > self.top_p  # keep the first always
-        scores = scores.scatter(1, order, ordered.masked_fill(drop, -float("inf")))
+        if self.any_top_p:
+            ordered, order = torch.sort(scores, descending=True, dim=-1)
+            probabilities = ordered.softmax(dim=-1)
+            drop = (probabilities.cumsum(dim=-1) - probabilities) > self.top_p  # keeps the first
+            scores = scores.scatter(1, order, ordered.masked_fill(drop, -float("inf")))
         one_hot = torch.full_like(scores, -float("inf")).scatter(1, best, 0.0)
         return torch.where(self.greedy.unsqueeze(1), one_hot, scores)
 
