@@ -209,19 +209,22 @@ class Generation:
     async def models(self) -> list[str]:
         return sorted({w.base_model for w in await self.workers.live()})
 
+    async def adapters(self) -> dict[str, str]:
+        """Adapter name -> its base model, for adapters some live worker serves."""
+        return {name: w.base_model for w in await self.workers.live() for name in w.adapters}
+
     async def resolve_model(self, requested: str | None) -> str | None:
-        """None for the base model; 404 for a model no live worker serves."""
-        if requested is None:
+        """None for the base model, the name for an adapter; 404 when nobody serves it."""
+        if requested is None or requested in await self.models():
             return None
-        served = await self.models()
-        if requested not in served:
-            raise ApiError(
-                404,
-                "invalid_request_error",
-                f"model {requested!r} is not served; see GET /v1/models",
-                "model_not_found",
-            )
-        return None  # adapters come with the adapter manager; the base needs no name
+        if requested in await self.adapters():
+            return requested
+        raise ApiError(
+            404,
+            "invalid_request_error",
+            f"model {requested!r} is not served; see GET /v1/models",
+            "model_not_found",
+        )
 
     async def admit(self) -> None:
         """503 at once when nobody can take the job soon, instead of waiting."""

@@ -210,5 +210,8 @@ async def completions(
 
 @router.get("/models", operation_id="list_models", response_model=ModelList, responses=ERRORS)
 async def list_models(key: ReadKey, gen: Gen) -> ModelList:
-    """The base models live workers serve (adapters appear with their parent)."""
-    return ModelList(data=[Model(id=name, created=STARTED) for name in await gen.models()])
+    """The base models live workers serve, and each adapter with its parent."""
+    models = [Model(id=name, created=STARTED) for name in await gen.models()]
+    adapters = await gen.adapters()
+    models += [Model(id=name, created=STARTED, parent=adapters[name]) for name in sorted(adapters)]
+    return ModelList(data=models)

@@ -249,6 +249,7 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
     except MeshError:
         depth = None
     return Info(
+        adapters=await gen.adapters(),
         version=VERSION,
         model_family=gen.settings.model_family,
         models=await gen.models(),

@@ -181,7 +181,8 @@ class JobRunner:
         queued_ms = max((datetime.now(UTC) - job.created_at).total_seconds() * 1000, 0)
         log.info("job %s: started (conversation %s)", job.job_id, job.conversation_id)
         try:
-            if job.model is not None and job.model != self.backend.base_model:
+            served = {self.backend.base_model, *self.backend.adapters}
+            if job.model is not None and job.model not in served:
                 raise MeshError(f"model {job.model!r} is not served here", "model_not_found")
             events = self.backend.generate(job)
             finished: Finished | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -20,6 +21,9 @@ class WorkerSettings(MeshSettings):
     model_name: str = Field(
         default="",
         description="MESH_MODEL_NAME: the name clients use; empty: the model folder's name.",
+    )
+    adapter_registry: Path | None = Field(
+        default=None, description="MESH_ADAPTER_REGISTRY: adapter versions (default .cache)."
     )
     device: str = Field(default="auto", description="MESH_DEVICE: auto, cpu, cuda, cuda:1 …")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

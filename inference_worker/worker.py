@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -13,14 +14,16 @@ from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from inference_worker.adapters import verify
 from inference_worker.backends.base import Backend
 from inference_worker.jobs import DeliveryCounter, JobRunner
 from inference_worker.settings import WorkerSettings
+from proto.adapters import AdapterPublished
 from proto.messages import WorkerStatus
 from services import liveness
 from services.bus import Topology, WorkerBus
-from services.errors import PermanentError
-from services.paths import demo_model_dir
+from services.errors import MeshError, PermanentError
+from services.paths import adapter_registry, demo_model_dir
 from services.redis_client import Keys, connect
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class Worker:
             DeliveryCounter(self.redis, self.keys, settings.max_deliveries),
         )
         self.started_at = datetime.now(UTC)
+        self.registry = settings.adapter_registry or adapter_registry()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
 
@@ -85,6 +89,7 @@ class Worker:
             device=self.backend.device,
             model_family=self.settings.model_family,
             base_model=self.backend.base_model,
+            adapters=self.backend.adapters,
             capacity=self.settings.capacity,
             in_flight=self.runner.in_flight,
             jobs_completed=self.runner.completed,
@@ -110,6 +115,32 @@ class Worker:
                 "job %s: not acknowledged; the broker will redeliver it", message.message_id
             )
 
+    async def on_adapter_published(self, event: AdapterPublished) -> None:
+        if event.base_model != self.backend.base_model:
+            return  # another family's adapter
+        await self.install_adapter(event.name, event.version)
+
+    async def load_current_adapters(self) -> None:
+        for name, raw in (await self.redis.hgetall(self.keys.adapters())).items():
+            current = json.loads(raw)
+            if current.get("base_model") == self.backend.base_model:
+                await self.install_adapter(name, int(current["version"]))
+
+    async def install_adapter(self, name: str, version: int) -> None:
+        if self.backend.adapters.get(name) == version:
+            return
+        try:
+            folder = await asyncio.to_thread(
+                verify, self.registry, name, version, self.backend.base_model
+            )
+            await self.backend.load_adapter(name, version, folder)
+        except MeshError as exc:
+            log.error("adapter %s v%s refused: %s", name, version, exc.message)
+            return
+        await liveness.publish_status(
+            self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
+        )
+
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():
             try:
@@ -129,6 +160,10 @@ class Worker:
         )
         heartbeat = asyncio.create_task(self._heartbeat())
         await self.bus.consume_control(self.runner.cancel)
+        # Event and state: listen first, then load what is current, so no version
+        # published in between is missed.
+        await self.bus.consume_adapters(self.on_adapter_published)
+        await self.load_current_adapters()
         await self.bus.consume(self._on_message)
         log.info(
             "worker %s consuming %s (capacity %d, priority %d, %s)",

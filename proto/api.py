@@ -135,6 +135,7 @@ class Info(ApiModel):
     version: str
     model_family: str
     models: list[str] = Field(description="Base models served by live workers.")
+    adapters: dict[str, str] = Field(description="Adapters served: name -> base model.")
     workers: dict[str, dict[str, list[WorkerInfo]]] = Field(
         description="Live workers by site, then by device."
     )

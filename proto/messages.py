@@ -166,6 +166,9 @@ class WorkerStatus(BusMessage):
     device: str = Field(description="'cpu' or 'cuda' (with the GPU's name when known).")
     model_family: str = Field(description="The job queue it consumes.")
     base_model: str = Field(description="Name of the base model it serves.")
+    adapters: dict[str, int] = Field(
+        default_factory=dict, description="Adapter name -> version it serves."
+    )
     capacity: int = Field(ge=1, description="Jobs it runs at once.")
     in_flight: int = Field(ge=0, description="Jobs it is running now.")
     jobs_completed: int = Field(default=0, ge=0, description="Jobs answered since start.")

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
@@ -29,6 +29,7 @@ from aio_pika.abc import (
     AbstractRobustExchange,
 )
 
+from proto.adapters import AdapterPublished
 from proto.messages import (
     REPLY_ADAPTER,
     BusMessage,
@@ -96,6 +97,13 @@ class Topology:
     @property
     def control_exchange(self) -> str:
         return f"{self.namespace}.control"
+
+    @property
+    def adapters_exchange(self) -> str:
+        return f"{self.namespace}.adapters"
+
+    def adapters_queue(self, worker_id: str) -> str:
+        return f"{self.namespace}.adapters.{worker_id}"
 
     def control_queue(self, worker_id: str) -> str:
         return f"{self.namespace}.control.{worker_id}"
@@ -376,6 +384,27 @@ class WorkerBus:
                 on_cancel(CancelJob.model_validate_json(message.body))
             except ValueError:
                 log.warning("ignoring an unreadable control message")
+
+        await queue.consume(handle, no_ack=True)
+
+    async def consume_adapters(self, on_published: Callable[[AdapterPublished], Any]) -> None:
+        """Receive AdapterPublished events (fanout: every worker hears every one)."""
+        assert self._channel is not None, "start() first"
+        exchange = await self._channel.declare_exchange(
+            self.topology.adapters_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await self._channel.declare_queue(
+            self.topology.adapters_queue(self.worker_id), exclusive=True, auto_delete=True
+        )
+        await queue.bind(exchange)
+
+        async def handle(message: AbstractIncomingMessage) -> None:
+            try:
+                event = AdapterPublished.model_validate_json(message.body)
+            except ValueError:
+                log.warning("ignoring an unreadable adapter event")
+                return
+            await on_published(event)
 
         await queue.consume(handle, no_ack=True)
 

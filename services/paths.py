@@ -16,3 +16,8 @@ def cache_dir() -> Path:
 def demo_model_dir() -> Path:
     """Where the demo model is built and served from."""
     return cache_dir() / "demo-model"
+
+
+def adapter_registry() -> Path:
+    """`MESH_ADAPTER_REGISTRY`, or `.cache/adapters`: one folder per adapter version."""
+    return Path(os.environ.get("MESH_ADAPTER_REGISTRY") or cache_dir() / "adapters")

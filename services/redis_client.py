@@ -40,6 +40,10 @@ class Keys:
     def conversation(self, owner: str, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{owner}:{conversation_id}"
 
+    def adapters(self) -> str:
+        """Hash: adapter name -> the version every worker must serve (JSON)."""
+        return f"{self.namespace}:adapters"
+
     def deliveries(self, job_id: str) -> str:
         return f"{self.namespace}:deliveries:{job_id}"
 

@@ -163,8 +163,11 @@ def mesh(
     port = free_port()
     api_key = secrets.token_urlsafe(16)
     logs = tmp_path_factory.mktemp("mesh-logs")
-    processes = MeshProcesses(mesh_env(namespace, port, api_key), "127.0.0.1", port, output=logs)
+    registry = tmp_path_factory.mktemp("adapter-registry")
+    env = mesh_env(namespace, port, api_key, MESH_ADAPTER_REGISTRY=str(registry))
+    processes = MeshProcesses(env, "127.0.0.1", port, output=logs)
     processes.api_key = api_key  # type: ignore[attr-defined]
+    processes.registry = registry  # type: ignore[attr-defined]
     processes.start()
     try:
         processes.wait_ready(timeout_s=120)

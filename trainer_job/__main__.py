@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build-demo-model", help="build the small demo model")
     build.add_argument("--out", type=Path, default=None, help="target folder (default: cache)")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
+    publish = commands.add_parser("publish", help="publish an adapter version to the workers")
+    publish.add_argument("source", type=Path, help="a peft output folder (safetensors)")
+    publish.add_argument("--name", required=True, help="adapter name")
+    publish.add_argument("--base-model", required=True, help="the base model's served name")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -38,6 +42,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         path = ensure_demo_model(target, force=args.force)
         print(f"demo model: built at {path}")
+        return 0
+    if args.command == "publish":
+        import asyncio
+
+        from services.paths import adapter_registry
+        from services.settings import MeshSettings
+        from trainer_job.publish import announce, write_version
+
+        try:
+            manifest = write_version(args.source, adapter_registry(), args.name, args.base_model)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"trainer_job publish: {exc}", file=sys.stderr)
+            return 1
+        asyncio.run(announce(MeshSettings(), manifest))
+        print(f"published {manifest.name} v{manifest.version}")
         return 0
     return 2
 

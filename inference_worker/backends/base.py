@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 from proto.messages import ChatJob
@@ -51,6 +52,14 @@ class Backend(Protocol):
         Closing the iterator early (aclose) stops generation.
         """
         ...
+
+    @property
+    def adapters(self) -> dict[str, int]:
+        """Adapter name -> version being served."""
+        ...
+
+    async def load_adapter(self, name: str, version: int, folder: Path) -> None:
+        """Serve `name` from a verified adapter folder, without failing running jobs."""
 
     async def health(self) -> dict[str, object]:
         """A small dict for logs and liveness records."""

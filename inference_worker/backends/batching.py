@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +46,24 @@ class Row:
     sampling: SamplingParams
     emit: Callable[[int], None]
     finish: Callable[[BaseException | None], None]
+    adapter: str | None = None  # the public adapter name; None: the base model
     stop: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     done: bool = False
+
+
+@dataclass(eq=False)
+class _Call:
+    """Work for the generation thread between batches (e.g. loading an adapter)."""
+
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+    def run(self) -> None:
+        try:
+            self.future.set_result(self.fn())
+        except BaseException as exc:
+            self.future.set_exception(exc)
 
 
 class PerRowSampling(LogitsProcessor):
@@ -136,8 +152,16 @@ class RowStreamer:
 class BatchScheduler:
     """The generation thread: batches waiting rows and runs them."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: str, max_batch: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: str,
+        max_batch: int,
+        adapter_of: Callable[[str], str] = lambda name: name,
+    ) -> None:
         self.model = model
+        self.adapter_of = adapter_of  # public adapter name -> the loaded adapter's name
         self.device = device
         self.max_batch = max_batch
         self.pad = (
@@ -146,7 +170,8 @@ class BatchScheduler:
             else (tokenizer.eos_token_id)
         )
         self.eos = tokenizer.eos_token_id
-        self.waiting: queue.Queue[Row | None] = queue.Queue()
+        self.waiting: queue.Queue[Row | _Call | None] = queue.Queue()
+        self._deferred: Row | _Call | None = None
         self.batches = 0
         self.batched_rows = 0
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
@@ -155,23 +180,35 @@ class BatchScheduler:
     def submit(self, row: Row) -> None:
         self.waiting.put(row)
 
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the generation thread once the running batch has finished."""
+        work = _Call(fn)
+        self.waiting.put(work)
+        return work.future
+
     def close(self) -> None:
         self.waiting.put(None)
 
     def _take(self) -> list[Row] | None:
-        first = self.waiting.get()
-        if first is None:
-            return None
+        while True:
+            first = self._deferred or self.waiting.get()
+            self._deferred = None
+            if first is None:
+                return None
+            if isinstance(first, _Call):
+                first.run()
+                continue
+            break
         rows = [first]
         while len(rows) < self.max_batch:
             try:
-                row = self.waiting.get_nowait()
+                item = self.waiting.get_nowait()
             except queue.Empty:
                 break
-            if row is None:
-                self.waiting.put(None)
+            if not isinstance(item, Row):  # a call or the end: after this batch
+                self._deferred = item
                 break
-            rows.append(row)
+            rows.append(item)
         return rows
 
     def _run(self) -> None:
@@ -208,8 +245,14 @@ class BatchScheduler:
                 eos_token_id=self.eos,
                 pad_token_id=self.pad,
             )
+            extra = {}
+            if hasattr(self.model, "peft_config"):  # adapters loaded: name one per row
+                extra["adapter_names"] = [
+                    self.adapter_of(r.adapter) if r.adapter else "__base__" for r in rows
+                ]
             with torch.inference_mode():
                 self.model.generate(
+                    **extra,
                     input_ids=ids,
                     attention_mask=mask,
                     generation_config=config,

@@ -7,9 +7,11 @@ no model, no tokenizer, no thread hop.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
 from proto.messages import ChatJob
+from services.errors import PermanentError
 
 
 class EchoBackend:
@@ -28,6 +30,11 @@ class EchoBackend:
             yield TextDelta(word if index == 0 else " " + word, 1)
         reason = "length" if len(words) == job.sampling.max_tokens else "stop"
         yield Finished(reason, len(words), len(words))
+
+    adapters: dict[str, int] = {}  # noqa: RUF012 - never changes
+
+    async def load_adapter(self, name: str, version: int, folder: Path) -> None:
+        raise PermanentError("the echo backend serves no adapters", "adapters_unsupported")
 
     async def health(self) -> dict[str, object]:
         return {"backend": "echo"}

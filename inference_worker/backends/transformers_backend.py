@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
@@ -84,6 +85,8 @@ class TransformersBackend:
         self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
         self.max_batch = max_batch
         self.scheduler: BatchScheduler | None = None
+        # public adapter name -> (version, the name it is loaded under in peft)
+        self.loaded: dict[str, tuple[int, str]] = {}
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_context = 0
@@ -102,7 +105,13 @@ class TransformersBackend:
         model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        self.scheduler = BatchScheduler(self.model, self.tokenizer, self.device, self.max_batch)
+        self.scheduler = BatchScheduler(
+            self.model,
+            self.tokenizer,
+            self.device,
+            self.max_batch,
+            adapter_of=lambda name: self.loaded[name][1],
+        )
         log.info("loaded %s on %s (%s)", self.model_ref, self.device, dtype)
 
     def encode_prompt(self, job: ChatJob) -> list[int]:
@@ -143,7 +152,10 @@ class TransformersBackend:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(tokens.put_nowait, _Done(error))
 
-        row = Row(ids, job.sampling, emit, finish)
+        adapter = None if job.model in (None, self.base_model) else job.model
+        if adapter is not None and adapter not in self.loaded:
+            raise PermanentError(f"model {job.model!r} is not served here", "model_not_found")
+        row = Row(ids, job.sampling, emit, finish, adapter=adapter)
         self.scheduler.submit(row)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(job.sampling.stop)
@@ -173,6 +185,37 @@ class TransformersBackend:
             yield Finished(reason, len(ids), generated)
         finally:
             row.stop.set()  # the consumer went away (or we are done): stop decoding
+
+    @property
+    def adapters(self) -> dict[str, int]:
+        return {name: version for name, (version, _) in self.loaded.items()}
+
+    async def load_adapter(self, name: str, version: int, folder: Path) -> None:
+        """Load a verified adapter version and serve `name` from it, in place.
+
+        Runs on the generation thread between batches, so no running batch sees a
+        half-loaded adapter; the previous version is dropped once the new one is in.
+        """
+        assert self.scheduler is not None, "start() first"
+        internal = f"{name.replace('.', '_')}__v{version}"
+
+        def load() -> None:
+            from peft import PeftModel
+
+            if hasattr(self.model, "peft_config"):
+                self.model.load_adapter(str(folder), adapter_name=internal, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(folder), adapter_name=internal, is_trainable=False
+                ).eval()
+                self.scheduler.model = self.model  # type: ignore[union-attr]
+            previous = self.loaded.get(name)
+            self.loaded[name] = (version, internal)
+            if previous is not None and previous[1] != internal:
+                self.model.delete_adapter(previous[1])
+
+        await asyncio.wrap_future(self.scheduler.call(load))
+        log.info("adapter %s v%d loaded", name, version)
 
     @property
     def tokens_generated(self) -> int:

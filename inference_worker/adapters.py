@@ -1,0 +1,70 @@
+"""Checking an adapter version before it is loaded: nothing but safetensors, every
+file's sha256 as the manifest says, a valid name, no path or symlink escaping the
+registry, and the base model this worker serves. Nothing is unpickled, ever."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, MANIFEST, AdapterManifest
+from services.errors import PermanentError
+
+
+class AdapterRefused(PermanentError):
+    code = "adapter_refused"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
+    """The version's folder, once every check passed; AdapterRefused otherwise."""
+    if not re.fullmatch(ADAPTER_NAME, name):
+        raise AdapterRefused(f"adapter name {name!r} does not match {ADAPTER_NAME}")
+    root = registry.resolve()
+    folder = registry / name / str(version)
+    if folder.is_symlink() or (registry / name).is_symlink():
+        raise AdapterRefused(f"{name} v{version}: the folder is a symbolic link")
+    if not folder.resolve().is_relative_to(root) or not folder.is_dir():
+        raise AdapterRefused(f"{name} v{version}: no such version in the registry")
+    present = {entry.name for entry in folder.iterdir()}
+    unexpected = present - {*ADAPTER_FILES, MANIFEST}
+    if unexpected:
+        raise AdapterRefused(
+            f"{name} v{version}: unexpected files {sorted(unexpected)} "
+            "(only safetensors weights are accepted)"
+        )
+    for file_name in (*ADAPTER_FILES, MANIFEST):
+        path = folder / file_name
+        if path.is_symlink() or not path.is_file():
+            raise AdapterRefused(f"{name} v{version}: {file_name} is missing or a link")
+    try:
+        manifest = AdapterManifest.model_validate_json((folder / MANIFEST).read_text())
+    except (ValidationError, ValueError) as exc:
+        raise AdapterRefused(f"{name} v{version}: unreadable manifest: {exc}") from exc
+    if (manifest.name, manifest.version) != (name, version):
+        raise AdapterRefused(
+            f"{name} v{version}: the manifest describes {manifest.name} v{manifest.version}"
+        )
+    if manifest.base_model != base_model:
+        raise AdapterRefused(
+            f"{name} v{version}: trained on {manifest.base_model!r}, "
+            f"this worker serves {base_model!r}"
+        )
+    for file_name in ADAPTER_FILES:
+        if manifest.files.get(file_name) != _sha256(folder / file_name):
+            raise AdapterRefused(f"{name} v{version}: {file_name} does not match its sha256")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise AdapterRefused(f"{name} v{version}: not a LoRA adapter")
+    return folder

@@ -1,0 +1,36 @@
+"""Adapter versions: the manifest beside the weights, and the event that announces one."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proto.messages import BusMessage
+
+ADAPTER_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MANIFEST = "manifest.json"
+
+
+class AdapterManifest(BaseModel):
+    """manifest.json of one adapter version folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME, description="The adapter's name.")
+    version: int = Field(ge=1, description="Version number within the name.")
+    base_model: str = Field(description="Name of the base model it was trained on.")
+    files: dict[str, str] = Field(description="File name -> sha256 of every file it needs.")
+    eval: dict[str, float] = Field(default_factory=dict, description="Evaluation numbers.")
+    created_at: str = Field(description="When it was made (ISO 8601, UTC).")
+
+
+class AdapterPublished(BusMessage):
+    """Event: `name` now points at `version`; every worker loads it in place."""
+
+    type: Literal["adapter_published"] = Field(default="adapter_published", description="Type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    name: str = Field(pattern=ADAPTER_NAME, description="The adapter's name.")
+    version: int = Field(ge=1, description="The version to serve from now on.")
+    base_model: str = Field(description="Name of the base model it applies to.")

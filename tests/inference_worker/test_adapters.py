@@ -1,0 +1,179 @@
+"""Adapters: what the worker refuses (and never executes), and what it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference_worker.adapters import AdapterRefused, verify
+from inference_worker.backends.base import TextDelta
+from inference_worker.backends.transformers_backend import TransformersBackend
+from proto.messages import ChatJob, ChatMessage, SamplingParams
+from trainer_job.publish import write_version
+
+QUESTION = "What is the four-tier handoff system?"
+
+
+def make_adapter(demo_model: Path, out: Path, seed: int) -> Path:
+    """A small random LoRA for the demo model (random B, so it changes the output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(demo_model)
+    config = LoraConfig(
+        r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    get_peft_model(base, config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def registry(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    for seed in (1, 2):
+        source = make_adapter(demo_model, tmp_path_factory.mktemp(f"lora{seed}"), seed)
+        write_version(source, root, "continuity", "demo-model")
+    return root
+
+
+class Exploit:
+    """Unpickling this would create a marker file: proof that a pickle ran."""
+
+    marker = Path("/tmp") / f"mesh-exploit-{uuid.uuid4().hex}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def copy_version(registry: Path, name: str, target: str = "1") -> Path:
+    import shutil
+
+    folder = registry / name / target
+    shutil.copytree(registry / "continuity" / "1", folder)
+    manifest = (folder / "manifest.json").read_text().replace('"continuity"', f'"{name}"')
+    (folder / "manifest.json").write_text(manifest)
+    return folder
+
+
+def test_a_published_version_passes(registry: Path) -> None:
+    assert verify(registry, "continuity", 1, "demo-model") == registry / "continuity" / "1"
+
+
+def test_a_pickle_is_refused_and_never_executed(registry: Path) -> None:
+    folder = copy_version(registry, "pickled")
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(AdapterRefused, match="only safetensors"):
+        verify(registry, "pickled", 1, "demo-model")
+    assert not Exploit.marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../continuity", "..", "Continuity", "a/b", "x" * 65, ""])
+def test_bad_names_are_refused(registry: Path, name: str) -> None:
+    with pytest.raises(AdapterRefused):
+        verify(registry, name, 1, "demo-model")
+
+
+def test_a_symlink_out_of_the_folder_is_refused(registry: Path, tmp_path: Path) -> None:
+    folder = copy_version(registry, "linked")
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").symlink_to(outside)
+    with pytest.raises(AdapterRefused, match="link"):
+        verify(registry, "linked", 1, "demo-model")
+    (registry / "escape").symlink_to(tmp_path)
+    with pytest.raises(AdapterRefused):
+        verify(registry, "escape", 1, "demo-model")
+
+
+def test_a_changed_file_is_refused(registry: Path) -> None:
+    folder = copy_version(registry, "tampered")
+    weights = bytearray((folder / "adapter_model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (folder / "adapter_model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(AdapterRefused, match="sha256"):
+        verify(registry, "tampered", 1, "demo-model")
+
+
+def test_another_base_model_is_refused(registry: Path) -> None:
+    with pytest.raises(AdapterRefused, match="trained on"):
+        verify(registry, "continuity", 1, "mistral-7b")
+
+
+def chat(model: str | None, max_tokens: int = 24) -> ChatJob:
+    return ChatJob(
+        job_id=uuid.uuid4().hex,
+        model=model,
+        messages=[ChatMessage(role="user", content=QUESTION)],
+        sampling=SamplingParams(
+            max_tokens=max_tokens, temperature=0, top_p=1, repetition_penalty=1.15
+        ),
+        created_at=datetime.now(UTC),
+    )
+
+
+async def answer(backend: TransformersBackend, job: ChatJob) -> str:
+    return "".join([e.text async for e in backend.generate(job) if isinstance(e, TextDelta)])
+
+
+def peft_greedy(demo_model: Path, folder: Path, max_tokens: int) -> str:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_model), folder)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.inference_mode():
+        out = model.eval().generate(
+            **ids,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            repetition_penalty=1.15,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+async def test_adapters_load_in_place_and_share_batches_with_the_base(
+    registry: Path, demo_model: Path, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    backend = TransformersBackend(str(demo_model), device="cpu", max_batch=8)
+    await backend.start()
+    base_before = await answer(backend, chat(None))
+    await backend.load_adapter("continuity", 1, verify(registry, "continuity", 1, "demo-model"))
+    assert backend.adapters == {"continuity": 1}
+
+    # base and adapter rows decoded in the same batch, each as it would be alone
+    base, tuned = await asyncio.gather(
+        answer(backend, chat(None)), answer(backend, chat("continuity"))
+    )
+    assert base == base_before == reference_greedy([{"role": "user", "content": QUESTION}], 24)[0]
+    assert tuned == peft_greedy(demo_model, registry / "continuity" / "1", 24)
+    assert tuned != base
+
+    # a new version replaces the old one while a job runs: nothing fails
+    running = asyncio.create_task(answer(backend, chat("continuity", max_tokens=200)))
+    await asyncio.sleep(0.05)
+    await backend.load_adapter("continuity", 2, verify(registry, "continuity", 2, "demo-model"))
+    assert (await running) != ""
+    assert backend.adapters == {"continuity": 2}
+    assert await answer(backend, chat("continuity")) == peft_greedy(
+        demo_model, registry / "continuity" / "2", 24
+    )
+    await backend.close()
