@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/mesh_overhead.py
 	$(PY) bench/context_store.py
 	$(PY) bench/worker_throughput.py
+	$(PY) bench/adapter_swap.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -29,6 +29,9 @@ class WorkerSettings(MeshSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="MESH_DTYPE: auto is fp16 on CUDA, fp32 on CPU."
     )
+    quantization: Literal["none", "4bit"] = Field(
+        default="none", description="MESH_QUANTIZATION: 4bit loads NF4 weights (bitsandbytes)."
+    )
     capacity: int = Field(default=4, ge=1, le=256, description="Jobs run at once (= prefetch).")
     priority: int = Field(
         default=0, description="Consumer priority: GPU workers higher, so they take work first."

@@ -42,6 +42,7 @@ def build_backend(settings: WorkerSettings) -> Backend:
         settings.dtype,
         settings.model_name,
         max_batch=settings.capacity,
+        quantization=settings.quantization,
     )
 
 

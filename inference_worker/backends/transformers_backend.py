@@ -25,6 +25,19 @@ from services.errors import PermanentError
 log = logging.getLogger(__name__)
 
 
+def nf4_config(compute_dtype: Any) -> Any:
+    """QLoRA-style 4-bit weights: NF4 with double quantisation; compute in fp16 on
+    CUDA (the RTX 2080 has no bf16) and fp32 on CPU."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 @dataclass(frozen=True)
 class _Done:
     """The end of a row's tokens, with the generation thread's error if it failed."""
@@ -77,6 +90,7 @@ class TransformersBackend:
         dtype: str = "auto",
         name: str = "",
         max_batch: int = 8,
+        quantization: str = "none",
     ) -> None:
         self.model_ref = model_ref
         self.device = resolve_device(device)
@@ -84,6 +98,7 @@ class TransformersBackend:
         # The name clients use: never a local path.
         self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
         self.max_batch = max_batch
+        self.quantization = quantization
         self.scheduler: BatchScheduler | None = None
         # public adapter name -> (version, the name it is loaded under in peft)
         self.loaded: dict[str, tuple[int, str]] = {}
@@ -102,8 +117,14 @@ class TransformersBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref)
         if not self.tokenizer.chat_template:
             raise PermanentError(f"{self.model_ref}: the tokenizer has no chat template")
-        model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=dtype)
-        self.model = model.to(self.device).eval()
+        if self.quantization == "4bit":
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_ref, quantization_config=nf4_config(dtype), device_map=self.device
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model_ref, dtype=dtype)
+            model = model.to(self.device)
+        self.model = model.eval()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.scheduler = BatchScheduler(
             self.model,
@@ -112,7 +133,14 @@ class TransformersBackend:
             self.max_batch,
             adapter_of=lambda name: self.loaded[name][1],
         )
-        log.info("loaded %s on %s (%s)", self.model_ref, self.device, dtype)
+        log.info(
+            "loaded %s on %s (%s, quantization %s, %.1f MB)",
+            self.model_ref,
+            self.device,
+            dtype,
+            self.quantization,
+            model.get_memory_footprint() / 1e6,
+        )
 
     def encode_prompt(self, job: ChatJob) -> list[int]:
         """The prompt's token ids: the tokenizer's own chat template, or a raw prompt."""

@@ -147,3 +147,18 @@ def test_incremental_detokenizer_reassembles_multibyte_text(
     pieces = [detokenizer.add(token_id) for token_id in ids] + [detokenizer.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+async def test_4bit_weights_load_and_answer_on_cpu(
+    demo_model: Path, backend: TransformersBackend
+) -> None:
+    quantized = TransformersBackend(str(demo_model), device="cpu", quantization="4bit")
+    await quantized.start()
+    try:
+        assert type(quantized.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+        footprint = quantized.model.get_memory_footprint()
+        assert footprint < 0.4 * backend.model.get_memory_footprint()
+        text, finished = await run(quantized, job([{"role": "user", "content": QUESTION}]))
+        assert "handoff" in text and finished.completion_tokens > 5
+    finally:
+        await quantized.close()
