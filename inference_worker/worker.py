@@ -34,6 +34,10 @@ def build_backend(settings: WorkerSettings) -> Backend:
         from inference_worker.backends.echo import EchoBackend
 
         return EchoBackend()
+    if settings.backend == "vllm":
+        from inference_worker.backends.vllm_backend import VllmBackend
+
+        return VllmBackend(resolve_model_ref(settings.model), settings.model_name, settings.dtype)
     from inference_worker.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(

@@ -18,6 +18,7 @@ from typing import Any
 from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
 from inference_worker.backends.batching import BatchScheduler, Row
 from inference_worker.backends.detokenizer import IncrementalDetokenizer
+from inference_worker.backends.prompts import encode_prompt
 from inference_worker.backends.stops import StopMatcher
 from proto.messages import ChatJob
 from services.errors import PermanentError
@@ -143,27 +144,7 @@ class TransformersBackend:
         )
 
     def encode_prompt(self, job: ChatJob) -> list[int]:
-        """The prompt's token ids: the tokenizer's own chat template, or a raw prompt."""
-        if job.prompt is not None:
-            ids = self.tokenizer.encode(job.prompt, add_special_tokens=True)
-            bos = self.tokenizer.bos_token_id
-            if bos is not None and (not ids or ids[0] != bos):
-                ids = [bos, *ids]
-        else:
-            messages = [message.model_dump() for message in job.messages]
-            try:
-                ids = self.tokenizer.apply_chat_template(
-                    messages, tokenize=True, add_generation_prompt=True, return_dict=False
-                )
-            except Exception as exc:  # jinja's raise_exception: e.g. roles not alternating
-                raise PermanentError(f"cannot build the prompt: {exc}", "invalid_messages") from exc
-        if self.max_context and len(ids) + job.sampling.max_tokens > self.max_context:
-            raise PermanentError(
-                f"prompt of {len(ids)} tokens plus max_tokens {job.sampling.max_tokens} "
-                f"exceeds the model's context of {self.max_context}",
-                "context_length_exceeded",
-            )
-        return list(ids)
+        return encode_prompt(self.tokenizer, job, self.max_context)
 
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
         assert self.scheduler is not None, "start() first"

@@ -1,0 +1,142 @@
+"""vLLM backend for GPU hosts (and vLLM's CPU build): its async engine batches
+jobs continuously (paged attention), applies a LoRA per request, and stops a
+request when its stream is closed.
+
+vllm is an optional extra (`pip install '.[gpu]'`): it is imported in start().
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from inference_worker.backends.prompts import encode_prompt
+from proto.messages import ChatJob
+from services.errors import PermanentError
+
+log = logging.getLogger(__name__)
+SAMPLING_EPS = 1e-5
+
+
+class VllmBackend:
+    def __init__(
+        self,
+        model_ref: str,
+        name: str = "",
+        dtype: str = "auto",
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.model_ref = model_ref
+        self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
+        self.device = "vllm"
+        self._dtype = dtype
+        self._max_loras = max_loras
+        self._max_lora_rank = max_lora_rank
+        self._max_model_len = max_model_len
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.max_context = 0
+        self._tokens = 0
+        # public adapter name -> (version, LoRARequest); a new version gets a new id
+        self._loras: dict[str, tuple[int, Any]] = {}
+        self._next_lora_id = 1
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.model_ref,
+            dtype=self._dtype,
+            enable_lora=True,
+            max_loras=self._max_loras,
+            max_lora_rank=self._max_lora_rank,
+            max_model_len=self._max_model_len,
+            enforce_eager=True,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        tokenizer = self.engine.get_tokenizer()  # a coroutine in some vLLM versions
+        self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        self.max_context = int(self.engine.model_config.max_model_len)
+        self.device = str(self.engine.vllm_config.device_config.device)
+        log.info("vLLM serving %s on %s", self.model_ref, self.device)
+
+    def _sampling(self, job: ChatJob) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = job.sampling
+        greedy = s.temperature <= SAMPLING_EPS
+        return SamplingParams(
+            max_tokens=s.max_tokens,
+            min_tokens=s.min_tokens,
+            temperature=0.0 if greedy else s.temperature,
+            top_p=1.0 if greedy else s.top_p,
+            repetition_penalty=s.repetition_penalty,
+            stop=list(s.stop) or None,
+            seed=s.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
+        ids = encode_prompt(self.tokenizer, job, self.max_context)
+        lora = None
+        if job.model not in (None, self.base_model):
+            if job.model not in self._loras:
+                raise PermanentError(f"model {job.model!r} is not served here", "model_not_found")
+            lora = self._loras[job.model][1]
+        request_id = f"{job.job_id}-{uuid.uuid4().hex[:6]}"
+        generated = 0
+        finished = False
+        try:
+            async for output in self.engine.generate(
+                {"prompt_token_ids": ids}, self._sampling(job), request_id, lora_request=lora
+            ):
+                completion = output.outputs[0]
+                new = len(completion.token_ids)
+                generated += new
+                self._tokens += new
+                if completion.text or new:
+                    yield TextDelta(completion.text, new)
+                if output.finished:
+                    finished = True
+                    reason = "length" if completion.finish_reason == "length" else "stop"
+                    yield Finished(reason, len(ids), generated)
+        finally:
+            if not finished:  # the consumer went away: free the engine's slot
+                await self.engine.abort(request_id)
+
+    @property
+    def tokens_generated(self) -> int:
+        return self._tokens
+
+    @property
+    def adapters(self) -> dict[str, int]:
+        return {name: version for name, (version, _) in self._loras.items()}
+
+    async def load_adapter(self, name: str, version: int, folder: Path) -> None:
+        """A new LoRARequest id per version: requests already running keep the old
+        weights, new ones get the new; the old id is dropped from the engine."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(f"{name}@v{version}", self._next_lora_id, str(folder))
+        self._next_lora_id += 1
+        await self.engine.add_lora(request)
+        previous = self._loras.get(name)
+        self._loras[name] = (version, request)
+        if previous is not None:
+            await self.engine.remove_lora(previous[1].lora_int_id)
+
+    async def health(self) -> dict[str, object]:
+        return {"backend": "vllm", "model": self.model_ref, "device": self.device}
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
