@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -159,8 +160,10 @@ class BatchScheduler:
         device: str,
         max_batch: int,
         adapter_of: Callable[[str], str] = lambda name: name,
+        batch_wait_s: float = 0.02,
     ) -> None:
         self.model = model
+        self.batch_wait_s = batch_wait_s if max_batch > 1 else 0.0
         self.adapter_of = adapter_of  # public adapter name -> the loaded adapter's name
         self.device = device
         self.max_batch = max_batch
@@ -173,6 +176,7 @@ class BatchScheduler:
         self.waiting: queue.Queue[Row | _Call | None] = queue.Queue()
         self._deferred: Row | _Call | None = None
         self.batches = 0
+        self._last_batch_end = float("-inf")
         self.batched_rows = 0
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
         self._thread.start()
@@ -200,9 +204,15 @@ class BatchScheduler:
                 continue
             break
         rows = [first]
+        # Jobs sent together reach the worker milliseconds apart (each crosses the
+        # gateway and the broker on its own): while the worker is busy, wait a little
+        # for company before starting, or the first job decodes alone and the rest
+        # wait for it. After a quiet spell a lone request starts at once.
+        busy = time.monotonic() - self._last_batch_end < 1.0
+        gather_until = time.monotonic() + (self.batch_wait_s if busy else 0.002)
         while len(rows) < self.max_batch:
             try:
-                item = self.waiting.get_nowait()
+                item = self.waiting.get(timeout=max(gather_until - time.monotonic(), 0))
             except queue.Empty:
                 break
             if not isinstance(item, Row):  # a call or the end: after this batch
@@ -265,5 +275,6 @@ class BatchScheduler:
         except Exception as exc:  # handed to every row's consumer
             log.exception("batch of %d failed", len(rows))
             error = exc
+        self._last_batch_end = time.monotonic()
         for row in rows:
             row.finish(error)
