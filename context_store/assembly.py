@@ -50,11 +50,11 @@ async def assemble(
     project: str | None,
     log_entries: int = 50,
 ) -> Assembly:
-    docs: list[tuple[str, Document | None]] = [
-        ("briefing", await store.get("briefing")),
-        ("project", await store.get(f"project/{project}") if project else None),
-        ("portfolio", await store.get("portfolio")),
-    ]
+    names = {"briefing": "briefing", "project": f"project/{project}", "portfolio": "portfolio"}
+    if not project:
+        del names["project"]
+    found = await store.get_many(list(names.values()))
+    docs: list[tuple[str, Document | None]] = [(tier, found[doc]) for tier, doc in names.items()]
     parts: list[str] = []
     reports: list[SectionReport] = []
     remaining = budget

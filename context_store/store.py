@@ -59,6 +59,14 @@ class ContextStore:
         fields = await self.client.hgetall(self._key("doc", doc))
         return _document(doc, fields) if fields else None
 
+    async def get_many(self, docs: list[str]) -> dict[str, Document | None]:
+        """Several documents in one round trip (prompt assembly, on every chat)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for doc in docs:
+                pipe.hgetall(self._key("doc", doc))
+            found = await pipe.execute()
+        return {doc: _document(doc, f) if f else None for doc, f in zip(docs, found, strict=True)}
+
     async def write(self, doc: str, content: str, expected_version: int) -> Document:
         """Replace `doc` if it is still at `expected_version` (0: it must not exist)."""
         now_ms, written_at = _now()

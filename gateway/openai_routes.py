@@ -6,10 +6,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from gateway.auth import ChatKey, ReadKey
 from gateway.chat import ChatService
@@ -17,7 +18,7 @@ from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, from_mesh_error
 from gateway.generation import Generation, Outcome, Restart, collect
 from gateway.routes import ERRORS, SSE_HEADERS, WORKER_LOST, generation
-from proto.api import SamplingOptions
+from proto.api import SamplingOptions, Usage
 from proto.messages import ChatMessage
 from proto.openai import (
     AssistantMessage,
@@ -69,10 +70,17 @@ def _data(payload: str) -> bytes:
 def _stream(
     relay: AsyncIterator[str | Outcome | Restart],
     include_usage: bool,
-    chunk: Callable[[str | None, str | None], str],
-    usage_chunk: Callable[[Outcome], str],
+    frame: Callable[[list[Any], Usage | None], BaseModel],
+    choice: Callable[[str | None, str | None], Any],
 ) -> StreamingResponse:
-    """`data:` events as OpenAI streams them, ending with `data: [DONE]`."""
+    """`data:` events as OpenAI streams them, ending with `data: [DONE]`.
+
+    `choice(text, finish_reason)` makes one choice; `frame(choices, usage)` the
+    chunk around it (chat and text completions differ only in these two).
+    """
+
+    def chunk(text: str | None, finish: str | None) -> bytes:
+        return _data(frame([choice(text, finish)], None).model_dump_json(exclude_none=True))
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -80,11 +88,12 @@ def _stream(
                 if isinstance(item, Restart):
                     raise WORKER_LOST
                 if isinstance(item, Outcome):
-                    yield _data(chunk(None, _finish(item.finish_reason)))
+                    yield chunk(None, _finish(item.finish_reason))
                     if include_usage:
-                        yield _data(usage_chunk(item))
+                        usage = frame([], item.usage)
+                        yield _data(usage.model_dump_json(exclude_none=True))
                 else:
-                    yield _data(chunk(item, None))
+                    yield chunk(item, None)
         except MeshError as exc:
             yield _data(json.dumps(from_mesh_error(exc).body().model_dump()))
         yield b"data: [DONE]\n\n"
@@ -117,32 +126,27 @@ async def chat_completions(
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
-        first = True
+        first = True  # the first chunk names the role and carries the context report
 
-        def chunk(text: str | None, finish: str | None) -> str:
-            nonlocal first
+        def choice(text: str | None, finish: str | None) -> ChunkChoice:
             delta = Delta(role="assistant" if first else None, content=text)
-            chunk = ChatCompletionChunk(
+            return ChunkChoice(delta=delta, finish_reason=finish)  # type: ignore[arg-type]
+
+        def frame(choices: list[Any], usage: Usage | None) -> ChatCompletionChunk:
+            nonlocal first
+            out = ChatCompletionChunk(
                 id=completion_id,
                 created=created,
                 model=body.model,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+                choices=choices,
+                usage=usage,
                 context=report if first else None,
             )
             first = False
-            return chunk.model_dump_json(exclude_none=True)
-
-        def usage_chunk(outcome: Outcome) -> str:
-            return ChatCompletionChunk(
-                id=completion_id,
-                created=created,
-                model=body.model,
-                choices=[],
-                usage=outcome.usage,
-            ).model_dump_json(exclude_none=True)
+            return out
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(relay, include, chunk, usage_chunk)
+        return _stream(relay, include, frame, choice)
 
     text, outcome = await unless_disconnected(request, collect(relay))
     return ChatCompletion(
@@ -178,25 +182,16 @@ async def completions(
 
     if body.stream:
 
-        def chunk(text: str | None, finish: str | None) -> str:
-            return Completion(
-                id=completion_id,
-                created=created,
-                model=body.model,
-                choices=[CompletionChoice(text=text or "", finish_reason=finish)],  # type: ignore[arg-type]
-            ).model_dump_json(exclude_none=True)
+        def choice(text: str | None, finish: str | None) -> CompletionChoice:
+            return CompletionChoice(text=text or "", finish_reason=finish)  # type: ignore[arg-type]
 
-        def usage_chunk(outcome: Outcome) -> str:
+        def frame(choices: list[Any], usage: Usage | None) -> Completion:
             return Completion(
-                id=completion_id,
-                created=created,
-                model=body.model,
-                choices=[],
-                usage=outcome.usage,
-            ).model_dump_json(exclude_none=True)
+                id=completion_id, created=created, model=body.model, choices=choices, usage=usage
+            )
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(relay, include, chunk, usage_chunk)
+        return _stream(relay, include, frame, choice)
 
     text, outcome = await unless_disconnected(request, collect(relay))
     return Completion(
