@@ -101,7 +101,9 @@ def main(argv: list[str]) -> int:
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a key and print it once")
     create.add_argument("name")
-    create.add_argument("--scopes", default="chat", help="comma-separated: chat,context,admin")
+    create.add_argument(
+        "--scopes", default="chat", help="comma-separated: chat,context,admin,worker"
+    )
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke = actions.add_parser("revoke", help="revoke keys by name or key id")
     revoke.add_argument("name")

@@ -49,11 +49,21 @@ class ConversationStore:
             pipe.set(self.keys.latest_conversation(owner), conversation_id)
             await pipe.execute()
 
+    async def mark_for_training(self, owner: str, conversation_id: str, marked: bool) -> None:
+        """The trainer's dataset reads every marked conversation."""
+        member = f"{owner}:{conversation_id}"
+        if marked:
+            at = datetime.now(UTC).isoformat()
+            await self.client.hset(self.keys.training_conversations(), member, at)
+        else:
+            await self.client.hdel(self.keys.training_conversations(), member)
+
     async def delete(self, owner: str, conversation_id: str) -> bool:
         async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.training_conversations(), f"{owner}:{conversation_id}")
             pipe.delete(self.keys.conversation(owner, conversation_id))
             pipe.get(self.keys.latest_conversation(owner))
-            deleted, latest = await pipe.execute()
+            _, deleted, latest = await pipe.execute()
         if latest == conversation_id:
             await self.client.delete(self.keys.latest_conversation(owner))
         return bool(deleted)

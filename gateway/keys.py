@@ -14,8 +14,9 @@ import redis.asyncio as redis
 
 from services.redis_client import Keys
 
-Scope = Literal["chat", "context", "admin"]
-SCOPES: tuple[Scope, ...] = ("chat", "context", "admin")
+# worker: fetch adapter files from the gateway (workers on another site).
+Scope = Literal["chat", "context", "admin", "worker"]
+SCOPES: tuple[Scope, ...] = ("chat", "context", "admin", "worker")
 KEY_PREFIX = "mesh_"
 
 

@@ -22,6 +22,7 @@ from proto.api import (
     Conversation,
     ConversationDeleted,
     ConversationMessage,
+    ConversationTraining,
     ErrorBody,
     GenerateRequest,
     GenerateResponse,
@@ -210,6 +211,39 @@ async def delete_conversation(
     chosen = await _pick_conversation(service, key.key_id, conversation_id)
     deleted = await service.conversations.delete(key.key_id, chosen)
     return ConversationDeleted(conversation_id=chosen, deleted=deleted)
+
+
+@router.put(
+    "/conversation/training",
+    operation_id="mark_conversation_for_training",
+    response_model=ConversationTraining,
+    responses=ERRORS,
+)
+async def mark_for_training(
+    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+) -> ConversationTraining:
+    """Include a conversation in the next training run's dataset (this key's most
+    recent one without `conversation_id`)."""
+    chosen = await _pick_conversation(service, key.key_id, conversation_id)
+    if not await service.conversations.messages(key.key_id, chosen):
+        raise ApiError(404, "invalid_request_error", "no such conversation", "not_found")
+    await service.conversations.mark_for_training(key.key_id, chosen, True)
+    return ConversationTraining(conversation_id=chosen, marked=True)
+
+
+@router.delete(
+    "/conversation/training",
+    operation_id="unmark_conversation_for_training",
+    response_model=ConversationTraining,
+    responses=ERRORS,
+)
+async def unmark_for_training(
+    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+) -> ConversationTraining:
+    """Leave a conversation out of training again."""
+    chosen = await _pick_conversation(service, key.key_id, conversation_id)
+    await service.conversations.mark_for_training(key.key_id, chosen, False)
+    return ConversationTraining(conversation_id=chosen, marked=False)
 
 
 @router.post(

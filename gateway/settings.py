@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator, model_validator
 
 from services.settings import MeshSettings
@@ -49,6 +51,9 @@ class GatewaySettings(MeshSettings):
         "MESH_MODEL, else the demo model; 'none' turns the gateway-side check off.",
     )
     model: str = Field(default="", description="MESH_MODEL, as the workers read it.")
+    adapter_registry: Path | None = Field(
+        default=None, description="MESH_ADAPTER_REGISTRY: adapter versions (default .cache)."
+    )
     site: str = Field(
         default="local", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="MESH_SITE"
     )

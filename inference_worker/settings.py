@@ -27,6 +27,14 @@ class WorkerSettings(MeshSettings):
     adapter_registry: Path | None = Field(
         default=None, description="MESH_ADAPTER_REGISTRY: adapter versions (default .cache)."
     )
+    adapter_source: str = Field(
+        default="",
+        description="MESH_ADAPTER_SOURCE: a gateway URL to fetch adapter files from, for a "
+        "worker that does not share the registry volume; empty: the registry is local.",
+    )
+    adapter_key: str = Field(
+        default="", description="MESH_ADAPTER_KEY: an API key with the `worker` scope."
+    )
     device: str = Field(default="auto", description="MESH_DEVICE: auto, cpu, cuda, cuda:1 …")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="MESH_DTYPE: auto is fp16 on CUDA, fp32 on CPU."

@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from inference_worker.adapters import verify
 from inference_worker.backends.base import Backend
+from inference_worker.fetch import fetch
 from inference_worker.jobs import DeliveryCounter, JobRunner
 from inference_worker.settings import WorkerSettings
 from proto.adapters import AdapterPublished
@@ -135,6 +136,14 @@ class Worker:
         if self.backend.adapters.get(name) == version:
             return
         try:
+            if self.settings.adapter_source:
+                await fetch(
+                    self.settings.adapter_source,
+                    self.settings.adapter_key,
+                    self.registry,
+                    name,
+                    version,
+                )
             folder = await asyncio.to_thread(
                 verify, self.registry, name, version, self.backend.base_model
             )

@@ -13,6 +13,16 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
 
 
+class Probe(BaseModel):
+    """One probe question and the greedy answers of the base model and the adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str
+    base: str
+    adapter: str
+
+
 class AdapterManifest(BaseModel):
     """manifest.json of one adapter version folder."""
 
@@ -22,7 +32,14 @@ class AdapterManifest(BaseModel):
     version: int = Field(ge=1, description="Version number within the name.")
     base_model: str = Field(description="Name of the base model it was trained on.")
     files: dict[str, str] = Field(description="File name -> sha256 of every file it needs.")
-    eval: dict[str, float] = Field(default_factory=dict, description="Evaluation numbers.")
+    eval: dict[str, float] = Field(
+        default_factory=dict,
+        description="Evaluation numbers: eval_loss_before/after, perplexity_before/after, …",
+    )
+    probes: list[Probe] = Field(
+        default_factory=list, description="Fixed questions answered greedily by base and adapter."
+    )
+    dataset_sha256: str = Field(default="", description="sha256 of the train+eval split used.")
     created_at: str = Field(description="When it was made (ISO 8601, UTC).")
 
 
@@ -34,3 +51,34 @@ class AdapterPublished(BusMessage):
     name: str = Field(pattern=ADAPTER_NAME, description="The adapter's name.")
     version: int = Field(ge=1, description="The version to serve from now on.")
     base_model: str = Field(description="Name of the base model it applies to.")
+
+
+# -- REST (gateway admin) -------------------------------------------------------------
+
+
+class AdapterVersionInfo(BaseModel):
+    version: int
+    created_at: str
+    base_model: str
+    eval: dict[str, float] = Field(default_factory=dict)
+    current: bool = Field(description="True for the version workers serve now.")
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    current_version: int | None = Field(description="What workers serve; null: none yet.")
+    versions: list[AdapterVersionInfo] = Field(description="Every version, oldest first.")
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+
+
+class AdapterRollback(BaseModel):
+    """Point the adapter at an earlier (or any existing) version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(
+        default=None, ge=1, description="The version to serve; absent: the one before the current."
+    )

@@ -122,6 +122,11 @@ class ConversationDeleted(ApiModel):
     deleted: bool = Field(description="True: it existed and is gone now.")
 
 
+class ConversationTraining(ApiModel):
+    conversation_id: str
+    marked: bool = Field(description="True: the next training run includes it.")
+
+
 class WorkerInfo(ApiModel):
     worker_id: str
     base_model: str

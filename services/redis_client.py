@@ -44,6 +44,10 @@ class Keys:
         """Hash: adapter name -> the version every worker must serve (JSON)."""
         return f"{self.namespace}:adapters"
 
+    def training_conversations(self) -> str:
+        """Hash: "owner:conversation_id" -> when it was marked for training."""
+        return f"{self.namespace}:training-conversations"
+
     def deliveries(self, job_id: str) -> str:
         return f"{self.namespace}:deliveries:{job_id}"
 

@@ -1,0 +1,48 @@
+"""Trainer settings (MESH_* environment variables), shared with the workers' names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.paths import adapter_registry, cache_dir, demo_model_dir
+from services.settings import MeshSettings
+
+
+class TrainerSettings(MeshSettings):
+    model: str = Field(
+        default="",
+        description="MESH_MODEL: local folder or hub id of the base model; empty: the demo model.",
+    )
+    model_name: str = Field(
+        default="",
+        description="MESH_MODEL_NAME: the base model's served name; empty: the folder's name.",
+    )
+    adapter_registry: Path | None = Field(
+        default=None, description="MESH_ADAPTER_REGISTRY: where versions are published."
+    )
+    work_dir: Path | None = Field(
+        default=None, description="MESH_TRAIN_WORK_DIR: datasets and runs (default .cache/train)."
+    )
+
+    def model_ref(self) -> str:
+        if self.model:
+            return self.model
+        path = demo_model_dir()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no model configured and the demo model is not built at {path}: "
+                "run `python -m trainer_job build-demo-model` or set MESH_MODEL"
+            )
+        return str(path)
+
+    def served_name(self) -> str:
+        """The name workers serve the base model under (the same rule as theirs)."""
+        return self.model_name or self.model_ref().rstrip("/").rsplit("/", 1)[-1]
+
+    def registry(self) -> Path:
+        return self.adapter_registry or adapter_registry()
+
+    def work(self) -> Path:
+        return self.work_dir or cache_dir() / "train"
