@@ -276,6 +276,7 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
                 base_model=w.base_model,
                 capacity=w.capacity,
                 in_flight=w.in_flight,
+                adapters=w.adapters,
             )
         )
     try:

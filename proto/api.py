@@ -132,6 +132,9 @@ class WorkerInfo(ApiModel):
     base_model: str
     capacity: int
     in_flight: int
+    adapters: dict[str, int] = Field(
+        default_factory=dict, description="Adapters loaded: name -> version."
+    )
 
 
 class Info(ApiModel):
