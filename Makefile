@@ -63,6 +63,7 @@ bench: install
 	$(PY) bench/context_store.py
 	$(PY) bench/worker_throughput.py
 	$(PY) bench/adapter_swap.py
+	$(PY) bench/training.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
