@@ -58,4 +58,9 @@ class WorkerSettings(MeshSettings):
     max_deliveries: int = Field(
         default=3, ge=1, description="A job delivered more often than this is set aside."
     )
+    health_file: Path | None = Field(
+        default=None,
+        description="MESH_HEALTH_FILE: touched on every heartbeat once the model is loaded "
+        "and the broker connected; `python -m inference_worker healthcheck` reads it.",
+    )
     drain_timeout_s: float = Field(default=60.0, ge=0, description="SIGTERM: wait this long.")

@@ -161,6 +161,8 @@ class Worker:
                 await liveness.publish_status(
                     self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
                 )
+                if self.settings.health_file and self.bus.connected:
+                    self.settings.health_file.touch()
             except Exception as exc:
                 log.warning("liveness record not refreshed: %s", exc)
             with contextlib.suppress(TimeoutError):

@@ -363,6 +363,14 @@ class WorkerBus:
         self._channel: AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None
 
+    @property
+    def connected(self) -> bool:
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._connection.connected.is_set()
+        )
+
     async def start(self, url: str) -> None:
         self._connection = await connect(url, f"worker-{self.worker_id}")
         self._channel = await self._connection.channel(publisher_confirms=False)
