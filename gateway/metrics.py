@@ -46,6 +46,54 @@ class Metrics:
         self.tokens_out = Counter("mesh_completion_tokens", "Generated tokens", registry=r)
         self.jobs = Counter("mesh_jobs", "Jobs by outcome", ["outcome"], registry=r)
         self.live_workers = Gauge("mesh_live_workers", "Live workers of this family", registry=r)
+        # The fleet as the workers' liveness records describe it, read at scrape time.
+        worker = ["worker_id", "site", "device"]
+        self.workers = Gauge(
+            "mesh_workers", "Live workers by site and device", ["site", "device"], registry=r
+        )
+        self.worker_in_flight = Gauge("mesh_worker_in_flight", "Jobs running", worker, registry=r)
+        self.worker_capacity = Gauge("mesh_worker_capacity", "Jobs at once", worker, registry=r)
+        self.worker_tokens = Gauge(
+            "mesh_worker_tokens_generated", "Tokens decoded since start", worker, registry=r
+        )
+        self.worker_gpu_memory = Gauge(
+            "mesh_worker_gpu_memory_bytes", "GPU memory reserved", worker, registry=r
+        )
+        self.adapter_version = Gauge(
+            "mesh_adapter_version",
+            "Adapter version each worker serves",
+            ["adapter", "worker_id", "site"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("mesh_queue_depth", "Jobs waiting for a worker", registry=r)
+
+    def observe_fleet(self, workers: list, queue_depth: int | None) -> None:
+        """Replace the fleet gauges with what the liveness records say now."""
+        for gauge in (
+            self.workers,
+            self.worker_in_flight,
+            self.worker_capacity,
+            self.worker_tokens,
+            self.worker_gpu_memory,
+            self.adapter_version,
+        ):
+            gauge.clear()
+        self.live_workers.set(len(workers))
+        counts: dict[tuple[str, str], int] = {}
+        for w in workers:
+            counts[(w.site, w.device)] = counts.get((w.site, w.device), 0) + 1
+            labels = (w.worker_id, w.site, w.device)
+            self.worker_in_flight.labels(*labels).set(w.in_flight)
+            self.worker_capacity.labels(*labels).set(w.capacity)
+            self.worker_tokens.labels(*labels).set(w.tokens_generated)
+            if w.gpu_memory_bytes is not None:
+                self.worker_gpu_memory.labels(*labels).set(w.gpu_memory_bytes)
+            for name, version in w.adapters.items():
+                self.adapter_version.labels(name, w.worker_id, w.site).set(version)
+        for (site, device), count in counts.items():
+            self.workers.labels(site, device).set(count)
+        if queue_depth is not None:
+            self.queue_depth.set(queue_depth)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -303,8 +303,13 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
     },
 )
 async def metrics(key: AdminKey, gen: Gen, request: Request) -> Response:
-    """Prometheus metrics of this gateway process (needs the admin scope)."""
-    gen.metrics.live_workers.set(len(await gen.workers.live()))
+    """Prometheus metrics of this gateway process and of the live workers it sees
+    (needs the admin scope)."""
+    try:
+        depth: int | None = await gen.jobs.queue_depth()
+    except MeshError:
+        depth = None
+    gen.metrics.observe_fleet(await gen.workers.live(), depth)
     return Response(
         request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
     )

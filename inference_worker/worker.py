@@ -64,6 +64,15 @@ def resolve_model_ref(model: str) -> str:
     return str(path)
 
 
+def _gpu_memory_bytes(device: str) -> int | None:
+    """Memory reserved by this process on its GPU, for /metrics; None on CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.memory_reserved()) if torch.cuda.is_available() else None
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, backend: Backend) -> None:
         self.settings = settings
@@ -101,6 +110,7 @@ class Worker:
             jobs_completed=self.runner.completed,
             jobs_cancelled=self.runner.cancelled,
             tokens_generated=self.backend.tokens_generated,
+            gpu_memory_bytes=_gpu_memory_bytes(self.backend.device),
             started_at=self.started_at,
             updated_at=datetime.now(UTC),
         )

@@ -176,6 +176,9 @@ class WorkerStatus(BusMessage):
     tokens_generated: int = Field(
         default=0, ge=0, description="Tokens decoded since start, including unread ones."
     )
+    gpu_memory_bytes: int | None = Field(
+        default=None, ge=0, description="GPU memory its process holds (CUDA workers only)."
+    )
     started_at: datetime = Field(description="When the worker started (UTC).")
     updated_at: datetime = Field(description="When this record was written (UTC).")
 

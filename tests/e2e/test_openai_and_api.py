@@ -5,6 +5,7 @@ Greedy answers are compared with the demo model called directly in the test.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -234,3 +235,20 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(mesh: MeshProcess
     assert samples["mesh_completion_tokens_total"] >= 1
     assert samples["mesh_queue_wait_seconds_count"] >= 1
     assert samples["mesh_live_workers"] == 1
+    # The fleet, from the workers' liveness records: what the dashboard shows.
+    assert samples['mesh_workers{device="cpu",site="local"}'] == 1
+    assert samples["mesh_queue_depth"] == 0
+    [capacity] = [v for k, v in samples.items() if k.startswith("mesh_worker_capacity{")]
+    assert capacity == 4
+    deadline = time.monotonic() + 10  # the liveness record is refreshed every heartbeat
+    while True:
+        text = httpx.get(f"{mesh.url}/metrics", headers=auth(mesh)).text
+        tokens = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("mesh_worker_tokens_generated{")
+        ]
+        if tokens and tokens[0] >= 1:
+            break
+        assert time.monotonic() < deadline, "the worker's token count never reached /metrics"
+        time.sleep(0.2)
