@@ -54,6 +54,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         key_store = KeyStore(redis, keys)
         if settings.api_key:
             await key_store.add(settings.api_key, "bootstrap (MESH_API_KEY)", list(SCOPES))
+        if settings.metrics_api_key:
+            await key_store.add(
+                settings.metrics_api_key, "metrics (MESH_METRICS_API_KEY)", ["metrics"]
+            )
         ref = tokenizer_ref(settings)
         prompts = (
             await asyncio.to_thread(PromptCounter.load, ref, settings.max_context) if ref else None

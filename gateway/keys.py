@@ -15,8 +15,9 @@ import redis.asyncio as redis
 from services.redis_client import Keys
 
 # worker: fetch adapter files from the gateway (workers on another site).
-Scope = Literal["chat", "context", "admin", "worker"]
-SCOPES: tuple[Scope, ...] = ("chat", "context", "admin", "worker")
+# metrics: read /metrics and nothing else (Prometheus).
+Scope = Literal["chat", "context", "admin", "worker", "metrics"]
+SCOPES: tuple[Scope, ...] = ("chat", "context", "admin", "worker", "metrics")
 KEY_PREFIX = "mesh_"
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.auth import AdminKey, ChatKey, ReadKey
+from gateway.auth import ChatKey, MetricsKey, ReadKey
 from gateway.chat import ChatService
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, from_mesh_error
@@ -302,9 +302,9 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
         **ERRORS,
     },
 )
-async def metrics(key: AdminKey, gen: Gen, request: Request) -> Response:
+async def metrics(key: MetricsKey, gen: Gen, request: Request) -> Response:
     """Prometheus metrics of this gateway process and of the live workers it sees
-    (needs the admin scope)."""
+    (needs the `metrics` or `admin` scope)."""
     try:
         depth: int | None = await gen.jobs.queue_depth()
     except MeshError:

@@ -21,6 +21,10 @@ class GatewaySettings(MeshSettings):
         default="",
         description="MESH_API_KEY: a bootstrap key with every scope, stored (hashed) at start.",
     )
+    metrics_api_key: str = Field(
+        default="",
+        description="MESH_METRICS_API_KEY: a key that may only read /metrics (Prometheus).",
+    )
     system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, description="MESH_SYSTEM_PROMPT")
     # The original service's sampling defaults.
     temperature: float = Field(default=0.7, ge=0, le=2)
@@ -67,7 +71,7 @@ class GatewaySettings(MeshSettings):
         default=0, ge=0, description="Context length in tokens; 0: the model's config."
     )
 
-    @field_validator("api_key")
+    @field_validator("api_key", "metrics_api_key")
     @classmethod
     def _refuse_weak_keys(cls, value: str) -> str:
         if value and (len(value) < 8 or value.lower() in {"changeme", "change-me", "secret"}):
