@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install run test test-vllm lint format proto demo-model bench clean
+.PHONY: install run test test-vllm lint format proto demo-model bench doctor clean
 
 install: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "make: cannot create a virtualenv: sudo apt-get install -y python3-venv"; exit 1; }
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+
+doctor: install
+	@$(PY) -m services doctor
 
 demo-model: install
 	$(PY) -m trainer_job build-demo-model
