@@ -74,7 +74,7 @@ class GatewaySettings(MeshSettings):
     @field_validator("api_key", "metrics_api_key")
     @classmethod
     def _refuse_weak_keys(cls, value: str) -> str:
-        if value and (len(value) < 8 or value.lower() in {"changeme", "change-me", "secret"}):
+        if value and (len(value) < 8 or "change" in value.lower() or value.lower() == "secret"):
             raise ValueError("MESH_API_KEY must be at least 8 characters and not a placeholder")
         return value
 
