@@ -54,6 +54,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         key_store = KeyStore(redis, keys)
         if settings.api_key:
             await key_store.add(settings.api_key, "bootstrap (MESH_API_KEY)", list(SCOPES))
+        if settings.api_key_sha256:
+            await key_store.add_hash(
+                settings.api_key_sha256, "bootstrap (MESH_API_KEY_SHA256)", list(SCOPES)
+            )
         if settings.metrics_api_key:
             await key_store.add(
                 settings.metrics_api_key, "metrics (MESH_METRICS_API_KEY)", ["metrics"]

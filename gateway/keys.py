@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -53,7 +54,16 @@ class KeyStore:
         unknown = set(scopes) - set(SCOPES)
         if unknown or not scopes:
             raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {scopes}")
-        hashed = key_hash(api_key)
+        return await self.add_hash(key_hash(api_key), name, scopes)
+
+    async def add_hash(self, hashed: str, name: str, scopes: list[str]) -> ApiKey:
+        """Store a key known only by its sha256 (MESH_API_KEY_SHA256: the clear key
+        never reaches the server); idempotent."""
+        unknown = set(scopes) - set(SCOPES)
+        if unknown or not scopes:
+            raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {scopes}")
+        if not re.fullmatch(r"[0-9a-f]{64}", hashed):
+            raise ValueError("a key hash is 64 lowercase hex digits (sha256)")
         record = ApiKey(hashed[:16], name, tuple(scopes), datetime.now(UTC).isoformat())
         await self.client.hset(self.index, hashed, json.dumps(asdict(record)))
         return record

@@ -21,6 +21,12 @@ class GatewaySettings(MeshSettings):
         default="",
         description="MESH_API_KEY: a bootstrap key with every scope, stored (hashed) at start.",
     )
+    api_key_sha256: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="MESH_API_KEY_SHA256: the sha256 (hex) of a bootstrap key with every "
+        "scope, for deployments that keep only hashes in their secrets.",
+    )
     metrics_api_key: str = Field(
         default="",
         description="MESH_METRICS_API_KEY: a key that may only read /metrics (Prometheus).",

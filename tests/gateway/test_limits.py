@@ -254,3 +254,29 @@ def test_the_prompt_bound_never_undercounts(
     raw = job.model_copy(update={"messages": [], "prompt": messages[-1][1]})
     assert counter.upper_bound(job) >= counter.count(job)
     assert counter.upper_bound(raw) >= counter.count(raw)
+
+
+async def test_bootstrap_by_hash_and_a_metrics_only_key(namespace: str) -> None:
+    """MESH_API_KEY_SHA256 admits the key whose hash it is (the clear key never reaches
+    the server); MESH_METRICS_API_KEY reads /metrics and nothing else."""
+    from gateway.keys import key_hash
+
+    clear, metrics_key = "mesh_hash-only-bootstrap-key", "metrics-only-key-123"
+    settings = GatewaySettings(
+        namespace=f"{namespace}-hash",
+        api_key_sha256=key_hash(clear),
+        metrics_api_key=metrics_key,
+        rate_limit_per_minute=0,
+    )
+    try:
+        async with gateway_client(settings) as http:
+            admin = {"Authorization": f"Bearer {clear}"}
+            assert (await http.get("/admin/adapters", headers=admin)).status_code == 200
+            scraper = {"Authorization": f"Bearer {metrics_key}"}
+            assert (await http.get("/metrics", headers=scraper)).status_code == 200
+            denied = await http.get("/info", headers=scraper)
+            assert denied.status_code == 403 and denied.json()["error"]["code"] == "missing_scope"
+    finally:
+        await remove_namespace(settings)
+    with pytest.raises(ValueError):
+        GatewaySettings(api_key_sha256="not-a-hash")
