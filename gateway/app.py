@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from context_store.assembly import TokenCounter, cached
 from context_store.store import ContextStore
-from gateway import adapter_routes, context_routes, errors, openai_routes, routes
+from gateway import adapter_routes, context_routes, errors, openai_routes, routes, web_routes
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.chat import ChatService
 from gateway.conversations import ConversationStore
@@ -109,6 +109,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(context_routes.router)
     app.include_router(adapter_routes.router)
+    app.include_router(web_routes.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:

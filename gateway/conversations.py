@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 
 import redis.asyncio as redis
 
+from proto.api import ConversationSummary
 from proto.messages import ChatMessage
 from services.redis_client import Keys
 
@@ -44,10 +46,36 @@ class ConversationStore:
             json.dumps({"role": "user", "content": user, "at": at}),
             json.dumps({"role": "assistant", "content": assistant, "at": at}),
         ]
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline(transaction=True) as pipe:
             pipe.rpush(self.keys.conversation(owner, conversation_id), *entries)
             pipe.set(self.keys.latest_conversation(owner), conversation_id)
+            pipe.zadd(self.keys.conversation_index(owner), {conversation_id: time.time() * 1000})
             await pipe.execute()
+
+    async def list(self, owner: str, limit: int) -> list[ConversationSummary]:
+        """This owner's conversations, the most recently active first."""
+        index = self.keys.conversation_index(owner)
+        recent = await self.client.zrevrange(index, 0, limit - 1, withscores=True)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for conversation_id, _ in recent:
+                pipe.lindex(self.keys.conversation(owner, conversation_id), 0)
+                pipe.llen(self.keys.conversation(owner, conversation_id))
+            found = await pipe.execute()
+        summaries = []
+        for (conversation_id, score), first, length in zip(
+            recent, found[::2], found[1::2], strict=True
+        ):
+            if not length:
+                continue  # expired or deleted meanwhile
+            summaries.append(
+                ConversationSummary(
+                    conversation_id=conversation_id,
+                    title=json.loads(first)["content"][:80],
+                    messages=length,
+                    updated_at=datetime.fromtimestamp(score / 1000, UTC).isoformat(),
+                )
+            )
+        return summaries
 
     async def mark_for_training(self, owner: str, conversation_id: str, marked: bool) -> None:
         """The trainer's dataset reads every marked conversation."""
@@ -61,9 +89,10 @@ class ConversationStore:
     async def delete(self, owner: str, conversation_id: str) -> bool:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hdel(self.keys.training_conversations(), f"{owner}:{conversation_id}")
+            pipe.zrem(self.keys.conversation_index(owner), conversation_id)
             pipe.delete(self.keys.conversation(owner, conversation_id))
             pipe.get(self.keys.latest_conversation(owner))
-            _, deleted, latest = await pipe.execute()
+            _, _, deleted, latest = await pipe.execute()
         if latest == conversation_id:
             await self.client.delete(self.keys.latest_conversation(owner))
         return bool(deleted)

@@ -21,6 +21,7 @@ from proto.api import (
     ChatResponse,
     Conversation,
     ConversationDeleted,
+    ConversationList,
     ConversationMessage,
     ConversationTraining,
     ErrorBody,
@@ -196,6 +197,19 @@ async def get_conversation(
     return Conversation(
         conversation_id=chosen, messages=[ConversationMessage(**m) for m in messages]
     )
+
+
+@router.get(
+    "/conversations",
+    operation_id="list_conversations",
+    response_model=ConversationList,
+    responses=ERRORS,
+)
+async def list_conversations(
+    key: ReadKey, service: Chat, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> ConversationList:
+    """This key's conversations, the most recently active first."""
+    return ConversationList(conversations=await service.conversations.list(key.key_id, limit))
 
 
 @router.delete(

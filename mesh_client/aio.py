@@ -16,6 +16,7 @@ from proto.api import (
     ChatResponse,
     Conversation,
     ConversationDeleted,
+    ConversationList,
     ConversationTraining,
     GenerateResponse,
     Health,
@@ -135,6 +136,11 @@ class AsyncMeshClient:
         return GenerateResponse.model_validate(await self._json("POST", "/generate", json=body))
 
     # -- conversations ------------------------------------------------------------------
+
+    async def conversations(self, limit: int = 50) -> ConversationList:
+        """This key's conversations, the most recently active first."""
+        data = await self._json("GET", "/conversations", params={"limit": limit})
+        return ConversationList.model_validate(data)
 
     async def conversation(self, conversation_id: str | None = None) -> Conversation:
         params = {"conversation_id": conversation_id} if conversation_id else {}

@@ -15,6 +15,7 @@ from proto.api import (
     ChatResponse,
     Conversation,
     ConversationDeleted,
+    ConversationList,
     ConversationTraining,
     GenerateResponse,
     Health,
@@ -137,6 +138,11 @@ class MeshClient:
         return GenerateResponse.model_validate(self._json("POST", "/generate", json=body))
 
     # -- conversations ------------------------------------------------------------------
+
+    def conversations(self, limit: int = 50) -> ConversationList:
+        """This key's conversations, the most recently active first."""
+        data = self._json("GET", "/conversations", params={"limit": limit})
+        return ConversationList.model_validate(data)
 
     def conversation(self, conversation_id: str | None = None) -> Conversation:
         params = {"conversation_id": conversation_id} if conversation_id else {}

@@ -117,6 +117,17 @@ class Conversation(ApiModel):
     messages: list[ConversationMessage]
 
 
+class ConversationSummary(ApiModel):
+    conversation_id: str
+    title: str = Field(description="The start of its first message.")
+    messages: int = Field(description="Messages recorded.")
+    updated_at: str = Field(description="Time of its last turn (ISO 8601, UTC).")
+
+
+class ConversationList(ApiModel):
+    conversations: list[ConversationSummary] = Field(description="Most recently active first.")
+
+
 class ConversationDeleted(ApiModel):
     conversation_id: str
     deleted: bool = Field(description="True: it existed and is gone now.")

@@ -40,6 +40,10 @@ class Keys:
     def conversation(self, owner: str, conversation_id: str) -> str:
         return f"{self.namespace}:conv:{owner}:{conversation_id}"
 
+    def conversation_index(self, owner: str) -> str:
+        """Sorted set: conversation id -> time of its last turn (ms)."""
+        return f"{self.namespace}:conv-index:{owner}"
+
     def adapters(self) -> str:
         """Hash: adapter name -> the version every worker must serve (JSON)."""
         return f"{self.namespace}:adapters"

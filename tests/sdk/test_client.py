@@ -54,6 +54,9 @@ def test_conversations_and_training_marks(client: MeshClient) -> None:
     first = client.chat("Hello there.", **GREEDY)
     client.chat("And again.", conversation_id=first.conversation_id, **GREEDY)
     history = client.conversation(first.conversation_id)
+    listed = client.conversations(limit=5).conversations
+    assert listed[0].conversation_id == first.conversation_id and listed[0].messages == 4
+    assert listed[0].title == "Hello there."
     assert [m.role for m in history.messages] == ["user", "assistant"] * 2
     assert client.mark_for_training(first.conversation_id).marked is True
     assert client.mark_for_training(first.conversation_id, marked=False).marked is False
