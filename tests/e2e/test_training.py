@@ -15,9 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from services.launcher import MeshProcesses
 from services.paths import REPO_ROOT
+from services.settings import MeshSettings
 from tests.inference_worker.test_adapters import QUESTION, make_adapter, peft_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
@@ -61,6 +63,14 @@ def test_train_publish_serve_and_roll_back(
     headers = {"Authorization": f"Bearer {mesh.api_key}"}  # type: ignore[attr-defined]
     registry: Path = mesh.registry  # type: ignore[attr-defined]
     worker = mesh.children["worker"]
+    # Earlier tests (schemathesis among them) leave context tiers in this namespace;
+    # every chat carries them in its system prompt, and the answers below are compared
+    # with peft called on the bare question.
+    client = redis.Redis.from_url(MeshSettings().redis_url)
+    stale = list(client.scan_iter(match=f"{namespace}:ctx:*"))
+    if stale:
+        client.delete(*stale)
+    client.close()
 
     # The owner marks a conversation for training through the gateway.
     chat = httpx.post(

@@ -89,6 +89,7 @@ def send(page, text: str):
 
 def test_chat_streams_and_the_conversation_survives_a_reload(page, mesh: MeshProcesses) -> None:
     assert page.evaluate("[innerWidth, innerHeight]") == [412, 915]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 412  # nothing overflows
     answer, updates = send(page, "What does the phone do?")
     text = answer.inner_text()
     assert text and "⚠" not in text
