@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install run test test-vllm lint format proto demo-model bench doctor clean
+.PHONY: install run test test-vllm llamacpp lint format proto demo-model bench doctor clean
 
 K8S_TOOLS := k8s/tools/node_modules/.package-lock.json
 
@@ -27,6 +27,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 doctor: install
 	@$(PY) -m services doctor
+
+# llama.cpp for the llamacpp backend and GGUF export: a portable wheel (no -march=native,
+# so it runs on any x86-64 with AVX2), built once (~10 min on 2 cores) and cached.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_WHEELS ?= $(HOME)/.cache/continuity-mesh/wheels
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
+
+llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	@mkdir -p $(LLAMACPP_WHEELS)
+	@ls $(LLAMACPP_WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "make: building llama-cpp-python $(LLAMACPP_VERSION) (portable; about 10 minutes)"; \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip wheel --quiet \
+	    --disable-pip-version-check --no-deps llama-cpp-python==$(LLAMACPP_VERSION) -w $(LLAMACPP_WHEELS); }
+	$(PY) -m pip install --quiet --disable-pip-version-check --find-links $(LLAMACPP_WHEELS) \
+	    -c constraints.txt -e '.[dev,llamacpp]'
+	@touch $@
 
 demo-model: install
 	$(PY) -m trainer_job build-demo-model

@@ -3,6 +3,8 @@ the registry's files for workers on another site (scope `worker`)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +18,7 @@ from gateway.routes import ERRORS
 from proto.adapters import (
     ADAPTER_FILES,
     ADAPTER_NAME,
+    GGUF_FILE,
     MANIFEST,
     AdapterInfo,
     AdapterList,
@@ -118,7 +121,7 @@ async def adapter_file(
 ) -> FileResponse:
     """One file of an adapter version, for a worker that has no shared registry.
     The worker checks every file against the manifest's sha256 before loading."""
-    if file_name not in SERVED_FILES:
+    if file_name not in SERVED_FILES and not re.fullmatch(GGUF_FILE, file_name):
         raise ApiError(
             404,
             "invalid_request_error",
@@ -135,4 +138,33 @@ async def adapter_file(
         or not path.resolve().is_relative_to(registry.resolve())
     ):
         raise ApiError(404, "invalid_request_error", f"no {name} v{version}", "not_found")
+    return FileResponse(path, media_type="application/octet-stream")
+
+
+@router.get(
+    "/gguf/{base_model}/{file_name}",
+    operation_id="base_model_gguf",
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    response_class=FileResponse,
+)
+async def base_model_gguf(
+    key: WorkerKey, request: Request, base_model: Name, file_name: str
+) -> FileResponse:
+    """A GGUF export of a base model (`python -m trainer_job export-gguf`), for CPU
+    workers running llama.cpp and for the phone; its sha256 is in `manifest.json`."""
+    folder = _registry(request) / "_base" / base_model
+    listed = folder / MANIFEST
+    try:
+        files = json.loads(listed.read_text())["files"] if listed.is_file() else {}
+    except (OSError, ValueError, KeyError):
+        files = {}
+    if file_name != MANIFEST and file_name not in files:
+        raise ApiError(
+            404, "invalid_request_error", f"no {file_name} for {base_model}", "not_found"
+        )
+    path = folder / file_name
+    if path.is_symlink() or not path.is_file():
+        raise ApiError(
+            404, "invalid_request_error", f"no {file_name} for {base_model}", "not_found"
+        )
     return FileResponse(path, media_type="application/octet-stream")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, MANIFEST, AdapterManifest
+from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, GGUF_FILE, MANIFEST, AdapterManifest
 from services.errors import PermanentError
 
 
@@ -37,21 +37,26 @@ def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
         raise AdapterRefused(f"{name} v{version}: the folder is a symbolic link")
     if not folder.resolve().is_relative_to(root) or not folder.is_dir():
         raise AdapterRefused(f"{name} v{version}: no such version in the registry")
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise AdapterRefused(f"{name} v{version}: {MANIFEST} is missing or a link")
+    try:
+        manifest = AdapterManifest.model_validate_json(manifest_path.read_text())
+    except (ValidationError, ValueError) as exc:
+        raise AdapterRefused(f"{name} v{version}: unreadable manifest: {exc}") from exc
+    # The weights, and GGUF exports of them when the manifest lists some (llama.cpp).
+    allowed = {*ADAPTER_FILES, *(f for f in manifest.files if re.fullmatch(GGUF_FILE, f))}
     present = {entry.name for entry in folder.iterdir()}
-    unexpected = present - {*ADAPTER_FILES, MANIFEST}
+    unexpected = present - {*allowed, MANIFEST}
     if unexpected:
         raise AdapterRefused(
             f"{name} v{version}: unexpected files {sorted(unexpected)} "
-            "(only safetensors weights are accepted)"
+            "(only safetensors weights and listed GGUF exports are accepted)"
         )
-    for file_name in (*ADAPTER_FILES, MANIFEST):
+    for file_name in allowed:
         path = folder / file_name
         if path.is_symlink() or not path.is_file():
             raise AdapterRefused(f"{name} v{version}: {file_name} is missing or a link")
-    try:
-        manifest = AdapterManifest.model_validate_json((folder / MANIFEST).read_text())
-    except (ValidationError, ValueError) as exc:
-        raise AdapterRefused(f"{name} v{version}: unreadable manifest: {exc}") from exc
     if (manifest.name, manifest.version) != (name, version):
         raise AdapterRefused(
             f"{name} v{version}: the manifest describes {manifest.name} v{manifest.version}"
@@ -61,7 +66,7 @@ def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
             f"{name} v{version}: trained on {manifest.base_model!r}, "
             f"this worker serves {base_model!r}"
         )
-    for file_name in ADAPTER_FILES:
+    for file_name in sorted(allowed):
         if manifest.files.get(file_name) != _sha256(folder / file_name):
             raise AdapterRefused(f"{name} v{version}: {file_name} does not match its sha256")
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -5,6 +5,7 @@ not at all; `verify` then checks them against the manifest like any local versio
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, MANIFEST
+from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, GGUF_FILE, MANIFEST
 from services.errors import MeshError
 
 MAX_FILE_BYTES = 2 << 30
@@ -35,7 +36,8 @@ async def fetch(source: str, api_key: str, registry: Path, name: str, version: i
     try:
         headers = {"Authorization": f"Bearer {api_key}"}
         async with httpx.AsyncClient(base_url=source, headers=headers, timeout=60) as client:
-            for file_name in (MANIFEST, *ADAPTER_FILES):
+            names = [MANIFEST, *ADAPTER_FILES]
+            for file_name in names:
                 url = f"/adapters/{name}/{version}/{file_name}"
                 async with client.stream("GET", url) as response:
                     if response.status_code != 200:
@@ -49,6 +51,9 @@ async def fetch(source: str, api_key: str, registry: Path, name: str, version: i
                             if written > MAX_FILE_BYTES:
                                 raise AdapterFetchFailed(f"{name} v{version}: {file_name} too big")
                             handle.write(block)
+                if file_name == MANIFEST:  # the weights' GGUF exports come along
+                    listed = json.loads((staging / MANIFEST).read_text()).get("files", {})
+                    names += [f for f in listed if re.fullmatch(GGUF_FILE, f)]
         try:
             os.rename(staging, target)
         except OSError:

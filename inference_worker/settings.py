@@ -11,10 +11,22 @@ from services.settings import MeshSettings
 
 
 class WorkerSettings(MeshSettings):
-    backend: Literal["transformers", "vllm", "echo"] = Field(
+    backend: Literal["transformers", "vllm", "llamacpp", "echo"] = Field(
         default="transformers",
-        description="MESH_BACKEND: transformers, vllm (GPU hosts; the gpu extra), or echo "
-        "(benchmarks only).",
+        description="MESH_BACKEND: transformers, vllm (GPU hosts; the gpu extra), llamacpp "
+        "(CPU hosts; the llamacpp extra), or echo (benchmarks only).",
+    )
+    gguf_type: str = Field(
+        default="q8_0",
+        pattern=r"^(f32|f16|bf16|q8_0|q4_k_m)$",
+        description="MESH_GGUF_TYPE: llamacpp without a MESH_MODEL .gguf serves "
+        "<registry>/_base/<MESH_MODEL_NAME>/model-<type>.gguf.",
+    )
+    llamacpp_threads: int = Field(
+        default=0, ge=0, description="MESH_LLAMACPP_THREADS per slot; 0: the cores / capacity."
+    )
+    llamacpp_context: int = Field(
+        default=0, ge=0, description="MESH_LLAMACPP_CONTEXT tokens per slot; 0: the model's."
     )
     model: str = Field(
         default="",

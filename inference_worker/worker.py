@@ -35,6 +35,16 @@ def build_backend(settings: WorkerSettings) -> Backend:
         from inference_worker.backends.echo import EchoBackend
 
         return EchoBackend()
+    if settings.backend == "llamacpp":
+        from inference_worker.backends.llamacpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(
+            gguf_model_path(settings),
+            settings.model_name,
+            slots=settings.capacity,
+            threads=settings.llamacpp_threads,
+            n_ctx=settings.llamacpp_context,
+        )
     if settings.backend == "vllm":
         from inference_worker.backends.vllm_backend import VllmBackend
 
@@ -49,6 +59,16 @@ def build_backend(settings: WorkerSettings) -> Backend:
         max_batch=settings.capacity,
         quantization=settings.quantization,
     )
+
+
+def gguf_model_path(settings: WorkerSettings) -> str:
+    """MESH_MODEL when it is a .gguf file; else the registry's export of the base model
+    named MESH_MODEL_NAME (default: the demo model) in MESH_GGUF_TYPE."""
+    if settings.model.endswith(".gguf"):
+        return settings.model
+    name = settings.model_name or "demo-model"
+    registry = settings.adapter_registry or adapter_registry()
+    return str(registry / "_base" / name / f"model-{settings.gguf_type}.gguf")
 
 
 def resolve_model_ref(model: str) -> str:

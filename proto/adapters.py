@@ -11,6 +11,7 @@ from proto.messages import BusMessage
 ADAPTER_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
+GGUF_FILE = r"^adapter-(f32|f16|bf16|q8_0)\.gguf$"  # llama.cpp's form, listed in the manifest
 
 
 class Probe(BaseModel):

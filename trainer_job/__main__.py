@@ -4,6 +4,7 @@ python -m trainer_job dataset --out DIR            # build train.jsonl / eval.js
 python -m trainer_job train --data_path DIR --output_dir RUN [options]
 python -m trainer_job publish RUN --name NAME [--force]
 python -m trainer_job run --name NAME [options]    # dataset -> train -> evaluate -> publish
+python -m trainer_job export-gguf [--types f16,q8_0,q4_k_m] [--adapters NAME ...] [--no-base]
 python -m trainer_job build-demo-model [--force] [--out DIR]
 
 The base model is MESH_MODEL (a local folder or hub id), or the demo model.
@@ -156,6 +157,34 @@ def _publish(settings: TrainerSettings, source: Path, name: str, force: bool) ->
     print(f"published {manifest.name} v{manifest.version} for {manifest.base_model}{note}")
 
 
+def _export_gguf(settings: TrainerSettings, args) -> int:
+    from services.adapters import current_versions, make_current, read_manifest
+    from trainer_job.gguf_export import export_adapters, export_base
+
+    model_dir = Path(settings.model_ref())
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: export needs a local model folder (MESH_MODEL)")
+    registry, base = settings.registry(), settings.served_name()
+    if not args.no_base:
+        types = [t.strip() for t in args.types.split(",") if t.strip()]
+        manifest = export_base(model_dir, registry, base, types)
+        print(f"base {base}: {', '.join(sorted(manifest['files']))} in {registry / '_base' / base}")
+    exported = export_adapters(registry, args.adapters, model_dir, base)
+    for manifest in exported:
+        print(f"adapter {manifest.name} v{manifest.version}: adapter-f16.gguf")
+    # Workers that could not serve the current versions without a GGUF form
+    # (llamacpp) load them now: announce the current versions again.
+    for name, current in asyncio.run(current_versions(settings)).items():
+        served = read_manifest(registry, name, int(current["version"]))
+        if (
+            served is not None
+            and served.base_model == base
+            and any(m.name == name and m.version == served.version for m in exported)
+        ):
+            asyncio.run(make_current(settings, served))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer_job",
@@ -215,11 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     _dataset_options(run)
     _train_options(run)
 
+    export = commands.add_parser("export-gguf", help="GGUF of the base model and adapters")
+    export.add_argument(
+        "--types",
+        default="f16,q8_0,q4_k_m",
+        help="base model types: f32, f16, bf16, q8_0, q4_k_m (default: the last three)",
+    )
+    export.add_argument(
+        "--adapters",
+        nargs="*",
+        default=None,
+        help="adapter names (default: every adapter of this base model)",
+    )
+    export.add_argument("--no-base", action="store_true", help="only the adapters")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from trainer_job.dataset import DatasetError
+    from trainer_job.gguf_export import ExportError
     from trainer_job.publish import PublishRefused
     from trainer_job.train import TrainingError
 
@@ -228,7 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         settings.model_name = args.base_model
     try:
         return _dispatch(args, settings)
-    except (DatasetError, TrainingError, PublishRefused, FileNotFoundError, ValueError) as exc:
+    except (
+        DatasetError,
+        TrainingError,
+        PublishRefused,
+        ExportError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         print(f"trainer_job {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -266,6 +317,8 @@ def _dispatch(args, settings: TrainerSettings) -> int:
     if args.command == "publish":
         _publish(settings, args.source, args.name, args.force)
         return 0
+    if args.command == "export-gguf":
+        return _export_gguf(settings, args)
     if args.command == "run":
         from trainer_job.train import train
 

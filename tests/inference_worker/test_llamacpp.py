@@ -1,0 +1,235 @@
+"""GGUF export and the llamacpp backend on the demo model: the files land in the
+registry with their sha256, the backend's greedy answers equal llama.cpp called
+directly on the same file, the GGUF adapter changes the answer as the peft adapter
+does, concurrency over slots, stop strings, and cancellation at the next token."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from inference_worker.adapters import AdapterRefused, verify
+from inference_worker.backends.base import Finished, TextDelta
+from proto.messages import ChatJob, ChatMessage, SamplingParams
+from services.errors import PermanentError
+from tests.inference_worker.test_adapters import make_adapter
+from trainer_job.publish import write_version
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is continuity?"
+TYPES = ("f16", "q8_0", "q4_k_m")
+
+
+def need_llama_cpp() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("llama-cpp-python is not installed; .ci/run runs `make llamacpp`")
+        pytest.skip("needs the llamacpp extra: make llamacpp")
+
+
+@pytest.fixture(scope="module")
+def registry(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The demo model in three GGUF types, and one adapter version with its GGUF form."""
+    need_llama_cpp()
+    from trainer_job.gguf_export import export_adapter, export_base
+
+    root = tmp_path_factory.mktemp("gguf-registry")
+    export_base(demo_model, root, "demo-model", list(TYPES))
+    source = make_adapter(demo_model, tmp_path_factory.mktemp("lora"), seed=5)
+    write_version(source, root, "continuity", "demo-model")
+    export_adapter(root, "continuity", 1, demo_model)
+    yield root
+
+
+def job(content: str = QUESTION, model: str | None = None, **sampling) -> ChatJob:
+    params = {"max_tokens": 24, "temperature": 0, "top_p": 1, "repetition_penalty": 1.0}
+    return ChatJob(
+        job_id=uuid.uuid4().hex,
+        model=model,
+        messages=[ChatMessage(role="user", content=content)],
+        sampling=SamplingParams(**{**params, **sampling}),
+        created_at=datetime.now(UTC),
+    )
+
+
+async def answer(backend, chat: ChatJob) -> tuple[str, Finished]:
+    events = [event async for event in backend.generate(chat)]
+    assert isinstance(events[-1], Finished)
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]
+
+
+def direct(path: Path, prompt_ids: list[int], max_tokens: int, lora: Path | None = None) -> str:
+    """llama.cpp called directly on the file: the reference."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), lora_path=str(lora) if lora else None, verbose=False)
+    out = llm.create_completion(
+        prompt_ids,
+        max_tokens=max_tokens,
+        temperature=0,
+        top_k=0,
+        min_p=0,
+        top_p=1,
+        repeat_penalty=1.0,
+    )
+    return out["choices"][0]["text"]
+
+
+def hf_greedy(demo_model: Path, adapter: Path | None, max_tokens: int) -> list[int]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.inference_mode():
+        out = model.eval().generate(
+            **ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return out[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def backend(registry: Path, kind: str = "f16", slots: int = 1):
+    from inference_worker.backends.llamacpp_backend import LlamaCppBackend
+
+    return LlamaCppBackend(str(registry / "_base/demo-model" / f"model-{kind}.gguf"), slots=slots)
+
+
+def test_exports_are_in_the_registry_with_their_hashes(registry: Path) -> None:
+    base = json.loads((registry / "_base/demo-model/manifest.json").read_text())
+    assert set(base["files"]) == {f"model-{t}.gguf" for t in TYPES}
+    for name, digest in base["files"].items():
+        assert (
+            hashlib.sha256((registry / "_base/demo-model" / name).read_bytes()).hexdigest()
+            == digest
+        )
+    sizes = {t: (registry / "_base/demo-model" / f"model-{t}.gguf").stat().st_size for t in TYPES}
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
+    folder = verify(registry, "continuity", 1, "demo-model")  # the GGUF is hashed too
+    assert (folder / "adapter-f16.gguf").is_file()
+
+
+def test_an_unlisted_or_altered_gguf_is_refused(registry: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "registry"
+    shutil.copytree(registry, copy)
+    (copy / "continuity/1/adapter-q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(AdapterRefused, match="unexpected files"):
+        verify(copy, "continuity", 1, "demo-model")
+    (copy / "continuity/1/adapter-q8_0.gguf").unlink()
+    (copy / "continuity/1/adapter-f16.gguf").write_bytes(b"GGUF tampered")
+    with pytest.raises(AdapterRefused, match=r"adapter-f16\.gguf does not match"):
+        verify(copy, "continuity", 1, "demo-model")
+
+
+@pytest.mark.parametrize("kind", TYPES)
+async def test_greedy_answers_equal_llama_cpp_called_directly(registry: Path, kind: str) -> None:
+    served = backend(registry, kind)
+    await served.start()
+    chat = job(max_tokens=32)
+    text, finished = await answer(served, chat)
+    reference = direct(Path(served.model_path), served._encode(chat), 32)
+    assert text == reference and text
+    assert finished.completion_tokens == 32 and finished.reason == "length"
+    await served.close()
+
+
+async def test_the_gguf_adapter_changes_the_answer_as_the_peft_adapter_does(
+    registry: Path, demo_model: Path
+) -> None:
+    served = backend(registry)
+    await served.start()
+    await served.load_adapter("continuity", 1, verify(registry, "continuity", 1, "demo-model"))
+    base_text, _ = await answer(served, job(max_tokens=16))
+    adapter_text, _ = await answer(served, job(model="continuity", max_tokens=16))
+    again, _ = await answer(served, job(max_tokens=16))  # switching back resets the cache
+    assert adapter_text != base_text == again
+    llm = served._slots[0].llm
+    # peft (fp32) and llama.cpp (f16 weights and adapter) agree on the first tokens;
+    # later ones may part where two logits are within f16 rounding of each other.
+    peft_first = hf_greedy(demo_model, registry / "continuity/1", 8)
+    gguf_first = llm.tokenize(adapter_text.encode(), add_bos=False, special=False)[:8]
+    assert gguf_first == peft_first
+    assert (
+        hf_greedy(demo_model, None, 8)
+        == llm.tokenize(base_text.encode(), add_bos=False, special=False)[:8]
+    )
+    assert adapter_text == direct(
+        Path(served.model_path),
+        served._encode(job()),
+        16,
+        registry / "continuity/1/adapter-f16.gguf",
+    )
+    await served.close()
+
+
+async def test_concurrent_jobs_share_the_slots_and_match_sequential_answers(registry: Path) -> None:
+    served = backend(registry, "q8_0", slots=2)
+    await served.start()
+    questions = [
+        "What is continuity?",
+        "What does the phone do?",
+        "What is an adapter?",
+        "What does the gateway do?",
+    ]
+    sequential = [(await answer(served, job(q)))[0] for q in questions]
+    together = await asyncio.gather(*(answer(served, job(q)) for q in questions))
+    assert [text for text, _ in together] == sequential
+    await served.close()
+
+
+async def test_stop_strings_min_tokens_and_refusals(
+    registry: Path, demo_model: Path, tmp_path: Path
+) -> None:
+    served = backend(registry)
+    await served.start()
+    full, _ = await answer(served, job(max_tokens=32))
+    stop = full.split()[3]
+    cut, finished = await answer(served, job(max_tokens=32, stop=[stop]))
+    assert finished.reason == "stop" and cut == full[: full.index(stop)]
+    _, forced = await answer(served, job("Hi", max_tokens=40, min_tokens=40))
+    assert forced.completion_tokens == 40
+    with pytest.raises(PermanentError, match="not served here"):
+        await answer(served, job(model="nope"))
+    # A version published without its GGUF form cannot be served by llama.cpp.
+    write_version(make_adapter(demo_model, tmp_path / "lora", 9), tmp_path, "plain", "demo-model")
+    with pytest.raises(PermanentError, match="no GGUF form"):
+        await served.load_adapter("plain", 1, verify(tmp_path, "plain", 1, "demo-model"))
+    assert served.adapters == {}
+    await served.close()
+
+
+async def test_cancelling_stops_decoding_at_the_next_token(registry: Path) -> None:
+    served = backend(registry)
+    await served.start()
+    stream = served.generate(job(max_tokens=2000, min_tokens=2000))
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            break
+    await stream.aclose()  # the client went away
+    await asyncio.sleep(0.05)
+    stopped_at = served.tokens_generated
+    await asyncio.sleep(0.3)
+    assert served.tokens_generated == stopped_at < 2000  # nothing decodes after the cancel
+    text, _ = await answer(served, job(max_tokens=4))  # the slot is free again
+    assert text
+    await served.close()

@@ -1,0 +1,276 @@
+"""GGUF export of the base model and of published adapters, with llama.cpp's own
+converters (they ship inside the llama-cpp-python source distribution, with the
+`gguf` package copy they need: PyPI's gguf lacks LazyChunkedTensor).
+
+    python -m trainer_job export-gguf                 # base (f16, q8_0, Q4_K_M) + every adapter
+    python -m trainer_job export-gguf --types f16 --adapters continuity
+
+Where the files go (the adapter registry, so CPU workers and the phone can fetch and
+verify them):
+    <registry>/_base/<base model>/model-<type>.gguf + manifest.json (sha256 of each)
+    <registry>/<adapter>/<version>/adapter-f16.gguf, added to that version's manifest
+
+A locally trained byte-level BPE tokenizer (the demo model's) is not in the
+converter's table of known pre-tokenizer hashes; its GPT-2 byte-level regex is
+llama.cpp's `gpt-2` pre-tokenizer, so it is declared as such by subclassing the
+converter's model class (its extension point), never by editing the converter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from proto.adapters import MANIFEST, AdapterManifest
+from services import adapters as registry_ops
+from services.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the version the llamacpp extra pins
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTIZER_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+BASE_FOLDER = "_base"  # not a valid adapter name: no clash with adapters
+ADAPTER_GGUF = "adapter-f16.gguf"
+
+
+class ExportError(RuntimeError):
+    """The export cannot run; the message says what is missing."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- the converter's source ---------------------------------------------------------------
+
+
+def converter_dir() -> Path:
+    """llama.cpp's converter scripts and gguf-py, from the llama-cpp-python sdist,
+    downloaded once into the cache (MESH_LLAMACPP_SOURCE overrides)."""
+    configured = os.environ.get("MESH_LLAMACPP_SOURCE")
+    if configured:
+        return Path(configured)
+    target = cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    if (target / "convert_lora_to_gguf.py").is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+                "-d",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if fetched.returncode != 0:
+            raise ExportError(
+                f"cannot download the llama-cpp-python sdist: {fetched.stderr[-300:]}"
+            )
+        [sdist] = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
+        staging = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=target.parent))
+        with tarfile.open(sdist) as archive:
+            members = [
+                m
+                for m in archive.getmembers()
+                if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+            ]
+            for member in members:
+                member.name = member.name[len(prefix) :]
+            archive.extractall(staging, members=members, filter="data")
+        os.replace(staging, target)
+    return target
+
+
+def _import_converter():
+    source = converter_dir()
+    for path in (str(source / "gguf-py"), str(source)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import gguf
+    from conversion import ModelBase, get_model_class
+
+    if not hasattr(gguf, "LazyChunkedTensor"):
+        raise ExportError("the gguf package found is not llama.cpp's own copy (PyPI's is too old)")
+    return gguf, ModelBase, get_model_class
+
+
+def _byte_level_bpe(model_dir: Path) -> bool:
+    """A GPT-2-style byte-level BPE tokenizer (llama.cpp's `gpt-2` pre-tokenizer)."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return False
+    spec = json.loads(path.read_text())
+    pre = spec.get("pre_tokenizer") or {}
+    return (
+        spec.get("model", {}).get("type") == "BPE"
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)
+    )
+
+
+# -- base model -------------------------------------------------------------------------------
+
+
+def convert_base(model_dir: Path, out: Path, outtype: str) -> Path:
+    """An HF model folder to one GGUF file with llama.cpp's converter."""
+    import torch
+
+    gguf, ModelBase, get_model_class = _import_converter()
+    hparams = ModelBase.load_hparams(model_dir, False)
+    converter = get_model_class(hparams["architectures"][0])
+    if _byte_level_bpe(model_dir):
+
+        class ByteLevelBpe(converter):  # type: ignore[misc, valid-type]
+            model_arch = converter.model_arch
+
+            def set_vocab(self) -> None:
+                self._set_vocab_gpt2()  # no sentencepiece probing for a BPE tokenizer
+
+            def get_vocab_base_pre(self, tokenizer) -> str:
+                return "gpt-2"
+
+        converter = ByteLevelBpe
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
+    with torch.inference_mode():
+        model = converter(model_dir, file_type, out, eager=False, hparams=hparams)
+        model.write()
+    return out
+
+
+def quantize(source: Path, out: Path, kind: str) -> Path:
+    """K-quants come from llama.cpp's C quantizer (llama-cpp-python, the llamacpp extra)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ExportError(f"{kind} needs llama-cpp-python (pip install '.[llamacpp]')") from exc
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZER_TYPES[kind])
+    params.nthread = os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    if code != 0:
+        raise ExportError(f"llama_model_quantize returned {code} for {kind}")
+    return out
+
+
+def export_base(model_dir: Path, registry: Path, base_model: str, types: list[str]) -> dict:
+    """`<registry>/_base/<base_model>/model-<type>.gguf` + a manifest of sha256s."""
+    folder = registry / BASE_FOLDER / base_model
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / MANIFEST
+    manifest = (
+        json.loads(manifest_path.read_text())
+        if manifest_path.is_file()
+        else {"base_model": base_model, "files": {}}
+    )
+    f16 = None
+    for kind in types:
+        name = f"model-{kind}.gguf"
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            partial = Path(tmp) / name
+            if kind in CONVERTER_TYPES:
+                convert_base(model_dir, partial, kind)
+            elif kind in QUANTIZER_TYPES:
+                if f16 is None:
+                    f16 = Path(tmp) / "model-f16.gguf"
+                    convert_base(model_dir, f16, "f16")
+                quantize(f16, partial, kind)
+                f16 = None  # lives in this temporary folder only
+            else:
+                raise ExportError(f"unknown GGUF type {kind!r}")
+            manifest["files"][name] = _sha256(partial)
+            os.replace(partial, folder / name)
+        log.info("base %s: %s", base_model, name)
+    manifest["created_at"] = datetime.now(UTC).isoformat()
+    _write_json_atomically(manifest_path, manifest)
+    return manifest
+
+
+# -- adapters ---------------------------------------------------------------------------------
+
+
+def convert_adapter(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
+    """A peft LoRA folder to a GGUF LoRA (f16), with llama.cpp's own script."""
+    source = converter_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), str(source)])}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(source / "convert_lora_to_gguf.py"),
+            "--base",
+            str(base_dir),
+            "--outtype",
+            "f16",
+            "--outfile",
+            str(out),
+            str(adapter_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode != 0 or not out.is_file():
+        raise ExportError(f"convert_lora_to_gguf failed: {done.stderr[-500:]}")
+    return out
+
+
+def export_adapter(registry: Path, name: str, version: int, base_dir: Path) -> AdapterManifest:
+    """Add `adapter-f16.gguf` to a published version and list it in its manifest.
+    The version's weights do not change: this only adds a derived file."""
+    folder = registry / name / str(version)
+    manifest = AdapterManifest.model_validate_json((folder / MANIFEST).read_text())
+    if ADAPTER_GGUF in manifest.files and (folder / ADAPTER_GGUF).is_file():
+        return manifest
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        partial = convert_adapter(folder, base_dir, Path(tmp) / ADAPTER_GGUF)
+        manifest.files[ADAPTER_GGUF] = _sha256(partial)
+        os.replace(partial, folder / ADAPTER_GGUF)
+    _write_json_atomically(folder / MANIFEST, json.loads(manifest.model_dump_json()))
+    log.info("%s v%d: %s", name, version, ADAPTER_GGUF)
+    return manifest
+
+
+def export_adapters(registry: Path, names: list[str] | None, base_dir: Path, base_model: str):
+    """Every version of the named adapters (all when None) trained on `base_model`."""
+    exported = []
+    for name in names or registry_ops.names(registry):
+        for version in registry_ops.versions(registry, name):
+            manifest = registry_ops.read_manifest(registry, name, version)
+            if manifest is not None and manifest.base_model == base_model:
+                exported.append(export_adapter(registry, name, version, base_dir))
+    return exported
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
