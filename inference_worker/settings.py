@@ -22,6 +22,11 @@ class WorkerSettings(MeshSettings):
         description="MESH_GGUF_TYPE: llamacpp without a MESH_MODEL .gguf serves "
         "<registry>/_base/<MESH_MODEL_NAME>/model-<type>.gguf.",
     )
+    vllm_kv_cache_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="MESH_VLLM_KV_CACHE_BYTES: a fixed KV cache; 0: vLLM's memory fraction.",
+    )
     llamacpp_threads: int = Field(
         default=0, ge=0, description="MESH_LLAMACPP_THREADS per slot; 0: the cores / capacity."
     )

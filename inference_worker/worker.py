@@ -48,7 +48,12 @@ def build_backend(settings: WorkerSettings) -> Backend:
     if settings.backend == "vllm":
         from inference_worker.backends.vllm_backend import VllmBackend
 
-        return VllmBackend(resolve_model_ref(settings.model), settings.model_name, settings.dtype)
+        return VllmBackend(
+            resolve_model_ref(settings.model),
+            settings.model_name,
+            settings.dtype,
+            kv_cache_memory_bytes=settings.vllm_kv_cache_bytes or None,
+        )
     from inference_worker.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(

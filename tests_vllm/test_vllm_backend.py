@@ -77,7 +77,13 @@ def transformers_greedy(question: str, max_tokens: int) -> str:
 
 @pytest.fixture(scope="module")
 async def backend() -> AsyncIterator[VllmBackend]:
-    instance = VllmBackend(str(DEMO), dtype="float32", max_lora_rank=8, max_model_len=1024)
+    instance = VllmBackend(
+        str(DEMO),
+        dtype="float32",
+        max_lora_rank=8,
+        max_model_len=1024,
+        kv_cache_memory_bytes=256 << 20,  # the demo model needs little; RAM may be busy
+    )
     await instance.start()
     yield instance
     await instance.close()

@@ -32,6 +32,7 @@ class VllmBackend:
         max_loras: int = 4,
         max_lora_rank: int = 64,
         max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
     ) -> None:
         self.model_ref = model_ref
         self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
@@ -40,6 +41,10 @@ class VllmBackend:
         self._max_loras = max_loras
         self._max_lora_rank = max_lora_rank
         self._max_model_len = max_model_len
+        # A fixed KV-cache size instead of a fraction of the device's memory (on CPU
+        # hosts the fraction is of RAM, and vLLM refuses to start if that much is
+        # not free at that moment).
+        self._kv_cache_memory_bytes = kv_cache_memory_bytes
         self.engine: Any = None
         self.tokenizer: Any = None
         self.max_context = 0
@@ -59,6 +64,7 @@ class VllmBackend:
             max_loras=self._max_loras,
             max_lora_rank=self._max_lora_rank,
             max_model_len=self._max_model_len,
+            kv_cache_memory_bytes=self._kv_cache_memory_bytes,
             enforce_eager=True,
         )
         self.engine = AsyncLLM.from_engine_args(args)
