@@ -237,6 +237,7 @@ class BatchScheduler:
         try:
             self.batches += 1
             self.batched_rows += len(rows)
+            log.debug("batch %d: %d row(s)", self.batches, len(rows))
             if rows[0].sampling.seed is not None:
                 torch.manual_seed(rows[0].sampling.seed)
             longest = max(len(r.ids) for r in rows)
