@@ -30,6 +30,9 @@ from services.paths import adapter_registry
 
 router = APIRouter(tags=["adapters"])
 Name = Annotated[str, PathParam(pattern=ADAPTER_NAME, description="Adapter name.")]
+BaseName = Annotated[
+    str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Base model name.")
+]
 Version = Annotated[int, PathParam(ge=1, le=1_000_000, description="Version number.")]
 SERVED_FILES = (*ADAPTER_FILES, MANIFEST)
 
@@ -148,7 +151,7 @@ async def adapter_file(
     response_class=FileResponse,
 )
 async def base_model_gguf(
-    key: WorkerKey, request: Request, base_model: Name, file_name: str
+    key: WorkerKey, request: Request, base_model: BaseName, file_name: str
 ) -> FileResponse:
     """A GGUF export of a base model (`python -m trainer_job export-gguf`), for CPU
     workers running llama.cpp and for the phone; its sha256 is in `manifest.json`."""

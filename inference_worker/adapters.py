@@ -46,7 +46,9 @@ def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
         raise AdapterRefused(f"{name} v{version}: unreadable manifest: {exc}") from exc
     # The weights, and GGUF exports of them when the manifest lists some (llama.cpp).
     allowed = {*ADAPTER_FILES, *(f for f in manifest.files if re.fullmatch(GGUF_FILE, f))}
-    present = {entry.name for entry in folder.iterdir()}
+    # A GGUF export being added right now (in place before the manifest lists it) is
+    # ignored, never read: only listed files are loaded, and every one is hashed.
+    present = {e.name for e in folder.iterdir() if not re.fullmatch(GGUF_FILE, e.name)}
     unexpected = present - {*allowed, MANIFEST}
     if unexpected:
         raise AdapterRefused(

@@ -25,35 +25,32 @@ class AdapterFetchFailed(MeshError):
 
 
 async def fetch(source: str, api_key: str, registry: Path, name: str, version: int) -> Path:
-    """Download `name` v`version` into `registry` unless it is already there."""
+    """Bring `name` v`version` into `registry` as the gateway has it now. A copy whose
+    manifest still matches the gateway's is kept; otherwise (a GGUF export was added
+    since, or an earlier copy was damaged) the version is fetched again."""
     if not re.fullmatch(ADAPTER_NAME, name):
         raise AdapterFetchFailed(f"adapter name {name!r} does not match {ADAPTER_NAME}")
     target = registry / name / str(version)
-    if target.is_dir():
-        return target
     (registry / name).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=registry / name))
     try:
         headers = {"Authorization": f"Bearer {api_key}"}
         async with httpx.AsyncClient(base_url=source, headers=headers, timeout=60) as client:
-            names = [MANIFEST, *ADAPTER_FILES]
+            await _download(client, name, version, MANIFEST, staging)
+            manifest = (staging / MANIFEST).read_bytes()
+            if target.is_dir() and _same(target / MANIFEST, manifest):
+                return target
+            try:
+                listed = json.loads(manifest)["files"]
+                names = [*ADAPTER_FILES, *(f for f in listed if re.fullmatch(GGUF_FILE, f))]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise AdapterFetchFailed(f"{name} v{version}: unreadable manifest") from exc
             for file_name in names:
-                url = f"/adapters/{name}/{version}/{file_name}"
-                async with client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise AdapterFetchFailed(
-                            f"{name} v{version}: GET {url} answered {response.status_code}"
-                        )
-                    written = 0
-                    with (staging / file_name).open("wb") as handle:
-                        async for block in response.aiter_bytes(1 << 20):
-                            written += len(block)
-                            if written > MAX_FILE_BYTES:
-                                raise AdapterFetchFailed(f"{name} v{version}: {file_name} too big")
-                            handle.write(block)
-                if file_name == MANIFEST:  # the weights' GGUF exports come along
-                    listed = json.loads((staging / MANIFEST).read_text()).get("files", {})
-                    names += [f for f in listed if re.fullmatch(GGUF_FILE, f)]
+                await _download(client, name, version, file_name, staging)
+        if target.exists():  # an outdated copy: set it aside, then swap
+            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=registry / name))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(staging, target)
         except OSError:
@@ -61,6 +58,33 @@ async def fetch(source: str, api_key: str, registry: Path, name: str, version: i
                 raise
     except httpx.HTTPError as exc:
         raise AdapterFetchFailed(f"{name} v{version}: {source} unreachable: {exc}") from exc
+    except OSError as exc:
+        raise AdapterFetchFailed(f"{name} v{version}: cannot write the copy: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _same(path: Path, content: bytes) -> bool:
+    try:
+        return path.read_bytes() == content
+    except OSError:
+        return False
+
+
+async def _download(
+    client: httpx.AsyncClient, name: str, version: int, file_name: str, folder: Path
+) -> None:
+    url = f"/adapters/{name}/{version}/{file_name}"
+    async with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise AdapterFetchFailed(
+                f"{name} v{version}: GET {url} answered {response.status_code}"
+            )
+        written = 0
+        with (folder / file_name).open("wb") as handle:
+            async for block in response.aiter_bytes(1 << 20):
+                written += len(block)
+                if written > MAX_FILE_BYTES:
+                    raise AdapterFetchFailed(f"{name} v{version}: {file_name} too big")
+                handle.write(block)

@@ -121,6 +121,7 @@ class Worker:
         self.registry = settings.adapter_registry or adapter_registry()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._adapter_lock = asyncio.Lock()
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(
@@ -168,8 +169,17 @@ class Worker:
                 await self.install_adapter(name, int(current["version"]))
 
     async def install_adapter(self, name: str, version: int) -> None:
-        if self.backend.adapters.get(name) == version:
-            return
+        # One install at a time, and the version recorded as current when this one's
+        # turn comes wins: a slow install of v3 cannot land after a rollback to v2.
+        async with self._adapter_lock:
+            raw = await self.redis.hget(self.keys.adapters(), name)
+            if raw:
+                version = int(json.loads(raw)["version"])
+            if self.backend.adapters.get(name) == version:
+                return
+            await self._install(name, version)
+
+    async def _install(self, name: str, version: int) -> None:
         try:
             if self.settings.adapter_source:
                 await fetch(

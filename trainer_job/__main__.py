@@ -327,7 +327,7 @@ def _dispatch(args, settings: TrainerSettings) -> int:
         runs = (args.work_dir or settings.work()) / args.name
         pending = runs / "pending"
         data, output = pending / "dataset", pending / "run"
-        if (data / "train.jsonl").is_file():
+        if (data / "dataset.json").is_file():  # written last: the dataset is whole
             print(f"resuming the unfinished run in {pending}")
         else:
             _build_dataset(settings, args, data, args.max_seq_length)

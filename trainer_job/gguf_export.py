@@ -100,7 +100,16 @@ def converter_dir() -> Path:
             ]
             for member in members:
                 member.name = member.name[len(prefix) :]
-            archive.extractall(staging, members=members, filter="data")
+                # Plain files and folders with relative names only: what the "data"
+                # filter allows (Debian 12's Python 3.11.2 predates that filter).
+                name = Path(member.name)
+                if (
+                    not (member.isfile() or member.isdir())
+                    or name.is_absolute()
+                    or (".." in name.parts)
+                ):
+                    raise ExportError(f"unexpected entry in the sdist: {member.name}")
+            archive.extractall(staging, members=members)
         os.replace(staging, target)
     return target
 
@@ -271,6 +280,10 @@ def export_adapters(registry: Path, names: list[str] | None, base_dir: Path, bas
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    # The temporary file lives beside the version folder, not in it: workers refuse
+    # a version folder holding files they do not expect.
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent.parent, prefix=".manifest-", delete=False
+    ) as partial:
+        partial.write(json.dumps(data, indent=2) + "\n")
+    os.replace(partial.name, path)

@@ -78,13 +78,15 @@ def write_version(
         raise FileNotFoundError(f"{source}: missing {', '.join(missing)} (safetensors only)")
     evaluation = evaluation or {}
     folder = registry / name
+    if folder.is_symlink():
+        raise ValueError(f"{folder} is a symbolic link; adapters live in the registry itself")
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
     try:
         for file_name in ADAPTER_FILES:
             shutil.copyfile(source / file_name, staging / file_name)
         files = {f: _sha256(staging / f) for f in ADAPTER_FILES}
-        while True:
+        for _attempt in range(100):
             version = max(versions(registry, name), default=0) + 1
             manifest = AdapterManifest(
                 name=name,
@@ -105,6 +107,7 @@ def write_version(
             except OSError:
                 if not (folder / str(version)).exists():
                     raise
+        raise RuntimeError(f"{name}: could not take a version number after 100 tries")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

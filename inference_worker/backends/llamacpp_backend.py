@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import json
 import logging
 import os
 import random
@@ -50,7 +51,12 @@ class LlamaCppBackend:
         n_ctx: int = 0,
     ) -> None:
         self.model_path = model_path
-        self.base_model = name or Path(model_path).parent.name
+        path = Path(model_path)
+        # <registry>/_base/<name>/model-<type>.gguf names its model; any other file
+        # is named by its stem unless MESH_MODEL_NAME says otherwise.
+        self.base_model = name or (
+            path.parent.name if path.parent.parent.name == "_base" else path.stem
+        )
         self.device = "cpu (llama.cpp)"
         self._slot_count = slots
         self._threads = threads or max(1, (os.cpu_count() or 1) // slots)
@@ -290,7 +296,8 @@ class LlamaCppBackend:
 
     async def load_adapter(self, name: str, version: int, folder: Path) -> None:
         path = folder / ADAPTER_GGUF
-        if not path.is_file():
+        manifest = json.loads(await asyncio.to_thread((folder / "manifest.json").read_text))
+        if ADAPTER_GGUF not in manifest.get("files", {}):  # listed = hashed by verify()
             raise PermanentError(
                 f"{name} v{version} has no GGUF form ({ADAPTER_GGUF}): run "
                 "`python -m trainer_job export-gguf` to serve it with llama.cpp"
@@ -326,5 +333,9 @@ class LlamaCppBackend:
         return {"backend": "llamacpp", "model": self.model_path, "slots": self._slot_count}
 
     async def close(self) -> None:
-        for slot in self._slots:
-            slot.llm.close()
+        def release() -> None:
+            for slot in self._slots:
+                with slot.lock:  # a decode still running finishes first
+                    slot.llm.close()
+
+        await asyncio.to_thread(release)

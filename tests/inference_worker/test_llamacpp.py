@@ -127,15 +127,19 @@ def test_exports_are_in_the_registry_with_their_hashes(registry: Path) -> None:
     assert (folder / "adapter-f16.gguf").is_file()
 
 
-def test_an_unlisted_or_altered_gguf_is_refused(registry: Path, tmp_path: Path) -> None:
+def test_an_altered_gguf_is_refused_and_an_unlisted_one_never_read(
+    registry: Path, tmp_path: Path
+) -> None:
     import shutil
 
     copy = tmp_path / "registry"
     shutil.copytree(registry, copy)
-    (copy / "continuity/1/adapter-q8_0.gguf").write_bytes(b"GGUF")
+    (copy / "continuity/1/adapter-q8_0.gguf").write_bytes(b"GGUF")  # not listed: never read
+    assert verify(copy, "continuity", 1, "demo-model")
+    (copy / "continuity/1/adapter.bin").write_bytes(b"pickle")
     with pytest.raises(AdapterRefused, match="unexpected files"):
         verify(copy, "continuity", 1, "demo-model")
-    (copy / "continuity/1/adapter-q8_0.gguf").unlink()
+    (copy / "continuity/1/adapter.bin").unlink()
     (copy / "continuity/1/adapter-f16.gguf").write_bytes(b"GGUF tampered")
     with pytest.raises(AdapterRefused, match=r"adapter-f16\.gguf does not match"):
         verify(copy, "continuity", 1, "demo-model")
@@ -212,6 +216,10 @@ async def test_stop_strings_min_tokens_and_refusals(
         await answer(served, job(model="nope"))
     # A version published without its GGUF form cannot be served by llama.cpp.
     write_version(make_adapter(demo_model, tmp_path / "lora", 9), tmp_path, "plain", "demo-model")
+    # A GGUF lying there without being listed (an export in progress) is not loaded.
+    (tmp_path / "plain/1/adapter-f16.gguf").write_bytes(
+        (registry / "continuity/1/adapter-f16.gguf").read_bytes()
+    )
     with pytest.raises(PermanentError, match="no GGUF form"):
         await served.load_adapter("plain", 1, verify(tmp_path, "plain", 1, "demo-model"))
     assert served.adapters == {}
