@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mesh_overhead import KeepAliveClient, _remove_namespace, free_port
 
+from services.adapters import make_current
 from services.launcher import MeshProcesses
 from services.settings import MeshSettings
 from tests.inference_worker.test_adapters import QUESTION, make_adapter, peft_greedy
 from trainer_job.demo_model import ensure_demo_model
-from trainer_job.publish import announce, write_version
+from trainer_job.publish import write_version
 
 RESULTS = Path(__file__).parent / "results"
 MAX_TOKENS = 24
@@ -61,7 +62,7 @@ async def main(seconds: float) -> dict:
     try:
         await asyncio.to_thread(mesh.wait_ready, 120)
         v1 = write_version(sources[0], registry, "swap", "demo-model")
-        await announce(settings, v1)
+        await make_current(settings, v1)
         answers = {
             peft_greedy(demo, registry / "swap" / "1", MAX_TOKENS): 1,
         }
@@ -104,7 +105,7 @@ async def main(seconds: float) -> dict:
         v2 = write_version(sources[1], registry, "swap", "demo-model")
         answers[peft_greedy(demo, registry / "swap" / "2", MAX_TOKENS)] = 2
         published_at = time.monotonic()
-        await announce(settings, v2)
+        await make_current(settings, v2)
         await asyncio.gather(*lanes)
         first_v2 = min((t for t, version in served if version == 2), default=None)
         unknown = sum(1 for _, version in served if version is None)

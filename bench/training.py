@@ -98,30 +98,6 @@ def child(model: str, quantization: str, steps: int, batch: int, data: str) -> N
     )
 
 
-def build_random_model(folder: Path, demo: Path) -> Path:
-    """A ~110M-parameter Mistral with the demo tokenizer and random weights."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(demo)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    MistralForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def measure(model: str, quantization: str, steps: int, batch: int, data: Path) -> dict:
     out = subprocess.run(
         [
@@ -157,7 +133,7 @@ def main() -> None:
 
     from services.settings import MeshSettings
     from trainer_job.dataset import build, gather_sources
-    from trainer_job.demo_model import ensure_demo_model
+    from trainer_job.demo_model import DemoModelSpec, build_random_model, ensure_demo_model
 
     demo = ensure_demo_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +141,16 @@ def main() -> None:
         build(asyncio.run(gather_sources(MeshSettings(), [], include_live=False)), data)
         models = {"demo (3.6M)": (str(demo), 8, 30 if args.quick else 60)}
         if not args.quick:
-            models["random (110M)"] = (str(build_random_model(Path(tmp) / "m", demo)), 4, 8)
+            shape = DemoModelSpec(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=4,
+                max_position_embeddings=1024,
+            )
+            big = build_random_model(Path(tmp) / "m", shape, demo)  # ~110M parameters
+            models["random (110M)"] = (str(big), 4, 8)
         rows = []
         for label, (path, batch, steps) in models.items():
             lora = measure(path, "none", steps, batch, data)

@@ -30,7 +30,7 @@ from inference_worker.backends.transformers_backend import TransformersBackend
 from proto.messages import ChatJob, ChatMessage, SamplingParams
 from services.launcher import MeshProcesses
 from services.settings import MeshSettings
-from trainer_job.demo_model import ensure_demo_model
+from trainer_job.demo_model import DemoModelSpec, build_random_model, ensure_demo_model
 
 MAX_TOKENS = 64
 RESULTS = Path(__file__).parent / "results"
@@ -61,27 +61,16 @@ def model_folder(size: str) -> Path:
     demo = ensure_demo_model()
     if size == "demo":
         return demo
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-
     folder = demo.parent / "bench-10m"
     if not (folder / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(demo)
-        config = MistralConfig(
-            vocab_size=len(tokenizer),
+        shape = DemoModelSpec(
             hidden_size=384,
             intermediate_size=1152,
             num_hidden_layers=6,
             num_attention_heads=6,
             num_key_value_heads=2,
-            max_position_embeddings=2048,
-            sliding_window=None,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         )
-        MistralForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        build_random_model(folder, shape, demo)
     return folder
 
 

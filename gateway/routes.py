@@ -238,11 +238,7 @@ async def mark_for_training(
 ) -> ConversationTraining:
     """Include a conversation in the next training run's dataset (this key's most
     recent one without `conversation_id`)."""
-    chosen = await _pick_conversation(service, key.key_id, conversation_id)
-    if not await service.conversations.messages(key.key_id, chosen):
-        raise ApiError(404, "invalid_request_error", "no such conversation", "not_found")
-    await service.conversations.mark_for_training(key.key_id, chosen, True)
-    return ConversationTraining(conversation_id=chosen, marked=True)
+    return await _mark_for_training(key.key_id, service, conversation_id, True)
 
 
 @router.delete(
@@ -255,9 +251,17 @@ async def unmark_for_training(
     key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
 ) -> ConversationTraining:
     """Leave a conversation out of training again."""
-    chosen = await _pick_conversation(service, key.key_id, conversation_id)
-    await service.conversations.mark_for_training(key.key_id, chosen, False)
-    return ConversationTraining(conversation_id=chosen, marked=False)
+    return await _mark_for_training(key.key_id, service, conversation_id, False)
+
+
+async def _mark_for_training(
+    owner: str, service: ChatService, conversation_id: str | None, marked: bool
+) -> ConversationTraining:
+    chosen = await _pick_conversation(service, owner, conversation_id)
+    if marked and not await service.conversations.messages(owner, chosen):
+        raise ApiError(404, "invalid_request_error", "no such conversation", "not_found")
+    await service.conversations.mark_for_training(owner, chosen, marked)
+    return ConversationTraining(conversation_id=chosen, marked=marked)
 
 
 @router.post(

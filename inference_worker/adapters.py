@@ -4,7 +4,6 @@ registry, and the base model this worker serves. Nothing is unpickled, ever."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -12,19 +11,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, GGUF_FILE, MANIFEST, AdapterManifest
+from services.adapters import file_sha256
 from services.errors import PermanentError
 
 
 class AdapterRefused(PermanentError):
     code = "adapter_refused"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
@@ -69,7 +61,7 @@ def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
             f"this worker serves {base_model!r}"
         )
     for file_name in sorted(allowed):
-        if manifest.files.get(file_name) != _sha256(folder / file_name):
+        if manifest.files.get(file_name) != file_sha256(folder / file_name):
             raise AdapterRefused(f"{name} v{version}: {file_name} does not match its sha256")
     config = json.loads((folder / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":

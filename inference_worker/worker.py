@@ -24,7 +24,7 @@ from proto.messages import WorkerStatus
 from services import liveness
 from services.bus import Topology, WorkerBus
 from services.errors import MeshError, PermanentError
-from services.paths import adapter_registry, demo_model_dir
+from services.paths import adapter_registry, model_ref
 from services.redis_client import Keys, connect
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,10 @@ def gguf_model_path(settings: WorkerSettings) -> str:
 
 def resolve_model_ref(model: str) -> str:
     """MESH_MODEL, or the demo model's folder when it is empty."""
-    if model:
-        return model
-    path = demo_model_dir()
-    if not (path / "config.json").is_file():
-        raise PermanentError(
-            f"no model configured and the demo model is not built at {path}: "
-            "run `python -m trainer_job build-demo-model` or set MESH_MODEL"
-        )
-    return str(path)
+    try:
+        return model_ref(model)
+    except FileNotFoundError as exc:
+        raise PermanentError(str(exc)) from exc
 
 
 def _gpu_memory_bytes(device: str) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,22 @@ import httpx
 from mesh_client.errors import (
     BY_STATUS,
     ConflictError,
-    MeshClientError,
     RateLimitError,
     ServerError,
     StreamError,
 )
+from proto.adapters import AdapterInfo, AdapterList
+from proto.api import (
+    ChatResponse,
+    Conversation,
+    ConversationDeleted,
+    ConversationList,
+    ConversationTraining,
+    GenerateResponse,
+    Health,
+    Info,
+)
+from proto.context import Document, LogEntry, LogPage
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIER_FILES = {
@@ -145,4 +156,111 @@ def conversation_record(conversation_id: str | None, messages: Iterable[dict]) -
     )
 
 
-__all__ = ["MeshClientError"]
+# -- the operations: one description each, sent by either client ------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One JSON request and how to read its answer."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], Any]
+    options: dict[str, Any] = field(default_factory=dict)  # json / params / headers
+
+
+def _query(conversation_id: str | None) -> dict[str, Any]:
+    return {"params": {"conversation_id": conversation_id} if conversation_id else {}}
+
+
+def chat(message: str, **options: Any) -> Call:
+    return Call(
+        "POST", "/chat", ChatResponse.model_validate, {"json": chat_body(message, **options)}
+    )
+
+
+def generate(prompt: str, **options: Any) -> Call:
+    body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+    return Call("POST", "/generate", GenerateResponse.model_validate, {"json": body})
+
+
+def conversations(limit: int) -> Call:
+    return Call(
+        "GET", "/conversations", ConversationList.model_validate, {"params": {"limit": limit}}
+    )
+
+
+def conversation(conversation_id: str | None) -> Call:
+    return Call("GET", "/conversation", Conversation.model_validate, _query(conversation_id))
+
+
+def delete_conversation(conversation_id: str | None) -> Call:
+    return Call(
+        "DELETE", "/conversation", ConversationDeleted.model_validate, _query(conversation_id)
+    )
+
+
+def mark_for_training(conversation_id: str | None, marked: bool) -> Call:
+    method = "PUT" if marked else "DELETE"
+    return Call(
+        method,
+        "/conversation/training",
+        ConversationTraining.model_validate,
+        _query(conversation_id),
+    )
+
+
+def get_tier(tier: str, project: str | None) -> Call:
+    path, params = tier_path(tier, project)
+    return Call("GET", path, Document.model_validate, {"params": params})
+
+
+def put_tier(tier: str, content: str, version: int, project: str | None) -> Call:
+    path, params = tier_path(tier, project)
+    options = {
+        "params": params,
+        "json": {"content": content},
+        "headers": {"If-Match": f'"v{version}"'},
+    }
+    return Call("PUT", path, Document.model_validate, options)
+
+
+def log(limit: int, before: str | None) -> Call:
+    params: dict[str, Any] = {"limit": limit, **({"before": before} if before else {})}
+    return Call("GET", "/context/log", LogPage.model_validate, {"params": params})
+
+
+def append_log(text: str) -> Call:
+    return Call("POST", "/context/log", LogEntry.model_validate, {"json": {"text": text}})
+
+
+def health() -> Call:
+    return Call("GET", "/health", Health.model_validate)
+
+
+def info() -> Call:
+    return Call("GET", "/info", Info.model_validate)
+
+
+def models() -> Call:
+    return Call("GET", "/v1/models", lambda data: [m["id"] for m in data["data"]])
+
+
+def adapters() -> Call:
+    return Call("GET", "/admin/adapters", AdapterList.model_validate)
+
+
+def rollback(name: str, version: int | None) -> Call:
+    body = {"version": version} if version else {}
+    return Call(
+        "POST", f"/admin/adapters/{name}/rollback", AdapterInfo.model_validate, {"json": body}
+    )
+
+
+def turn(message: str, reply: ChatResponse) -> list[dict[str, str]]:
+    """The two messages `generate_response` keeps in the client's history."""
+    return [{"role": "user", "content": message}, {"role": "assistant", "content": reply.response}]
+
+
+def recorded_messages(conversation: Conversation) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in conversation.messages]

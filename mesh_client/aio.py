@@ -113,16 +113,15 @@ class AsyncMeshClient:
             return response
         raise GatewayUnreachable("no gateway answered: " + "; ".join(failures))
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return (await self._send(method, path, **kwargs)).json()
+    async def _call(self, call: _core.Call) -> Any:
+        return call.parse((await self._send(call.method, call.path, **call.options)).json())
 
     # -- chat ---------------------------------------------------------------------------
 
     async def chat(self, message: str, **options: Any) -> ChatResponse:
         """One answer. Options: context, conversation_id, model, project, max_tokens,
         temperature, top_p, repetition_penalty, stop, seed."""
-        body = _core.chat_body(message, **options)
-        return ChatResponse.model_validate(await self._json("POST", "/chat", json=body))
+        return await self._call(_core.chat(message, **options))
 
     async def stream(self, message: str, **options: Any) -> AsyncChatStream:
         """The answer as it is generated (same options as `chat`)."""
@@ -132,81 +131,59 @@ class AsyncMeshClient:
 
     async def generate(self, prompt: str, **options: Any) -> GenerateResponse:
         """Continue a raw prompt, as the model sees it."""
-        body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
-        return GenerateResponse.model_validate(await self._json("POST", "/generate", json=body))
+        return await self._call(_core.generate(prompt, **options))
 
     # -- conversations ------------------------------------------------------------------
 
     async def conversations(self, limit: int = 50) -> ConversationList:
         """This key's conversations, the most recently active first."""
-        data = await self._json("GET", "/conversations", params={"limit": limit})
-        return ConversationList.model_validate(data)
+        return await self._call(_core.conversations(limit))
 
     async def conversation(self, conversation_id: str | None = None) -> Conversation:
-        params = {"conversation_id": conversation_id} if conversation_id else {}
-        return Conversation.model_validate(await self._json("GET", "/conversation", params=params))
+        return await self._call(_core.conversation(conversation_id))
 
     async def delete_conversation(self, conversation_id: str | None = None) -> ConversationDeleted:
-        params = {"conversation_id": conversation_id} if conversation_id else {}
-        data = await self._json("DELETE", "/conversation", params=params)
-        return ConversationDeleted.model_validate(data)
+        return await self._call(_core.delete_conversation(conversation_id))
 
     async def mark_for_training(
         self, conversation_id: str | None = None, marked: bool = True
     ) -> ConversationTraining:
-        params = {"conversation_id": conversation_id} if conversation_id else {}
-        method = "PUT" if marked else "DELETE"
-        data = await self._json(method, "/conversation/training", params=params)
-        return ConversationTraining.model_validate(data)
+        return await self._call(_core.mark_for_training(conversation_id, marked))
 
     # -- context tiers ------------------------------------------------------------------
 
     async def get_tier(self, tier: str, project: str | None = None) -> Document:
-        path, params = _core.tier_path(tier, project)
-        return Document.model_validate(await self._json("GET", path, params=params))
+        return await self._call(_core.get_tier(tier, project))
 
     async def put_tier(
         self, tier: str, content: str, version: int, project: str | None = None
     ) -> Document:
         """Save if the stored version is still `version` (0: a new document);
         ConflictError (with `current_version`) otherwise."""
-        path, params = _core.tier_path(tier, project)
-        data = await self._json(
-            "PUT",
-            path,
-            params=params,
-            json={"content": content},
-            headers={"If-Match": f'"v{version}"'},
-        )
-        return Document.model_validate(data)
+        return await self._call(_core.put_tier(tier, content, version, project))
 
     async def log(self, limit: int = 50, before: str | None = None) -> LogPage:
-        params: dict[str, Any] = {"limit": limit, **({"before": before} if before else {})}
-        return LogPage.model_validate(await self._json("GET", "/context/log", params=params))
+        return await self._call(_core.log(limit, before))
 
     async def append_log(self, text: str) -> LogEntry:
-        return LogEntry.model_validate(
-            await self._json("POST", "/context/log", json={"text": text})
-        )
+        return await self._call(_core.append_log(text))
 
     # -- service ------------------------------------------------------------------------
 
     async def health(self) -> Health:
-        return Health.model_validate(await self._json("GET", "/health"))
+        return await self._call(_core.health())
 
     async def info(self) -> Info:
-        return Info.model_validate(await self._json("GET", "/info"))
+        return await self._call(_core.info())
 
     async def models(self) -> list[str]:
-        return [m["id"] for m in (await self._json("GET", "/v1/models"))["data"]]
+        return await self._call(_core.models())
 
     async def adapters(self) -> AdapterList:
-        return AdapterList.model_validate(await self._json("GET", "/admin/adapters"))
+        return await self._call(_core.adapters())
 
     async def rollback(self, name: str, version: int | None = None) -> AdapterInfo:
-        body = {"version": version} if version else {}
-        data = await self._json("POST", f"/admin/adapters/{name}/rollback", json=body)
-        return AdapterInfo.model_validate(data)
+        return await self._call(_core.rollback(name, version))
 
     # -- the original SDK's conveniences ------------------------------------------------
 
@@ -218,10 +195,7 @@ class AsyncMeshClient:
             message, context=system_context, conversation_id=self.conversation_id, **options
         )
         self.conversation_id = reply.conversation_id
-        self.history += [
-            {"role": "user", "content": message},
-            {"role": "assistant", "content": reply.response},
-        ]
+        self.history += _core.turn(message, reply)
         return reply.response
 
     async def load_session_context(self, path: str | Path, project: str | None = None) -> str:
@@ -236,8 +210,7 @@ class AsyncMeshClient:
         there is one)."""
         messages = self.history
         if self.conversation_id:
-            recorded = (await self.conversation(self.conversation_id)).messages
-            messages = [{"role": m.role, "content": m.content} for m in recorded]
+            messages = _core.recorded_messages(await self.conversation(self.conversation_id))
         path = Path(path)
         await asyncio.to_thread(
             path.write_text, _core.conversation_record(self.conversation_id, messages)

@@ -9,6 +9,7 @@ is also announced on the adapters fanout exchange (event: running workers switch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -22,6 +23,15 @@ from services.bus import Topology, connect, encode
 from services.redis_client import Keys
 from services.redis_client import connect as connect_redis
 from services.settings import MeshSettings
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (GGUF files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def versions(registry: Path, name: str) -> list[int]:

@@ -126,15 +126,11 @@ def model_line() -> Line:
 
 
 def adapters_line() -> Line:
+    from services.adapters import names, versions
+
     registry = adapter_registry()
-    if not registry.is_dir():
-        return Line("adapters", True, f"none yet ({registry})", essential=False)
-    versions = {
-        p.name: sorted(int(v.name) for v in p.iterdir() if v.name.isdigit())
-        for p in registry.iterdir()
-        if p.is_dir()
-    }
-    text = ", ".join(f"{n} v{max(v)} ({len(v)} versions)" for n, v in sorted(versions.items()) if v)
+    found = {name: versions(registry, name) for name in names(registry)}
+    text = ", ".join(f"{n} v{max(v)} ({len(v)} versions)" for n, v in found.items() if v)
     return Line("adapters", True, f"{text or 'none yet'} in {registry}", essential=False)
 
 

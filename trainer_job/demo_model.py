@@ -123,6 +123,19 @@ def _model_config(spec: DemoModelSpec, tokenizer):
     )
 
 
+def build_random_model(folder: Path, spec: DemoModelSpec, tokenizer_from: Path) -> Path:
+    """A Mistral of `spec`'s shape with the demo tokenizer and untrained weights: for
+    benchmarks that need a bigger model than the demo and no readable answers."""
+    from transformers import AutoTokenizer, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    MistralForCausalLM(_model_config(spec, tokenizer)).save_pretrained(
+        folder, safe_serialization=True
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _packed_blocks(token_lists: list[list[int]], block_size: int):
     import torch
 

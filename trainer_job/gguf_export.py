@@ -18,7 +18,6 @@ converter's model class (its extension point), never by editing the converter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from proto.adapters import MANIFEST, AdapterManifest
 from services import adapters as registry_ops
+from services.adapters import file_sha256
 from services.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,6 @@ ADAPTER_GGUF = "adapter-f16.gguf"
 
 class ExportError(RuntimeError):
     """The export cannot run; the message says what is missing."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- the converter's source ---------------------------------------------------------------
@@ -216,7 +208,7 @@ def export_base(model_dir: Path, registry: Path, base_model: str, types: list[st
                 f16 = None  # lives in this temporary folder only
             else:
                 raise ExportError(f"unknown GGUF type {kind!r}")
-            manifest["files"][name] = _sha256(partial)
+            manifest["files"][name] = file_sha256(partial)
             os.replace(partial, folder / name)
         log.info("base %s: %s", base_model, name)
     manifest["created_at"] = datetime.now(UTC).isoformat()
@@ -261,7 +253,7 @@ def export_adapter(registry: Path, name: str, version: int, base_dir: Path) -> A
         return manifest
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         partial = convert_adapter(folder, base_dir, Path(tmp) / ADAPTER_GGUF)
-        manifest.files[ADAPTER_GGUF] = _sha256(partial)
+        manifest.files[ADAPTER_GGUF] = file_sha256(partial)
         os.replace(partial, folder / ADAPTER_GGUF)
     _write_json_atomically(folder / MANIFEST, json.loads(manifest.model_dump_json()))
     log.info("%s v%d: %s", name, version, ADAPTER_GGUF)

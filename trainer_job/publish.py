@@ -11,7 +11,6 @@ model, or is worse than the version served now on the same dataset, unless force
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,16 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, MANIFEST, AdapterManifest, Probe
-from services.adapters import make_current, read_manifest, versions
+from services.adapters import file_sha256, make_current, read_manifest, versions
 from services.settings import MeshSettings
 
 
 class PublishRefused(ValueError):
     """The evaluation gate said no; the message says why."""
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_run(source: Path) -> tuple[Path, dict]:
@@ -85,7 +80,7 @@ def write_version(
     try:
         for file_name in ADAPTER_FILES:
             shutil.copyfile(source / file_name, staging / file_name)
-        files = {f: _sha256(staging / f) for f in ADAPTER_FILES}
+        files = {f: file_sha256(staging / f) for f in ADAPTER_FILES}
         for _attempt in range(100):
             version = max(versions(registry, name), default=0) + 1
             manifest = AdapterManifest(
@@ -112,11 +107,6 @@ def write_version(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-async def announce(settings: MeshSettings, manifest: AdapterManifest) -> None:
-    """Make it current (state in Redis) and tell the workers (event on the bus)."""
-    await make_current(settings, manifest)
-
-
 async def publish(
     settings: MeshSettings,
     source: Path,
@@ -135,5 +125,5 @@ async def publish(
     if reason and not force:
         raise PublishRefused(f"not published: {reason}")
     manifest = write_version(folder, registry, name, base_model, evaluation)
-    await announce(settings, manifest)
+    await make_current(settings, manifest)
     return manifest

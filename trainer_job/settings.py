@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from services.paths import adapter_registry, cache_dir, demo_model_dir
+from services import paths
+from services.paths import adapter_registry, cache_dir
 from services.settings import MeshSettings
 
 
@@ -27,19 +28,11 @@ class TrainerSettings(MeshSettings):
     )
 
     def model_ref(self) -> str:
-        if self.model:
-            return self.model
-        path = demo_model_dir()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no model configured and the demo model is not built at {path}: "
-                "run `python -m trainer_job build-demo-model` or set MESH_MODEL"
-            )
-        return str(path)
+        return paths.model_ref(self.model)
 
     def served_name(self) -> str:
         """The name workers serve the base model under (the same rule as theirs)."""
-        return self.model_name or self.model_ref().rstrip("/").rsplit("/", 1)[-1]
+        return paths.served_name(self.model_ref(), self.model_name)
 
     def registry(self) -> Path:
         return self.adapter_registry or adapter_registry()

@@ -22,6 +22,7 @@ from inference_worker.backends.prompts import encode_prompt
 from inference_worker.backends.stops import StopMatcher
 from proto.messages import ChatJob
 from services.errors import PermanentError
+from services.paths import served_name
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class TransformersBackend:
         self.device = resolve_device(device)
         self._dtype_name = dtype
         # The name clients use: never a local path.
-        self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
+        self.base_model = served_name(model_ref, name)
         self.max_batch = max_batch
         self.quantization = quantization
         self.scheduler: BatchScheduler | None = None

@@ -18,6 +18,7 @@ from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
 from inference_worker.backends.prompts import encode_prompt
 from proto.messages import ChatJob
 from services.errors import PermanentError
+from services.paths import served_name
 
 log = logging.getLogger(__name__)
 SAMPLING_EPS = 1e-5
@@ -35,7 +36,7 @@ class VllmBackend:
         kv_cache_memory_bytes: int | None = None,
     ) -> None:
         self.model_ref = model_ref
-        self.base_model = name or model_ref.rstrip("/").rsplit("/", 1)[-1]
+        self.base_model = served_name(model_ref, name)
         self.device = "vllm"
         self._dtype = dtype
         self._max_loras = max_loras

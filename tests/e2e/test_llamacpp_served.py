@@ -13,13 +13,13 @@ import httpx
 import pytest
 
 from inference_worker.adapters import verify
-from services.adapters import read_manifest
+from services.adapters import make_current, read_manifest
 from services.launcher import MeshProcesses
 from services.settings import MeshSettings
 from tests.conftest import free_port, mesh_env, remove_namespace
 from tests.inference_worker.test_adapters import make_adapter
 from tests.inference_worker.test_llamacpp import direct, job, need_llama_cpp
-from trainer_job.publish import announce, write_version
+from trainer_job.publish import write_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
@@ -81,7 +81,7 @@ def test_the_mesh_serves_gguf_models_and_adapters_with_llama_cpp(
 
     try:
         mesh.wait_ready(timeout_s=120)
-        asyncio.run(announce(settings, read_manifest(registry, "helper", 1)))
+        asyncio.run(make_current(settings, read_manifest(registry, "helper", 1)))
         deadline = time.monotonic() + 30
         while "helper" not in httpx.get(f"{mesh.url}/info", headers=headers).json()["adapters"]:
             assert time.monotonic() < deadline, "the llama.cpp worker did not load the adapter"
