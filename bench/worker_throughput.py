@@ -4,8 +4,12 @@ through the mesh, against the same requests run one at a time in-process.
     python bench/worker_throughput.py          # table + bench/results/worker_throughput.json
     python bench/worker_throughput.py --quick
 
-The ratio (concurrent through the mesh / sequential in-process) shows what
-batching concurrent jobs into one `generate` buys, net of the mesh's own cost.
+The baseline is transformers' own `model.generate`, one request after another, with
+the same settings (greedy, repetition penalty 1.15, exactly 64 new tokens). The
+ratio (concurrent through the mesh / that baseline) shows what the worker's batching
+buys, net of the mesh's own cost (gateway, broker, streaming back). The worker's
+decoding loop run in-process one request at a time is reported too: at concurrency
+1 the mesh should be close to it.
 """
 
 from __future__ import annotations
@@ -74,7 +78,39 @@ def model_folder(size: str) -> Path:
     return folder
 
 
-async def sequential_in_process(requests: int, model: Path) -> float:
+def sequential_generate(requests: int, model: Path) -> float:
+    """The baseline: `model.generate` on each request in turn, in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference_worker.backends.prompts import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model).eval()
+    prompts = [encode_prompt(tokenizer, job(index), 0) for index in range(requests + 1)]
+
+    def one(prompt: list[int]) -> int:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                repetition_penalty=1.15,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        return out.shape[1] - ids.shape[1]
+
+    one(prompts[-1])  # warm-up
+    started = time.perf_counter()
+    tokens = sum(one(prompt) for prompt in prompts[:requests])
+    return tokens / (time.perf_counter() - started)
+
+
+async def sequential_backend(requests: int, model: Path) -> float:
+    """The worker's own decoding loop, in-process, one request at a time."""
     backend = TransformersBackend(str(model), device="cpu", max_batch=1)
     await backend.start()
     tokens = 0
@@ -131,16 +167,21 @@ async def through_mesh(levels: list[int], rounds: int, model: Path) -> dict[int,
         await _remove_namespace(MeshSettings(namespace=namespace))
 
 
-async def main(quick: bool, size: str) -> dict:
-    levels = [1, 4, 8, 16]
+async def main(quick: bool, size: str, levels: list[int], rounds: int) -> dict:
     model = model_folder(size)
-    baseline = await sequential_in_process(8 if quick else 24, model)
-    mesh = await through_mesh(levels, 1 if quick else 3, model)
+    requests = 8 if quick else 24
+    # Off the main thread, like the worker's own generation thread: once a process's
+    # main thread has run torch's OpenMP regions, other threads' regions run about
+    # 2x slower on this machine (libgomp), which would handicap the second figure.
+    baseline = await asyncio.to_thread(sequential_generate, requests, model)
+    backend = await sequential_backend(requests, model)
+    mesh = await through_mesh(levels, 1 if quick else rounds, model)
     return {
         "model": size,
         "parameters": _parameters(model),
         "max_tokens": MAX_TOKENS,
-        "sequential_in_process_tokens_per_s": round(baseline, 1),
+        "sequential_generate_tokens_per_s": round(baseline, 1),
+        "sequential_worker_loop_tokens_per_s": round(backend, 1),
         "rows": [
             {
                 "concurrency": level,
@@ -176,11 +217,20 @@ if __name__ == "__main__":
         default="demo",
         help="the demo model (3.6M parameters) or a random ~10M one",
     )
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrency levels"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="bursts of `level` requests per level"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "worker_throughput.json")
     args = parser.parse_args()
-    result = asyncio.run(main(args.quick, args.size))
+    result = asyncio.run(main(args.quick, args.size, args.levels, args.rounds))
     print(f"model: {result['model']} ({result['parameters'] / 1e6:.1f}M parameters)")
-    print(f"sequential in-process: {result['sequential_in_process_tokens_per_s']} tokens/s")
+    baseline = result["sequential_generate_tokens_per_s"]
+    loop = result["sequential_worker_loop_tokens_per_s"]
+    print(f"sequential model.generate in-process: {baseline} tokens/s (the baseline)")
+    print(f"sequential worker loop in-process: {loop} tokens/s ({loop / baseline:.2f}x)")
     print(f"{'concurrency':>11} {'tokens/s':>9} {'x sequential':>13}")
     for row in result["rows"]:
         print(f"{row['concurrency']:>11} {row['tokens_per_s']:>9} {row['vs_sequential']:>13}")

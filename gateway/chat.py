@@ -50,7 +50,7 @@ class ChatService:
         return [ChatMessage(role="system", content=assembly.text), *messages]
 
     async def build_job(
-        self, owner: str, request: ChatRequest, conversation_id: str
+        self, owner: str, request: ChatRequest, conversation_id: str, stream: bool
     ) -> tuple[ChatJob, ContextReport | None]:
         assembly = await self.tiers(request.project)
         system = self.settings.system_prompt
@@ -69,15 +69,17 @@ class ChatService:
             messages=messages,
             model=await self.generation.resolve_model(request.model),
             conversation_id=conversation_id,
+            stream=stream,
         )
         return job, assembly.report if assembly else None
 
     async def start(
-        self, owner: str, request: ChatRequest, conversation_id: str
+        self, owner: str, request: ChatRequest, conversation_id: str, stream: bool
     ) -> tuple[AsyncIterator[str | Outcome | Restart], ContextReport | None]:
         """Text pieces, then one Outcome; the turn is recorded once it is complete.
-        Also what the context tiers contributed to the prompt."""
-        job, report = await self.build_job(owner, request, conversation_id)
+        Also what the context tiers contributed to the prompt. `stream`: whether the
+        caller forwards the pieces as they come (else they arrive in larger groups)."""
+        job, report = await self.build_job(owner, request, conversation_id, stream)
         relay = await self.generation.start(job)
         return self._record(owner, request, conversation_id, relay), report
 

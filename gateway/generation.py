@@ -193,6 +193,7 @@ class Generation:
         prompt: str | None = None,
         model: str | None = None,
         conversation_id: str | None = None,
+        stream: bool = True,
     ) -> ChatJob:
         now = datetime.now(UTC)
         return ChatJob(
@@ -204,6 +205,7 @@ class Generation:
             conversation_id=conversation_id,
             created_at=now,
             deadline=now + timedelta(seconds=self.settings.request_timeout_s),
+            stream=stream,
         )
 
     async def models(self) -> list[str]:

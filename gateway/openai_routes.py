@@ -120,7 +120,10 @@ async def chat_completions(
     messages = ChatService.with_tiers(messages, assembly)
     report = assembly.report if assembly else None
     job = gen.new_job(
-        gen.sampling(options), messages=messages, model=await gen.resolve_model(body.model)
+        gen.sampling(options),
+        messages=messages,
+        model=await gen.resolve_model(body.model),
+        stream=bool(body.stream),
     )
     relay = await gen.start(job)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -175,7 +178,10 @@ async def completions(
     """OpenAI (legacy) completions: the prompt is taken verbatim."""
     options = _options(body, body.max_tokens)
     job = gen.new_job(
-        gen.sampling(options), prompt=body.prompt, model=await gen.resolve_model(body.model)
+        gen.sampling(options),
+        prompt=body.prompt,
+        model=await gen.resolve_model(body.model),
+        stream=bool(body.stream),
     )
     relay = await gen.start(job)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -108,7 +108,7 @@ async def ready(request: Request) -> JSONResponse:
 async def chat(body: ChatRequest, key: ChatKey, service: Chat, request: Request) -> ChatResponse:
     """Send a message and get the whole answer."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
-    relay, report = await service.start(key.key_id, body, conversation_id)
+    relay, report = await service.start(key.key_id, body, conversation_id, stream=False)
     text, outcome = await unless_disconnected(request, collect(relay))
     return ChatResponse(
         response=text,
@@ -139,7 +139,7 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
     """Send a message and receive the answer as server-sent events."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
     # Started before the response: no worker or no broker is still a plain HTTP error.
-    relay, report = await service.start(key.key_id, body, conversation_id)
+    relay, report = await service.start(key.key_id, body, conversation_id, stream=True)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -272,7 +272,10 @@ async def generate(
 ) -> GenerateResponse:
     """Continue a raw prompt, taken verbatim (e.g. `[INST] … [/INST]`)."""
     job = gen.new_job(
-        gen.sampling(body), prompt=body.prompt, model=await gen.resolve_model(body.model)
+        gen.sampling(body),
+        prompt=body.prompt,
+        model=await gen.resolve_model(body.model),
+        stream=False,
     )
     relay = await gen.start(job)
     text, outcome = await unless_disconnected(request, collect(relay))

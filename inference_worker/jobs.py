@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as redis
@@ -44,6 +45,15 @@ class DeliveryCounter:
         return int(redeliveries) + 1
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """How replies are grouped: at most `tokens` per message, and no token held back
+    longer than `seconds`. The first piece of an answer always goes out at once."""
+
+    tokens: int
+    seconds: float
+
+
 class JobRunner:
     """Turns delivered ChatJobs into reply streams; stops them on CancelJob."""
 
@@ -51,15 +61,18 @@ class JobRunner:
         self,
         backend: Backend,
         bus: WorkerBus,
-        coalesce_tokens: int,
-        coalesce_ms: float,
+        streamed: Pacing,
+        unstreamed: Pacing,
         cancel_memory_s: float = 600.0,
         deliveries: DeliveryCounter | None = None,
     ) -> None:
         self.backend = backend
         self.bus = bus
-        self.coalesce_tokens = coalesce_tokens
-        self.coalesce_s = coalesce_ms / 1000
+        # A client reading the answer as it comes wants small, frequent messages; one
+        # waiting for the whole answer does not, and every message costs the worker,
+        # the broker and the gateway CPU time that decoding could use.
+        self.streamed = streamed
+        self.unstreamed = unstreamed
         self.cancel_memory_s = cancel_memory_s
         self.deliveries = deliveries
         self.dead_lettered = 0
@@ -186,7 +199,8 @@ class JobRunner:
                 raise MeshError(f"model {job.model!r} is not served here", "model_not_found")
             events = self.backend.generate(job)
             finished: Finished | None = None
-            async for batch in coalesce(events, self.coalesce_tokens, self.coalesce_s):
+            pacing = self.streamed if job.stream else self.unstreamed
+            async for batch in coalesce(events, pacing.tokens, pacing.seconds):
                 text, tokens, finished = _merge(batch, finished)
                 if text or tokens:
                     chunk = TokenChunk(job_id=job.job_id, seq=seq, text=text, token_count=tokens)

@@ -69,6 +69,18 @@ class WorkerSettings(MeshSettings):
     liveness_ttl_s: float = Field(default=10.0, gt=0, description="Liveness record lifetime.")
     coalesce_tokens: int = Field(default=8, ge=1, description="Most tokens in one reply message.")
     coalesce_ms: float = Field(default=20.0, ge=0, description="Longest a token waits to be sent.")
+    handoff_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="transformers backend: how often a job's tokens pass from the generation "
+        "thread to the event loop (the first at once).",
+    )
+    unstreamed_coalesce_tokens: int = Field(
+        default=256, ge=1, description="The same for a job whose client does not stream."
+    )
+    unstreamed_coalesce_ms: float = Field(
+        default=1000.0, ge=0, description="The same for a job whose client does not stream."
+    )
     cancel_memory_s: float = Field(
         default=600.0, gt=0, description="How long a cancel is remembered for a job not yet seen."
     )

@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from inference_worker.adapters import verify
 from inference_worker.backends.base import Backend
 from inference_worker.fetch import fetch
-from inference_worker.jobs import DeliveryCounter, JobRunner
+from inference_worker.jobs import DeliveryCounter, JobRunner, Pacing
 from inference_worker.settings import WorkerSettings
 from proto.adapters import AdapterPublished
 from proto.messages import WorkerStatus
@@ -63,6 +63,7 @@ def build_backend(settings: WorkerSettings) -> Backend:
         settings.model_name,
         max_batch=settings.capacity,
         quantization=settings.quantization,
+        handoff_ms=settings.handoff_ms,
     )
 
 
@@ -107,8 +108,8 @@ class Worker:
         self.runner = JobRunner(
             backend,
             self.bus,
-            settings.coalesce_tokens,
-            settings.coalesce_ms,
+            Pacing(settings.coalesce_tokens, settings.coalesce_ms / 1000),
+            Pacing(settings.unstreamed_coalesce_tokens, settings.unstreamed_coalesce_ms / 1000),
             settings.cancel_memory_s,
             DeliveryCounter(self.redis, self.keys, settings.max_deliveries),
         )

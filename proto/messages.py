@@ -88,6 +88,11 @@ class ChatJob(BusMessage):
     deadline: datetime | None = Field(
         default=None, description="After this instant (UTC) nobody waits for the answer."
     )
+    stream: bool = Field(
+        default=True,
+        description="Whether the client reads the answer while it is generated; when false "
+        "the worker sends it in fewer, larger messages.",
+    )
 
     @model_validator(mode="after")
     def _messages_or_prompt(self) -> ChatJob:

@@ -167,12 +167,26 @@ async def test_adapters_load_in_place_and_share_batches_with_the_base(
     assert tuned == peft_greedy(demo_model, registry / "continuity" / "1", 24)
     assert tuned != base
 
-    # a new version replaces the old one while a job runs: nothing fails
-    running = asyncio.create_task(answer(backend, chat("continuity", max_tokens=200)))
-    await asyncio.sleep(0.05)
+    # A new version replaces the old one while a job runs: nothing fails, the running
+    # job ends with the version it started with, which is dropped after it.
+    started = asyncio.Event()
+
+    async def running_answer() -> str:
+        pieces = []
+        async for event in backend.generate(chat("continuity", max_tokens=120)):
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+                started.set()
+        return "".join(pieces)
+
+    running = asyncio.create_task(running_answer())
+    await started.wait()
     await backend.load_adapter("continuity", 2, verify(registry, "continuity", 2, "demo-model"))
-    assert (await running) != ""
     assert backend.adapters == {"continuity": 2}
+    assert set(backend.model.peft_config) == {"continuity__v1", "continuity__v2"}
+    assert (await running) == peft_greedy(demo_model, registry / "continuity" / "1", 120)
+    await answer(backend, chat(None))  # the generation thread has moved on
+    assert set(backend.model.peft_config) == {"continuity__v2"}
     assert await answer(backend, chat("continuity")) == peft_greedy(
         demo_model, registry / "continuity" / "2", 24
     )

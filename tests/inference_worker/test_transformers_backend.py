@@ -91,7 +91,7 @@ async def test_concurrent_jobs_share_batches_with_their_own_sampling(
         "Why is the session log append-only?",
     ] * 2
     assert backend.scheduler is not None
-    batches_before = backend.scheduler.batches
+    steps_before = backend.scheduler.steps
     greedy = [
         job([{"role": "user", "content": q}], max_tokens=30 + i) for i, q in enumerate(questions)
     ]
@@ -103,8 +103,53 @@ async def test_concurrent_jobs_share_batches_with_their_own_sampling(
         )
         assert text == expected  # a sampled neighbour does not change a greedy row
         assert finished.completion_tokens == tokens
-    # nine jobs at once were decoded in far fewer than nine generate calls
-    assert backend.scheduler.batches - batches_before <= 3
+    # nine jobs at once shared their decoding steps: far fewer forwards than tokens
+    tokens = sum(finished.completion_tokens for _, finished in results)
+    assert backend.scheduler.steps - steps_before < tokens / 4
+
+
+async def test_a_job_joins_a_running_batch_instead_of_waiting_for_it(
+    backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    # min_tokens keeps the long job decoding for 1,500 tokens.
+    long_job = job([{"role": "user", "content": QUESTION}], max_tokens=1500, min_tokens=1500)
+    decoded: list[int] = []
+    started = asyncio.Event()
+
+    async def long_answer() -> Finished:
+        async for event in backend.generate(long_job):
+            if isinstance(event, Finished):
+                return event
+            decoded.append(event.tokens)
+            started.set()
+        raise AssertionError("no Finished event")
+
+    running = asyncio.create_task(long_answer())
+    await started.wait()
+    short = [{"role": "user", "content": "What does the phone do?"}]
+    text, finished = await run(backend, job(short, max_tokens=20))
+    # the short job was answered while the long one was still far from its end ...
+    assert sum(decoded) < 1500 - 100
+    assert not running.done()
+    # ... and joining a batch midway did not change its answer
+    assert (text, finished.completion_tokens) == (
+        reference_greedy(short, 20)[0],
+        reference_greedy(short, 20)[2],
+    )
+    assert (await running).completion_tokens == 1500
+
+
+async def test_a_seeded_job_samples_the_same_with_or_without_neighbours(
+    backend: TransformersBackend,
+) -> None:
+    hello = [{"role": "user", "content": "Hello"}]
+    seeded = job(hello, max_tokens=24, temperature=1.5, seed=7)
+    alone, _ = await run(backend, seeded)
+    neighbours = [job(hello, max_tokens=30, temperature=1.5) for _ in range(3)]
+    together = await asyncio.gather(run(backend, seeded), *(run(backend, n) for n in neighbours))
+    assert together[0][0] == alone
+    other_seed, _ = await run(backend, job(hello, max_tokens=24, temperature=1.5, seed=8))
+    assert other_seed != alone
 
 
 async def test_closing_the_stream_stops_generation(backend: TransformersBackend) -> None:
