@@ -173,14 +173,19 @@ async def main(quick: bool, size: str, levels: list[int], rounds: int) -> dict:
     # Off the main thread, like the worker's own generation thread: once a process's
     # main thread has run torch's OpenMP regions, other threads' regions run about
     # 2x slower on this machine (libgomp), which would handicap the second figure.
-    baseline = await asyncio.to_thread(sequential_generate, requests, model)
+    before = await asyncio.to_thread(sequential_generate, requests, model)
     backend = await sequential_backend(requests, model)
     mesh = await through_mesh(levels, 1 if quick else rounds, model)
+    # Measured again afterwards: on a shared 2-core VM the speed drifts by several
+    # per cent within a minute; the ratios use the mean of both.
+    after = await asyncio.to_thread(sequential_generate, requests, model)
+    baseline = (before + after) / 2
     return {
         "model": size,
         "parameters": _parameters(model),
         "max_tokens": MAX_TOKENS,
         "sequential_generate_tokens_per_s": round(baseline, 1),
+        "sequential_generate_before_after": [round(before, 1), round(after, 1)],
         "sequential_worker_loop_tokens_per_s": round(backend, 1),
         "rows": [
             {
@@ -221,7 +226,7 @@ if __name__ == "__main__":
         "--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrency levels"
     )
     parser.add_argument(
-        "--rounds", type=int, default=5, help="bursts of `level` requests per level"
+        "--rounds", type=int, default=10, help="bursts of `level` requests per level"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "worker_throughput.json")
     args = parser.parse_args()
@@ -229,7 +234,11 @@ if __name__ == "__main__":
     print(f"model: {result['model']} ({result['parameters'] / 1e6:.1f}M parameters)")
     baseline = result["sequential_generate_tokens_per_s"]
     loop = result["sequential_worker_loop_tokens_per_s"]
-    print(f"sequential model.generate in-process: {baseline} tokens/s (the baseline)")
+    before, after = result["sequential_generate_before_after"]
+    print(
+        f"sequential model.generate in-process: {baseline} tokens/s (the baseline; "
+        f"{before} before the mesh runs, {after} after)"
+    )
     print(f"sequential worker loop in-process: {loop} tokens/s ({loop / baseline:.2f}x)")
     print(f"{'concurrency':>11} {'tokens/s':>9} {'x sequential':>13}")
     for row in result["rows"]:

@@ -111,9 +111,11 @@ async def test_concurrent_jobs_share_batches_with_their_own_sampling(
 async def test_a_job_joins_a_running_batch_instead_of_waiting_for_it(
     backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
 ) -> None:
-    # min_tokens keeps the long job decoding for 1,500 tokens.
-    long_job = job([{"role": "user", "content": QUESTION}], max_tokens=1500, min_tokens=1500)
+    # min_tokens keeps the long job decoding for 300 tokens.
+    question = [{"role": "user", "content": QUESTION}]
+    long_job = job(question, max_tokens=300, min_tokens=300)
     decoded: list[int] = []
+    pieces: list[str] = []
     started = asyncio.Event()
 
     async def long_answer() -> Finished:
@@ -121,6 +123,7 @@ async def test_a_job_joins_a_running_batch_instead_of_waiting_for_it(
             if isinstance(event, Finished):
                 return event
             decoded.append(event.tokens)
+            pieces.append(event.text)
             started.set()
         raise AssertionError("no Finished event")
 
@@ -129,14 +132,43 @@ async def test_a_job_joins_a_running_batch_instead_of_waiting_for_it(
     short = [{"role": "user", "content": "What does the phone do?"}]
     text, finished = await run(backend, job(short, max_tokens=20))
     # the short job was answered while the long one was still far from its end ...
-    assert sum(decoded) < 1500 - 100
+    assert sum(decoded) < 300 - 100
     assert not running.done()
-    # ... and joining a batch midway did not change its answer
+    # ... and neither its joining midway nor its leaving changed either answer
     assert (text, finished.completion_tokens) == (
         reference_greedy(short, 20)[0],
         reference_greedy(short, 20)[2],
     )
-    assert (await running).completion_tokens == 1500
+    assert (await running).completion_tokens == 300
+    assert "".join(pieces) == reference_greedy(question, 300, min_tokens=300)[0]
+
+
+async def test_a_failed_step_fails_its_jobs_and_the_next_jobs_are_served(
+    backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    assert backend.scheduler is not None
+    model = backend.scheduler.model
+    real_forward = model.forward
+    failed = False
+
+    def forward_failing_once_with_both_rows(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if not failed and kwargs["input_ids"].shape == (2, 1):  # a step of both jobs
+            failed = True
+            raise RuntimeError("out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward_failing_once_with_both_rows
+    try:
+        question = [{"role": "user", "content": QUESTION}]
+        results = await asyncio.gather(
+            run(backend, job(question)), run(backend, job(question)), return_exceptions=True
+        )
+    finally:
+        del model.forward
+    assert [str(r) for r in results] == ["out of memory (simulated)"] * 2
+    text, _ = await run(backend, job(question))
+    assert text == reference_greedy(question, 48)[0]
 
 
 async def test_a_seeded_job_samples_the_same_with_or_without_neighbours(
