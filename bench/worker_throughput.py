@@ -22,6 +22,7 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,35 +79,48 @@ def model_folder(size: str) -> Path:
     return folder
 
 
-def sequential_generate(requests: int, model: Path) -> float:
-    """The baseline: `model.generate` on each request in turn, in this process."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class SequentialGenerate:
+    """The baseline: `model.generate` on each request in turn, in this process.
 
-    from inference_worker.backends.prompts import encode_prompt
+    Call it off the main thread (`asyncio.to_thread`), like the worker's own
+    generation thread: once a process's main thread has run torch's OpenMP regions,
+    other threads' regions run about 2x slower on this machine (libgomp), which would
+    handicap the worker-loop figure measured in the same process.
+    """
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    lm = AutoModelForCausalLM.from_pretrained(model).eval()
-    prompts = [encode_prompt(tokenizer, job(index), 0) for index in range(requests + 1)]
+    def __init__(self, model: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def one(prompt: list[int]) -> int:
+        from inference_worker.backends.prompts import encode_prompt
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.lm = AutoModelForCausalLM.from_pretrained(model).eval()
+        self.prompts = [encode_prompt(self.tokenizer, job(index), 0) for index in range(8)]
+        self.rates: list[float] = []
+        self._one(self.prompts[0])  # warm-up
+
+    def _one(self, prompt: list[int]) -> int:
+        import torch
+
         ids = torch.tensor([prompt])
         with torch.inference_mode():
-            out = lm.generate(
+            out = self.lm.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=MAX_TOKENS,
                 min_new_tokens=MAX_TOKENS,
                 do_sample=False,
                 repetition_penalty=1.15,
-                pad_token_id=tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.eos_token_id,
             )
         return out.shape[1] - ids.shape[1]
 
-    one(prompts[-1])  # warm-up
-    started = time.perf_counter()
-    tokens = sum(one(prompt) for prompt in prompts[:requests])
-    return tokens / (time.perf_counter() - started)
+    def rate(self, requests: int) -> float:
+        """Tokens/s over `requests` requests, one after another."""
+        started = time.perf_counter()
+        tokens = sum(self._one(self.prompts[i % len(self.prompts)]) for i in range(requests))
+        self.rates.append(tokens / (time.perf_counter() - started))
+        return self.rates[-1]
 
 
 async def sequential_backend(requests: int, model: Path) -> float:
@@ -124,7 +138,12 @@ async def sequential_backend(requests: int, model: Path) -> float:
     return tokens / elapsed
 
 
-async def through_mesh(levels: list[int], rounds: int, model: Path) -> dict[int, float]:
+async def through_mesh(
+    levels: list[int], rounds: int, model: Path, baseline: Callable[[], Awaitable[float]]
+) -> list[dict]:
+    """Each level's tokens/s through the mesh, with the baseline measured just before
+    and just after it: on a shared 2-core VM the speed drifts by several per cent
+    within a minute, so each ratio uses the baseline of its own moment."""
     port, key = free_port(), secrets.token_urlsafe(16)
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
@@ -147,7 +166,8 @@ async def through_mesh(levels: list[int], rounds: int, model: Path) -> dict[int,
         client = KeepAliveClient("127.0.0.1", port, key)
         body = {"temperature": 0, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS}
         await client.post("/chat", {"message": PROMPTS[0], **body})  # warm-up
-        results = {}
+        rows = []
+        before = await baseline()
         for level in levels:
             tokens = 0
 
@@ -160,8 +180,19 @@ async def through_mesh(levels: list[int], rounds: int, model: Path) -> dict[int,
             started = time.perf_counter()
             for _ in range(rounds):
                 tokens += sum(await asyncio.gather(*(one(i) for i in range(level))))
-            results[level] = tokens / (time.perf_counter() - started)
-        return results
+            rate = tokens / (time.perf_counter() - started)
+            after = await baseline()
+            around = (before + after) / 2
+            rows.append(
+                {
+                    "concurrency": level,
+                    "tokens_per_s": round(rate, 1),
+                    "baseline_tokens_per_s": round(around, 1),
+                    "vs_sequential": round(rate / around, 2),
+                }
+            )
+            before = after
+        return rows
     finally:
         await asyncio.to_thread(mesh.stop)
         await _remove_namespace(MeshSettings(namespace=namespace))
@@ -169,32 +200,29 @@ async def through_mesh(levels: list[int], rounds: int, model: Path) -> dict[int,
 
 async def main(quick: bool, size: str, levels: list[int], rounds: int) -> dict:
     model = model_folder(size)
-    requests = 8 if quick else 24
-    # Off the main thread, like the worker's own generation thread: once a process's
-    # main thread has run torch's OpenMP regions, other threads' regions run about
-    # 2x slower on this machine (libgomp), which would handicap the second figure.
-    before = await asyncio.to_thread(sequential_generate, requests, model)
-    backend = await sequential_backend(requests, model)
-    mesh = await through_mesh(levels, 1 if quick else rounds, model)
-    # Measured again afterwards: on a shared 2-core VM the speed drifts by several
-    # per cent within a minute; the ratios use the mean of both.
-    after = await asyncio.to_thread(sequential_generate, requests, model)
-    baseline = (before + after) / 2
+    block = 2 if quick else 6  # baseline requests before and after each level
+    sequential = await asyncio.to_thread(SequentialGenerate, model)
+    loop = await sequential_backend(8 if quick else 24, model)
+    loop_baseline = await asyncio.to_thread(sequential.rate, block)
+    rows = await through_mesh(
+        levels,
+        1 if quick else rounds,
+        model,
+        lambda: asyncio.to_thread(sequential.rate, block),
+    )
+    baseline = sum(sequential.rates) / len(sequential.rates)
     return {
         "model": size,
         "parameters": _parameters(model),
         "max_tokens": MAX_TOKENS,
         "sequential_generate_tokens_per_s": round(baseline, 1),
-        "sequential_generate_before_after": [round(before, 1), round(after, 1)],
-        "sequential_worker_loop_tokens_per_s": round(backend, 1),
-        "rows": [
-            {
-                "concurrency": level,
-                "tokens_per_s": round(rate, 1),
-                "vs_sequential": round(rate / baseline, 2),
-            }
-            for level, rate in mesh.items()
+        "sequential_generate_range": [
+            round(min(sequential.rates), 1),
+            round(max(sequential.rates), 1),
         ],
+        "sequential_worker_loop_tokens_per_s": round(loop, 1),
+        "worker_loop_vs_generate": round(loop / loop_baseline, 2),
+        "rows": rows,
     }
 
 
@@ -232,17 +260,21 @@ if __name__ == "__main__":
     args = parser.parse_args()
     result = asyncio.run(main(args.quick, args.size, args.levels, args.rounds))
     print(f"model: {result['model']} ({result['parameters'] / 1e6:.1f}M parameters)")
-    baseline = result["sequential_generate_tokens_per_s"]
-    loop = result["sequential_worker_loop_tokens_per_s"]
-    before, after = result["sequential_generate_before_after"]
+    low, high = result["sequential_generate_range"]
     print(
-        f"sequential model.generate in-process: {baseline} tokens/s (the baseline; "
-        f"{before} before the mesh runs, {after} after)"
+        f"sequential model.generate in-process: {result['sequential_generate_tokens_per_s']} "
+        f"tokens/s (the baseline, measured around each level: {low}-{high})"
     )
-    print(f"sequential worker loop in-process: {loop} tokens/s ({loop / baseline:.2f}x)")
-    print(f"{'concurrency':>11} {'tokens/s':>9} {'x sequential':>13}")
+    print(
+        f"sequential worker loop in-process: {result['sequential_worker_loop_tokens_per_s']} "
+        f"tokens/s ({result['worker_loop_vs_generate']}x generate)"
+    )
+    print(f"{'concurrency':>11} {'tokens/s':>9} {'baseline':>9} {'x sequential':>13}")
     for row in result["rows"]:
-        print(f"{row['concurrency']:>11} {row['tokens_per_s']:>9} {row['vs_sequential']:>13}")
+        print(
+            f"{row['concurrency']:>11} {row['tokens_per_s']:>9} "
+            f"{row['baseline_tokens_per_s']:>9} {row['vs_sequential']:>13}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -75,6 +75,12 @@ class WorkerSettings(MeshSettings):
         description="transformers backend: how often a job's tokens pass from the generation "
         "thread to the event loop (the first at once).",
     )
+    unstreamed_handoff_ms: float = Field(
+        default=250.0,
+        ge=0,
+        description="The same for a job whose client does not stream and that has no stop "
+        "strings (its end is handed over at once).",
+    )
     unstreamed_coalesce_tokens: int = Field(
         default=256, ge=1, description="The same for a job whose client does not stream."
     )

@@ -64,6 +64,7 @@ def build_backend(settings: WorkerSettings) -> Backend:
         max_batch=settings.capacity,
         quantization=settings.quantization,
         handoff_ms=settings.handoff_ms,
+        unstreamed_handoff_ms=settings.unstreamed_handoff_ms,
     )
 
 

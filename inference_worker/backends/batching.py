@@ -224,7 +224,8 @@ class BatchScheduler:
         self._batch: _Batch | None = None
         self._sampler: Sampler | None = None
         self._retired: set[str] = set()  # adapter versions to delete once unused
-        self._closing = False
+        self._closed = False  # no more submissions (set by close())
+        self._closing = False  # the thread has read the end of the queue
         # What the thread has done, for tests and metrics.
         self.steps = 0  # decoding forwards
         self.prefills = 0  # prompt forwards (a group of joining rows shares one)
@@ -235,7 +236,7 @@ class BatchScheduler:
     # --- from other threads -------------------------------------------------------
 
     def submit(self, row: Row) -> None:
-        if self._closing:
+        if self._closed:
             raise RuntimeError("the generation thread is closed")
         self.waiting.put(row)
 
@@ -247,6 +248,7 @@ class BatchScheduler:
 
     def close(self) -> None:
         """Finish what was submitted, then end the thread."""
+        self._closed = True
         self.waiting.put(None)
 
     # --- on the generation thread ------------------------------------------------

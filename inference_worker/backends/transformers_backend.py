@@ -135,6 +135,7 @@ class TransformersBackend:
         max_batch: int = 8,
         quantization: str = "none",
         handoff_ms: float = 10.0,
+        unstreamed_handoff_ms: float = 250.0,
     ) -> None:
         self.model_ref = model_ref
         self.device = resolve_device(device)
@@ -144,6 +145,7 @@ class TransformersBackend:
         self.max_batch = max_batch
         self.quantization = quantization
         self.handoff_s = handoff_ms / 1000
+        self.unstreamed_handoff_s = unstreamed_handoff_ms / 1000
         self.scheduler: BatchScheduler | None = None
         # public adapter name -> (version, the name it is loaded under in peft)
         self.loaded: dict[str, tuple[int, str]] = {}
@@ -193,7 +195,12 @@ class TransformersBackend:
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
         assert self.scheduler is not None, "start() first"
         ids = self.encode_prompt(job)
-        handoff = _Handoff(asyncio.get_running_loop(), self.decoded, self.handoff_s)
+        # Nobody reads an unstreamed answer before its end (which the generation
+        # thread hands over at once): its tokens can wait longer, unless stop strings
+        # must be matched as they come.
+        quick = job.stream or bool(job.sampling.stop)
+        every_s = self.handoff_s if quick else self.unstreamed_handoff_s
+        handoff = _Handoff(asyncio.get_running_loop(), self.decoded, every_s)
         adapter = None if job.model in (None, self.base_model) else job.model
         if adapter is not None and adapter not in self.loaded:
             raise PermanentError(f"model {job.model!r} is not served here", "model_not_found")
