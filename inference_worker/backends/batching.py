@@ -18,9 +18,10 @@ after a batch started waited for the whole batch, a short answer kept its place
 until the longest one ended, and generate's per-step machinery cost more than the
 forward itself on small models (on the 11M benchmark model at 8 rows: 6.1 ms per
 step through generate against 4.9 ms for the forward alone).
-Why not transformers' own continuous batching: measured here on CPU it decoded ~5
-tokens/s against ~500 for plain `generate` (its paged attention is built for GPUs),
-and it has no repetition penalty.
+Why not transformers' own continuous batching (`generate_batch`, paged attention):
+on this CPU it decoded 8 requests of the 11M benchmark model at 17 tokens/s, against
+214 for plain `generate` one request at a time (it is built for GPUs), and it has no
+repetition penalty.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import redis.asyncio as redis
 
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
-from proto.messages import CancelJob, WorkerStatus
+from proto.messages import CancelJob, ChatJob, WorkerStatus
 from services import liveness
 from services.bus import Topology
 from services.redis_client import Keys
@@ -280,3 +280,37 @@ async def test_bootstrap_by_hash_and_a_metrics_only_key(namespace: str) -> None:
         await remove_namespace(settings)
     with pytest.raises(ValueError):
         GatewaySettings(api_key_sha256="not-a-hash")
+
+
+async def test_jobs_say_whether_their_client_streams(
+    client: httpx.AsyncClient, store: KeyStore, app_settings: GatewaySettings, fake_worker: None
+) -> None:
+    """The worker groups an unstreamed answer into fewer messages: the gateway must
+    mark each job with how its client reads the answer."""
+    topology = Topology(app_settings.namespace, app_settings.model_family)
+    hello = [{"role": "user", "content": "hi"}]
+    requests = [
+        ("/chat", {"message": "hi"}, False),
+        ("/chat/stream", {"message": "hi"}, True),
+        ("/generate", {"prompt": "[INST] hi [/INST]"}, False),
+        ("/v1/chat/completions", {"model": "demo-model", "messages": hello}, False),
+        ("/v1/chat/completions", {"model": "demo-model", "messages": hello, "stream": True}, True),
+    ]
+    connection = await aio_pika.connect(app_settings.amqp_url)
+    pending = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.job_queue, passive=True)
+        for path, body, streams in requests:
+            headers = await new_key(store, "chat")
+            pending.append(asyncio.create_task(client.post(path, json=body, headers=headers)))
+            message = None
+            for _ in range(50):
+                if message := await queue.get(fail=False):
+                    break
+                await asyncio.sleep(0.05)
+            assert message is not None, f"{path}: no job was queued"
+            await message.ack()  # taken, never answered: the request times out
+            job = ChatJob.model_validate_json(message.body)
+            assert job.stream is streams, path
+        await asyncio.gather(*pending)
