@@ -26,6 +26,7 @@ repetition penalty.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -48,7 +49,7 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 @dataclass(eq=False)
 class Row:
     """One job. `emit` gets each new token id (on the generation thread); `finish` the
-    end, with the error if it failed. Set `stop` to cancel it."""
+    end, once, with the error if it failed. Set `stop` to cancel it."""
 
     ids: list[int]
     sampling: SamplingParams
@@ -57,7 +58,7 @@ class Row:
     adapter: str | None = None  # the public adapter name; None: the base model
     stop: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
-    done: bool = False
+    ended: bool = False
     # Fixed when the row is admitted: the loaded adapter it decodes with from start
     # to end (a newer version published meanwhile serves the next job), and its own
     # random generator when it has a seed, so its samples do not depend on neighbours.
@@ -74,7 +75,9 @@ class _Call:
 
     def run(self) -> None:
         try:
-            self.future.set_result(self.fn())
+            # Outside inference mode: loading weights must not make inference tensors.
+            with torch.inference_mode(False):
+                self.future.set_result(self.fn())
         except BaseException as exc:
             self.future.set_exception(exc)
 
@@ -215,18 +218,21 @@ class BatchScheduler:
         self.device = device
         self.max_batch = max_batch
         self.pad = (
-            tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else (tokenizer.eos_token_id)
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.eos = tokenizer.eos_token_id
         self.waiting: queue.Queue[Row | _Call | None] = queue.Queue()
         self._queued: deque[Row] = deque()  # taken from `waiting`, not yet admitted
+        self._joining: list[Row] = []  # being admitted
         self._batch: _Batch | None = None
         self._sampler: Sampler | None = None
         self._retired: set[str] = set()  # adapter versions to delete once unused
-        self._closed = False  # no more submissions (set by close())
-        self._closing = False  # the thread has read the end of the queue
+        # `_closed`: no more submissions (close() was called, or the thread ended);
+        # under `_lock`, so nothing is queued behind the end marker. `_closing`: the
+        # thread has read the end marker and stops once what came before it is done.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._closing = False
         # What the thread has done, for tests and metrics.
         self.steps = 0  # decoding forwards
         self.prefills = 0  # prompt forwards (a group of joining rows shares one)
@@ -237,39 +243,94 @@ class BatchScheduler:
     # --- from other threads -------------------------------------------------------
 
     def submit(self, row: Row) -> None:
-        if self._closed:
-            raise RuntimeError("the generation thread is closed")
-        self.waiting.put(row)
+        self._put(row)
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run `fn` on the generation thread between two decoding steps."""
         work = _Call(fn)
-        self.waiting.put(work)
+        self._put(work)
         return work.future
 
     def close(self) -> None:
         """Finish what was submitted, then end the thread."""
-        self._closed = True
-        self.waiting.put(None)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.waiting.put(None)
+
+    def _put(self, item: Row | _Call) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the generation thread has stopped")
+            self.waiting.put(item)
 
     # --- on the generation thread ------------------------------------------------
 
     def retire(self, slot: str) -> None:
-        """Delete the loaded adapter `slot` once no running row decodes with it."""
+        """Delete the loaded adapter `slot` once no running row decodes with it.
+        Only on the generation thread (from a `call`)."""
         self._retired.add(slot)
         self._delete_unused_adapters()
 
     def _run(self) -> None:
-        while self._take():
-            running = len(self._batch.rows) if self._batch else 0
-            joining: list[Row] = []
-            while self._queued and running + len(joining) < self.max_batch:
-                joining.append(self._queued.popleft())
-            if joining:
-                self._admit(joining)
-            if self._batch is not None:
-                self._step()
+        # Everything this thread computes is for inference: one mode for all of it
+        # (tensors made in it can be updated in place only inside it).
+        with torch.inference_mode():
+            try:
+                while self._take():
+                    try:
+                        self._turn()
+                    except Exception as exc:  # a bug or an allocation failure
+                        log.exception("the batch failed; its jobs end with the error")
+                        self._fail_running(exc)
+            finally:
+                self._stop()
         log.debug("generation thread stopped")
+
+    def _turn(self) -> None:
+        """Admit what fits, then decode one step."""
+        running = len(self._batch.rows) if self._batch else 0
+        while self._queued and running + len(self._joining) < self.max_batch:
+            self._joining.append(self._queued.popleft())
+        if self._joining:
+            self._admit(self._joining)
+            self._joining = []
+        if self._batch is not None:
+            self._step()
+
+    def _end(self, row: Row, error: BaseException | None) -> None:
+        if not row.ended:
+            row.ended = True
+            row.finish(error)
+
+    def _fail_running(self, error: BaseException) -> None:
+        """End the running and joining rows with `error` and start afresh."""
+        rows = [*(self._batch.rows if self._batch else []), *self._joining]
+        self._batch = self._sampler = None
+        self._joining = []
+        for row in rows:
+            self._end(row, error)
+        with contextlib.suppress(Exception):
+            self._delete_unused_adapters()
+
+    def _stop(self) -> None:
+        """The thread ends (closed, or something escaped): nobody may wait forever."""
+        with self._lock:
+            self._closed = True
+        gone = RuntimeError("the generation thread has stopped")
+        self._fail_running(gone)
+        leftovers: list[Row | _Call | None] = [*self._queued]
+        self._queued.clear()
+        while True:
+            try:
+                leftovers.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        for item in leftovers:
+            if isinstance(item, Row):
+                self._end(item, gone)
+            elif isinstance(item, _Call):
+                item.future.set_exception(gone)
 
     def _take(self) -> bool:
         """Move submitted work off the queue, blocking only when there is nothing to
@@ -293,8 +354,7 @@ class BatchScheduler:
         """The model's next-token logits for each row."""
         if hasattr(self.model, "peft_config"):  # adapters loaded: name one per row
             inputs["adapter_names"] = [r.slot for r in rows]
-        with torch.inference_mode():
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def _admit(self, rows: list[Row]) -> None:
@@ -302,12 +362,12 @@ class BatchScheduler:
         live = []
         for row in rows:
             if row.stop.is_set():
-                row.finish(None)
+                self._end(row, None)
                 continue
             try:
                 row.slot = self.adapter_of(row.adapter) if row.adapter else BASE
             except KeyError:
-                row.finish(LookupError(f"adapter {row.adapter!r} is not loaded"))
+                self._end(row, LookupError(f"adapter {row.adapter!r} is not loaded"))
                 continue
             if row.sampling.seed is not None:
                 row.generator = torch.Generator(self.device).manual_seed(row.sampling.seed)
@@ -319,7 +379,7 @@ class BatchScheduler:
         except Exception as exc:
             log.exception("prompt of %d row(s) failed", len(live))
             for row in live:
-                row.finish(exc)
+                self._end(row, exc)
             return
         if self._batch is None:
             self._batch = joined
@@ -376,7 +436,7 @@ class BatchScheduler:
             log.exception("decoding step of %d row(s) failed", len(batch.rows))
             self._batch = self._sampler = None
             for row in batch.rows:
-                row.finish(exc)
+                self._end(row, exc)
             self._delete_unused_adapters()
             return
         batch.last = tokens.unsqueeze(1)
@@ -394,14 +454,13 @@ class BatchScheduler:
             row.generated += 1
             row.emit(token_id)
             if token_id == self.eos or row.generated >= row.sampling.max_tokens:
-                row.done = True
                 ended.add(index)
         if ended:
             self._remove(batch, ended)
 
     def _remove(self, batch: _Batch, ended: set[int]) -> None:
         for index in sorted(ended):
-            batch.rows[index].finish(None)
+            self._end(batch.rows[index], None)
         keep = [i for i in range(len(batch.rows)) if i not in ended]
         if keep:
             batch.keep(keep)

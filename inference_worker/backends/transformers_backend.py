@@ -149,6 +149,7 @@ class TransformersBackend:
         self.scheduler: BatchScheduler | None = None
         # public adapter name -> (version, the name it is loaded under in peft)
         self.loaded: dict[str, tuple[int, str]] = {}
+        self._loads = 0
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_context = 0
@@ -253,7 +254,10 @@ class TransformersBackend:
         once the last of them ends.
         """
         assert self.scheduler is not None, "start() first"
-        internal = f"{name.replace('.', '_')}__v{version}"
+        # A fresh internal name for every load: a rollback to a version that running
+        # jobs still use must not reuse (and later retire) their copy.
+        self._loads += 1
+        internal = f"{name.replace('.', '_')}__v{version}__{self._loads}"
 
         def load() -> None:
             from peft import PeftModel
@@ -267,7 +271,7 @@ class TransformersBackend:
                 self.scheduler.model = self.model  # type: ignore[union-attr]
             previous = self.loaded.get(name)
             self.loaded[name] = (version, internal)
-            if previous is not None and previous[1] != internal:
+            if previous is not None:
                 # Rows still answering with the previous version finish with it.
                 self.scheduler.retire(previous[1])  # type: ignore[union-attr]
 

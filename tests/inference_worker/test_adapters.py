@@ -181,13 +181,47 @@ async def test_adapters_load_in_place_and_share_batches_with_the_base(
 
     running = asyncio.create_task(running_answer())
     await started.wait()
+    v1_copy = backend.loaded["continuity"][1]
     await backend.load_adapter("continuity", 2, verify(registry, "continuity", 2, "demo-model"))
+    v2_copy = backend.loaded["continuity"][1]
     assert backend.adapters == {"continuity": 2}
-    assert set(backend.model.peft_config) == {"continuity__v1", "continuity__v2"}
+    assert set(backend.model.peft_config) == {v1_copy, v2_copy}
     assert (await running) == peft_greedy(demo_model, registry / "continuity" / "1", 120)
     await answer(backend, chat(None))  # the generation thread has moved on
-    assert set(backend.model.peft_config) == {"continuity__v2"}
+    assert set(backend.model.peft_config) == {v2_copy}
     assert await answer(backend, chat("continuity")) == peft_greedy(
         demo_model, registry / "continuity" / "2", 24
     )
+    await backend.close()
+
+
+async def test_a_rollback_to_a_version_in_use_keeps_it_served(
+    registry: Path, demo_model: Path, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    backend = TransformersBackend(str(demo_model), device="cpu", max_batch=8)
+    await backend.start()
+    v1 = verify(registry, "continuity", 1, "demo-model")
+    await backend.load_adapter("continuity", 1, v1)
+    started = asyncio.Event()
+
+    async def long_v1_answer() -> str:
+        pieces = []
+        async for event in backend.generate(chat("continuity", max_tokens=120)):
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+                started.set()
+        return "".join(pieces)
+
+    running = asyncio.create_task(long_v1_answer())
+    await started.wait()
+    # v2 published, then rolled back to v1, both while the v1 job still runs
+    await backend.load_adapter("continuity", 2, verify(registry, "continuity", 2, "demo-model"))
+    await backend.load_adapter("continuity", 1, v1)
+    assert (await running) == peft_greedy(demo_model, v1, 120)
+    # the job's end retired only its own copy: v1 and the base are still served
+    assert backend.adapters == {"continuity": 1}
+    assert await answer(backend, chat("continuity")) == peft_greedy(demo_model, v1, 24)
+    question = [{"role": "user", "content": QUESTION}]
+    assert await answer(backend, chat(None)) == reference_greedy(question, 24)[0]
+    assert len(backend.model.peft_config) == 1
     await backend.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from inference_worker.backends import batching
 from inference_worker.backends.base import Finished, TextDelta
 from inference_worker.backends.detokenizer import IncrementalDetokenizer
 from inference_worker.backends.transformers_backend import TransformersBackend
@@ -64,6 +65,18 @@ async def test_streamed_greedy_text_equals_a_direct_generate(
         prompt_tokens,
         completion_tokens,
     )
+
+
+async def test_min_tokens_without_a_repetition_penalty(
+    backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    text, finished = await run(
+        backend, job(messages, max_tokens=40, min_tokens=30, repetition_penalty=1.0)
+    )
+    expected, _, tokens = reference_greedy(messages, 40, repetition_penalty=1.0, min_tokens=30)
+    assert (text, finished.completion_tokens) == (expected, tokens)
+    assert tokens >= 30
 
 
 async def test_max_tokens_ends_with_length(backend: TransformersBackend) -> None:
@@ -182,6 +195,52 @@ async def test_a_seeded_job_samples_the_same_with_or_without_neighbours(
     assert together[0][0] == alone
     other_seed, _ = await run(backend, job(hello, max_tokens=24, temperature=1.5, seed=8))
     assert other_seed != alone
+
+
+async def test_a_failure_anywhere_in_the_loop_ends_its_jobs_and_the_loop_goes_on(
+    backend: TransformersBackend,
+    reference_greedy: Callable[..., tuple[str, int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    question = [{"role": "user", "content": QUESTION}]
+    started = asyncio.Event()
+
+    async def long_answer() -> None:
+        async for _ in backend.generate(job(question, max_tokens=400, min_tokens=400)):
+            started.set()
+
+    running = asyncio.create_task(long_answer())
+    await started.wait()
+
+    def failing_extend(self: Any, other: Any) -> None:
+        raise MemoryError("cannot grow the cache (simulated)")
+
+    # the next job's cache cannot be appended: not a forward, so no narrower handler
+    monkeypatch.setattr(batching._Batch, "extend", failing_extend)
+    with pytest.raises(MemoryError, match="simulated"):
+        await run(backend, job(question))
+    with pytest.raises(MemoryError, match="simulated"):
+        await running
+    monkeypatch.undo()
+    text, _ = await run(backend, job(question))
+    assert text == reference_greedy(question, 48)[0]
+
+
+async def test_closing_finishes_what_was_submitted_and_refuses_the_rest(
+    demo_model: Path, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    own = TransformersBackend(str(demo_model), device="cpu")
+    await own.start()
+    question = [{"role": "user", "content": QUESTION}]
+    answers = [asyncio.create_task(run(own, job(question, max_tokens=16))) for _ in range(3)]
+    await asyncio.sleep(0)  # the three are submitted ...
+    await own.close()  # ... before the close
+    for answer in answers:
+        assert (await answer)[0] == reference_greedy(question, 16)[0]
+    with pytest.raises(RuntimeError, match="stopped"):
+        await run(own, job(question))
+    with pytest.raises(RuntimeError, match="stopped"):
+        own.scheduler.call(lambda: None)  # type: ignore[union-attr]
 
 
 async def test_closing_the_stream_stops_generation(backend: TransformersBackend) -> None:
