@@ -119,6 +119,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._adapter_lock = asyncio.Lock()
+        self.broken = False  # the backend reported it can no longer serve
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(
@@ -200,15 +201,26 @@ class Worker:
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():
             try:
-                await liveness.publish_status(
-                    self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
-                )
-                if self.settings.health_file and self.bus.connected:
-                    self.settings.health_file.touch()
+                if (await self.backend.health()).get("ok", True):
+                    await liveness.publish_status(
+                        self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
+                    )
+                    if self.settings.health_file and self.bus.connected:
+                        self.settings.health_file.touch()
+                elif not self.broken:
+                    await self._retire_broken_backend()
             except Exception as exc:
                 log.warning("liveness record not refreshed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_s)
+
+    async def _retire_broken_backend(self) -> None:
+        """The backend can no longer serve: take no more jobs (others' workers get
+        them), leave the live set, and let the probe fail so the worker is restarted."""
+        self.broken = True
+        log.error("the %s backend can no longer serve; taking no more jobs", self.settings.backend)
+        await self.bus.stop_consuming()
+        await liveness.remove_status(self.redis, self.keys, self.worker_id)
 
     async def run(self) -> None:
         await self.backend.start()

@@ -62,7 +62,8 @@ class Backend(Protocol):
         """Serve `name` from a verified adapter folder, without failing running jobs."""
 
     async def health(self) -> dict[str, object]:
-        """A small dict for logs and liveness records."""
+        """A small dict for logs and liveness records; `"ok": False` when the backend
+        can no longer serve (the worker then stops taking jobs and fails its probe)."""
         ...
 
     async def close(self) -> None:

@@ -264,6 +264,11 @@ class BatchScheduler:
                 raise RuntimeError("the generation thread has stopped")
             self.waiting.put(item)
 
+    @property
+    def alive(self) -> bool:
+        """Whether submitted work will still be done."""
+        return self._thread.is_alive() and not self._closed
+
     # --- on the generation thread ------------------------------------------------
 
     def retire(self, slot: str) -> None:

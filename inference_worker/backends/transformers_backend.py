@@ -284,7 +284,12 @@ class TransformersBackend:
         return self.decoded.value
 
     async def health(self) -> dict[str, object]:
-        return {"backend": "transformers", "model": self.model_ref, "device": self.device}
+        return {
+            "backend": "transformers",
+            "model": self.model_ref,
+            "device": self.device,
+            "ok": self.scheduler is not None and self.scheduler.alive,
+        }
 
     async def close(self) -> None:
         if self.scheduler is not None:
