@@ -75,6 +75,12 @@ class WorkerSettings(MeshSettings):
         description="transformers backend: how often a job's tokens pass from the generation "
         "thread to the event loop (the first at once).",
     )
+    prefill_chunk_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="transformers backend: prompt tokens read per decoding step of the "
+        "running jobs while new jobs join (long prompts are read in chunks).",
+    )
     unstreamed_handoff_ms: float = Field(
         default=250.0,
         ge=0,

@@ -65,6 +65,7 @@ def build_backend(settings: WorkerSettings) -> Backend:
         quantization=settings.quantization,
         handoff_ms=settings.handoff_ms,
         unstreamed_handoff_ms=settings.unstreamed_handoff_ms,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
 
 

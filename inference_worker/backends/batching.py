@@ -5,8 +5,9 @@ token per job per step. A job that arrives while others are decoding joins them 
 the next step; a job that ends leaves at once. Each turn of the loop:
 
 1. admits waiting jobs (up to `max_batch` running in all): their prompts go through
-   the model together (left-padded), and their KV caches are appended to the running
-   batch's (the shorter side left-padded and masked out);
+   the model together (left-padded), a chunk per turn so that a long prompt does not
+   stall the running rows, and once read, their KV caches are appended to the
+   running batch's (the shorter side left-padded and masked out);
 2. runs one decoding step: a single forward over one new token per row;
 3. picks each row's next token with its own settings (greedy or temperature/top-p,
    repetition penalty, min_tokens, its own seeded generator, its own LoRA adapter);
@@ -139,6 +140,28 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """Joining rows' prompts, left-padded to a common length, and how far the model
+    has read them."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache
+    done: int = 0
+
+    @classmethod
+    def of(cls, rows: list[Row], pad: int, device: Any) -> _Prefill:
+        longest = max(len(r.ids) for r in rows)
+        ids = torch.tensor([[pad] * (longest - len(r.ids)) + r.ids for r in rows], device=device)
+        mask = torch.tensor(
+            [[0] * (longest - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device
+        )
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return cls(ids, mask, positions, DynamicCache())
+
+
 class _Batch:
     """The running rows and their shared decoding state, aligned by row index.
 
@@ -212,6 +235,7 @@ class BatchScheduler:
         device: str,
         max_batch: int,
         adapter_of: Callable[[str], str] = lambda name: name,
+        prefill_chunk_tokens: int = 512,
     ) -> None:
         self.model = model
         self.adapter_of = adapter_of  # public adapter name -> the loaded adapter's name
@@ -223,7 +247,11 @@ class BatchScheduler:
         self.eos = tokenizer.eos_token_id
         self.waiting: queue.Queue[Row | _Call | None] = queue.Queue()
         self._queued: deque[Row] = deque()  # taken from `waiting`, not yet admitted
-        self._joining: list[Row] = []  # being admitted
+        self._joining: list[Row] = []  # being admitted: their prompts are being read
+        self._prefill: _Prefill | None = None
+        # Prompt tokens read per turn (split among the joining rows): a long prompt
+        # is read in chunks, one decoding step of the running rows after each.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._batch: _Batch | None = None
         self._sampler: Sampler | None = None
         self._retired: set[str] = set()  # adapter versions to delete once unused
@@ -293,13 +321,16 @@ class BatchScheduler:
         log.debug("generation thread stopped")
 
     def _turn(self) -> None:
-        """Admit what fits, then decode one step."""
-        running = len(self._batch.rows) if self._batch else 0
-        while self._queued and running + len(self._joining) < self.max_batch:
-            self._joining.append(self._queued.popleft())
-        if self._joining:
-            self._admit(self._joining)
-            self._joining = []
+        """Start admitting what fits, run one chunk of the joining prompts, then
+        decode one step for the running rows."""
+        if not self._joining:
+            running = len(self._batch.rows) if self._batch else 0
+            while self._queued and running + len(self._joining) < self.max_batch:
+                self._joining.append(self._queued.popleft())
+            if self._joining:
+                self._start_prefill()
+        if self._prefill is not None:
+            self._prefill_chunk()
         if self._batch is not None:
             self._step()
 
@@ -311,7 +342,7 @@ class BatchScheduler:
     def _fail_running(self, error: BaseException) -> None:
         """End the running and joining rows with `error` and start afresh."""
         rows = [*(self._batch.rows if self._batch else []), *self._joining]
-        self._batch = self._sampler = None
+        self._batch = self._sampler = self._prefill = None
         self._joining = []
         for row in rows:
             self._end(row, error)
@@ -362,10 +393,10 @@ class BatchScheduler:
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def _admit(self, rows: list[Row]) -> None:
-        """Run the joining rows' prompts and add them to the running batch."""
+    def _start_prefill(self) -> None:
+        """Pin each joining row's adapter and generator and lay out their prompts."""
         live = []
-        for row in rows:
+        for row in self._joining:
             if row.stop.is_set():
                 self._end(row, None)
                 continue
@@ -377,44 +408,57 @@ class BatchScheduler:
             if row.sampling.seed is not None:
                 row.generator = torch.Generator(self.device).manual_seed(row.sampling.seed)
             live.append(row)
-        if not live:
+        self._joining = live
+        if live:
+            self.prefills += 1
+            self._prefill = _Prefill.of(live, self.pad, self.device)
+
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the joining prompts; after the last one, pick their
+        first tokens and append them to the running batch. Long prompts go in chunks
+        so that the running rows keep decoding, one step per chunk, meanwhile."""
+        prefill = self._prefill
+        assert prefill is not None
+        rows = self._joining
+        if all(row.stop.is_set() for row in rows):
+            for row in rows:
+                self._end(row, None)
+            self._prefill, self._joining = None, []
             return
+        width = max(1, self.prefill_chunk_tokens // len(rows))
+        start, end = prefill.done, min(prefill.done + width, prefill.ids.shape[1])
         try:
-            joined = self._prefill(live)
+            logits = self._forward(
+                rows,
+                input_ids=prefill.ids[:, start:end],
+                attention_mask=prefill.mask[:, :end],
+                position_ids=prefill.positions[:, start:end],
+                past_key_values=prefill.cache,
+            )
         except Exception as exc:
-            log.exception("prompt of %d row(s) failed", len(live))
-            for row in live:
+            log.exception("prompt of %d row(s) failed", len(rows))
+            for row in rows:
                 self._end(row, exc)
+            self._prefill, self._joining = None, []
             return
+        prefill.done = end
+        if end < prefill.ids.shape[1]:
+            return
+        # Padding is not "seen": count real tokens only.
+        counts = torch.zeros(logits.shape, dtype=prefill.mask.dtype, device=self.device)
+        seen = counts.scatter_add_(1, prefill.ids, prefill.mask) > 0
+        first = Sampler(rows, self.eos, self.device)(logits, seen)
+        seen.scatter_(1, first.unsqueeze(1), True)
+        joined = _Batch(rows, prefill.cache, prefill.mask, first.unsqueeze(1), seen)
         if self._batch is None:
             self._batch = joined
         else:
             self._batch.extend(joined)
-        log.debug("batch: %d row(s), %d joined", len(self._batch.rows), len(live))
+        self._prefill, self._joining = None, []
+        log.debug("batch: %d row(s), %d joined", len(self._batch.rows), len(rows))
         self._sampler = Sampler(self._batch.rows, self.eos, self.device)
-        start = len(self._batch.rows) - len(live)
-        self._emit_and_prune(self._batch, joined.last.reshape(-1).tolist(), start)
-
-    def _prefill(self, rows: list[Row]) -> _Batch:
-        self.prefills += 1
-        longest = max(len(r.ids) for r in rows)
-        ids = torch.tensor(
-            [[self.pad] * (longest - len(r.ids)) + r.ids for r in rows], device=self.device
-        )
-        mask = torch.tensor(
-            [[0] * (longest - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device
-        )
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self._forward(
-            rows, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
-        )
-        # Padding is not "seen": count real tokens only.
-        counts = torch.zeros(logits.shape, dtype=mask.dtype, device=self.device)
-        seen = counts.scatter_add_(1, ids, mask) > 0
-        first = Sampler(rows, self.eos, self.device)(logits, seen)
-        seen.scatter_(1, first.unsqueeze(1), True)
-        return _Batch(rows, cache, mask, first.unsqueeze(1), seen)
+        start_row = len(self._batch.rows) - len(rows)
+        self._emit_and_prune(self._batch, first.tolist(), start_row)
 
     def _step(self) -> None:
         batch = self._batch

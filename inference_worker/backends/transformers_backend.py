@@ -136,6 +136,7 @@ class TransformersBackend:
         quantization: str = "none",
         handoff_ms: float = 10.0,
         unstreamed_handoff_ms: float = 250.0,
+        prefill_chunk_tokens: int = 512,
     ) -> None:
         self.model_ref = model_ref
         self.device = resolve_device(device)
@@ -146,6 +147,7 @@ class TransformersBackend:
         self.quantization = quantization
         self.handoff_s = handoff_ms / 1000
         self.unstreamed_handoff_s = unstreamed_handoff_ms / 1000
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.scheduler: BatchScheduler | None = None
         # public adapter name -> (version, the name it is loaded under in peft)
         self.loaded: dict[str, tuple[int, str]] = {}
@@ -180,6 +182,7 @@ class TransformersBackend:
             self.device,
             self.max_batch,
             adapter_of=lambda name: self.loaded[name][1],
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
         )
         log.info(
             "loaded %s on %s (%s, quantization %s, %.1f MB)",

@@ -184,6 +184,43 @@ async def test_a_failed_step_fails_its_jobs_and_the_next_jobs_are_served(
     assert text == reference_greedy(question, 48)[0]
 
 
+async def test_a_long_prompt_is_read_in_chunks_while_the_running_job_keeps_decoding(
+    backend: TransformersBackend, reference_greedy: Callable[..., tuple[str, int, int]]
+) -> None:
+    assert backend.scheduler is not None
+    question = [{"role": "user", "content": QUESTION}]
+    long_prompt = [
+        {"role": "user", "content": "Tell me about the tiers. " * 30 + "What does the phone do?"}
+    ]
+    started = asyncio.Event()
+
+    async def long_answer() -> str:
+        pieces = []
+        async for event in backend.generate(job(question, max_tokens=300, min_tokens=300)):
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+                started.set()
+        return "".join(pieces)
+
+    backend.scheduler.prefill_chunk_tokens = 16
+    try:
+        running = asyncio.create_task(long_answer())
+        await started.wait()
+        before = backend.tokens_generated
+        joining = backend.generate(job(long_prompt, max_tokens=12))
+        first = await anext(joining)
+        decoded_meanwhile = backend.tokens_generated - before
+        pieces = [first.text] + [e.text async for e in joining if isinstance(e, TextDelta)]
+    finally:
+        backend.scheduler.prefill_chunk_tokens = 512
+    prompt_tokens = reference_greedy(long_prompt, 1)[1]
+    assert prompt_tokens > 150
+    # one decoding step of the running job per 16-token chunk of the new prompt
+    assert decoded_meanwhile >= prompt_tokens // 16 - 1
+    assert "".join(pieces) == reference_greedy(long_prompt, 12)[0]
+    assert await running == reference_greedy(question, 300, min_tokens=300)[0]
+
+
 async def test_a_seeded_job_samples_the_same_with_or_without_neighbours(
     backend: TransformersBackend,
 ) -> None:
@@ -206,7 +243,7 @@ async def test_a_failure_anywhere_in_the_loop_ends_its_jobs_and_the_loop_goes_on
     started = asyncio.Event()
 
     async def long_answer() -> None:
-        async for _ in backend.generate(job(question, max_tokens=400, min_tokens=400)):
+        async for _ in backend.generate(job(question, max_tokens=300, min_tokens=300)):
             started.set()
 
     running = asyncio.create_task(long_answer())
