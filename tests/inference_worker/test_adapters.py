@@ -126,6 +126,23 @@ async def answer(backend: TransformersBackend, job: ChatJob) -> str:
     return "".join([e.text async for e in backend.generate(job) if isinstance(e, TextDelta)])
 
 
+async def answer_underway(backend: TransformersBackend, job: ChatJob) -> asyncio.Task[str]:
+    """The whole answer to `job`, as a task; returns once its first text has come."""
+    started = asyncio.Event()
+
+    async def whole() -> str:
+        pieces = []
+        async for event in backend.generate(job):
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+                started.set()
+        return "".join(pieces)
+
+    task = asyncio.create_task(whole())
+    await started.wait()
+    return task
+
+
 def peft_greedy(demo_model: Path, folder: Path, max_tokens: int) -> str:
     import torch
     from peft import PeftModel
@@ -169,18 +186,7 @@ async def test_adapters_load_in_place_and_share_batches_with_the_base(
 
     # A new version replaces the old one while a job runs: nothing fails, the running
     # job ends with the version it started with, which is dropped after it.
-    started = asyncio.Event()
-
-    async def running_answer() -> str:
-        pieces = []
-        async for event in backend.generate(chat("continuity", max_tokens=120)):
-            if isinstance(event, TextDelta):
-                pieces.append(event.text)
-                started.set()
-        return "".join(pieces)
-
-    running = asyncio.create_task(running_answer())
-    await started.wait()
+    running = await answer_underway(backend, chat("continuity", max_tokens=120))
     v1_copy = backend.loaded["continuity"][1]
     await backend.load_adapter("continuity", 2, verify(registry, "continuity", 2, "demo-model"))
     v2_copy = backend.loaded["continuity"][1]
@@ -202,18 +208,7 @@ async def test_a_rollback_to_a_version_in_use_keeps_it_served(
     await backend.start()
     v1 = verify(registry, "continuity", 1, "demo-model")
     await backend.load_adapter("continuity", 1, v1)
-    started = asyncio.Event()
-
-    async def long_v1_answer() -> str:
-        pieces = []
-        async for event in backend.generate(chat("continuity", max_tokens=120)):
-            if isinstance(event, TextDelta):
-                pieces.append(event.text)
-                started.set()
-        return "".join(pieces)
-
-    running = asyncio.create_task(long_v1_answer())
-    await started.wait()
+    running = await answer_underway(backend, chat("continuity", max_tokens=120))
     # v2 published, then rolled back to v1, both while the v1 job still runs
     await backend.load_adapter("continuity", 2, verify(registry, "continuity", 2, "demo-model"))
     await backend.load_adapter("continuity", 1, v1)
