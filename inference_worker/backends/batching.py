@@ -372,7 +372,7 @@ class BatchScheduler:
         """Move submitted work off the queue, blocking only when there is nothing to
         decode; run calls now. False once closed and everything has ended."""
         while True:
-            idle = self._batch is None and not self._queued
+            idle = self._batch is None and self._prefill is None and not self._queued
             if idle and self._closing:
                 return False
             try:

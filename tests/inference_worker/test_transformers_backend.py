@@ -204,6 +204,8 @@ async def test_a_long_prompt_is_read_in_chunks_while_the_running_job_keeps_decod
 
     backend.scheduler.prefill_chunk_tokens = 16
     try:
+        # alone: read chunk after chunk with nothing else to decode in between
+        alone, _ = await run(backend, job(long_prompt, max_tokens=12))
         running = asyncio.create_task(long_answer())
         await started.wait()
         before = backend.tokens_generated
@@ -217,7 +219,7 @@ async def test_a_long_prompt_is_read_in_chunks_while_the_running_job_keeps_decod
     assert prompt_tokens > 150
     # one decoding step of the running job per 16-token chunk of the new prompt
     assert decoded_meanwhile >= prompt_tokens // 16 - 1
-    assert "".join(pieces) == reference_greedy(long_prompt, 12)[0]
+    assert "".join(pieces) == alone == reference_greedy(long_prompt, 12)[0]
     assert await running == reference_greedy(question, 300, min_tokens=300)[0]
 
 
