@@ -263,8 +263,7 @@ class BatchScheduler:
         self._closing = False
         # What the thread has done, for tests and metrics.
         self.steps = 0  # decoding forwards
-        self.prefills = 0  # prompt forwards (a group of joining rows shares one)
-        self.peak_rows = 0  # the most rows one step decoded
+        self.decoded = 0  # tokens handed to rows
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
         self._thread.start()
 
@@ -341,13 +340,21 @@ class BatchScheduler:
 
     def _fail_running(self, error: BaseException) -> None:
         """End the running and joining rows with `error` and start afresh."""
-        rows = [*(self._batch.rows if self._batch else []), *self._joining]
-        self._batch = self._sampler = self._prefill = None
-        self._joining = []
+        self._drop_joining(error)
+        self._fail_batch(error)
+
+    def _fail_batch(self, error: BaseException) -> None:
+        rows = self._batch.rows if self._batch else []
+        self._batch = self._sampler = None
         for row in rows:
             self._end(row, error)
         with contextlib.suppress(Exception):
             self._delete_unused_adapters()
+
+    def _drop_joining(self, error: BaseException | None) -> None:
+        rows, self._joining, self._prefill = self._joining, [], None
+        for row in rows:
+            self._end(row, error)
 
     def _stop(self) -> None:
         """The thread ends (closed, or something escaped): nobody may wait forever."""
@@ -410,7 +417,6 @@ class BatchScheduler:
             live.append(row)
         self._joining = live
         if live:
-            self.prefills += 1
             self._prefill = _Prefill.of(live, self.pad, self.device)
 
     def _prefill_chunk(self) -> None:
@@ -421,9 +427,7 @@ class BatchScheduler:
         assert prefill is not None
         rows = self._joining
         if all(row.stop.is_set() for row in rows):
-            for row in rows:
-                self._end(row, None)
-            self._prefill, self._joining = None, []
+            self._drop_joining(None)
             return
         width = max(1, self.prefill_chunk_tokens // len(rows))
         start, end = prefill.done, min(prefill.done + width, prefill.ids.shape[1])
@@ -437,9 +441,7 @@ class BatchScheduler:
             )
         except Exception as exc:
             log.exception("prompt of %d row(s) failed", len(rows))
-            for row in rows:
-                self._end(row, exc)
-            self._prefill, self._joining = None, []
+            self._drop_joining(exc)
             return
         prefill.done = end
         if end < prefill.ids.shape[1]:
@@ -469,7 +471,6 @@ class BatchScheduler:
             if self._batch is None:
                 return
         self.steps += 1
-        self.peak_rows = max(self.peak_rows, len(batch.rows))
         try:
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
             logits = self._forward(
@@ -483,10 +484,7 @@ class BatchScheduler:
             tokens = self._sampler(logits, batch.seen)
         except Exception as exc:  # the whole batch shares the failure
             log.exception("decoding step of %d row(s) failed", len(batch.rows))
-            self._batch = self._sampler = None
-            for row in batch.rows:
-                self._end(row, exc)
-            self._delete_unused_adapters()
+            self._fail_batch(exc)
             return
         batch.last = tokens.unsqueeze(1)
         batch.seen.scatter_(1, batch.last, True)
@@ -501,6 +499,7 @@ class BatchScheduler:
                 ended.add(index)
                 continue
             row.generated += 1
+            self.decoded += 1
             row.emit(token_id)
             if token_id == self.eos or row.generated >= row.sampling.max_tokens:
                 ended.add(index)
@@ -519,6 +518,8 @@ class BatchScheduler:
         self._delete_unused_adapters()
 
     def _delete_unused_adapters(self) -> None:
+        if not self._retired:
+            return
         in_use = {row.slot for row in self._batch.rows} if self._batch else set()
         for slot in self._retired - in_use:
             self.model.delete_adapter(slot)

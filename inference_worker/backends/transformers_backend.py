@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -58,18 +57,14 @@ class _Handoff:
     has accumulated once `every_s` has passed since the last hand-off.
     """
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, counter: _TokenCounter, every_s: float
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, every_s: float) -> None:
         self.loop = loop
-        self.counter = counter
         self.every_s = every_s
         self.queue: asyncio.Queue[list[int] | _Done] = asyncio.Queue()
         self._pending: list[int] = []
         self._sent_at = float("-inf")
 
     def emit(self, token_id: int) -> None:  # on the generation thread
-        self.counter.add(1)
         self._pending.append(token_id)
         now = time.monotonic()
         if now - self._sent_at >= self.every_s:
@@ -86,18 +81,6 @@ class _Handoff:
     def _send(self, item: list[int] | _Done) -> None:
         with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-class _TokenCounter:
-    """Tokens decoded by every generation thread, for metrics and tests."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0
-
-    def add(self, count: int) -> None:
-        with self._lock:
-            self.value += count
 
 
 def resolve_device(device: str) -> str:
@@ -155,7 +138,6 @@ class TransformersBackend:
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_context = 0
-        self.decoded = _TokenCounter()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -204,7 +186,7 @@ class TransformersBackend:
         # must be matched as they come.
         quick = job.stream or bool(job.sampling.stop)
         every_s = self.handoff_s if quick else self.unstreamed_handoff_s
-        handoff = _Handoff(asyncio.get_running_loop(), self.decoded, every_s)
+        handoff = _Handoff(asyncio.get_running_loop(), every_s)
         adapter = None if job.model in (None, self.base_model) else job.model
         if adapter is not None and adapter not in self.loaded:
             raise PermanentError(f"model {job.model!r} is not served here", "model_not_found")
@@ -284,7 +266,7 @@ class TransformersBackend:
     @property
     def tokens_generated(self) -> int:
         """Every token decoded since start, including ones nobody read."""
-        return self.decoded.value
+        return self.scheduler.decoded if self.scheduler is not None else 0
 
     async def health(self) -> dict[str, object]:
         return {

@@ -143,28 +143,48 @@ async def answer_underway(backend: TransformersBackend, job: ChatJob) -> asyncio
     return task
 
 
-def peft_greedy(demo_model: Path, folder: Path, max_tokens: int) -> str:
+def greedy_ids(
+    demo_model: Path,
+    adapter: Path | None,
+    max_tokens: int,
+    repetition_penalty: float | None = None,
+    question: str = QUESTION,
+) -> list[int]:
+    """The new token ids of the demo model (with peft's `adapter`, if any) answering
+    `question` greedily, called directly; without `repetition_penalty`, the model's own
+    generation config decides."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_model), folder)
+    model = AutoModelForCausalLM.from_pretrained(demo_model)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": QUESTION}],
+        [{"role": "user", "content": question}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
     )
+    options = {} if repetition_penalty is None else {"repetition_penalty": repetition_penalty}
     with torch.inference_mode():
         out = model.eval().generate(
             **ids,
+            **options,
             max_new_tokens=max_tokens,
             do_sample=False,
-            repetition_penalty=1.15,
             pad_token_id=tokenizer.pad_token_id,
         )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def peft_greedy(demo_model: Path, folder: Path, max_tokens: int) -> str:
+    """The adapter's greedy answer text, with the tests' repetition penalty."""
+    from transformers import AutoTokenizer
+
+    ids = greedy_ids(demo_model, folder, max_tokens, repetition_penalty=1.15)
+    return AutoTokenizer.from_pretrained(demo_model).decode(ids, skip_special_tokens=True)
 
 
 async def test_adapters_load_in_place_and_share_batches_with_the_base(

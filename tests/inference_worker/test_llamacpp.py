@@ -20,7 +20,7 @@ from inference_worker.adapters import AdapterRefused, verify
 from inference_worker.backends.base import Finished, TextDelta
 from proto.messages import ChatJob, ChatMessage, SamplingParams
 from services.errors import PermanentError
-from tests.inference_worker.test_adapters import make_adapter
+from tests.inference_worker.test_adapters import greedy_ids, make_adapter
 from trainer_job.publish import write_version
 
 pytestmark = pytest.mark.slow
@@ -83,28 +83,6 @@ def direct(path: Path, prompt_ids: list[int], max_tokens: int, lora: Path | None
         repeat_penalty=1.0,
     )
     return out["choices"][0]["text"]
-
-
-def hf_greedy(demo_model: Path, adapter: Path | None, max_tokens: int) -> list[int]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_model)
-    model = AutoModelForCausalLM.from_pretrained(demo_model)
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": QUESTION}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.inference_mode():
-        out = model.eval().generate(
-            **ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
 def backend(registry: Path, kind: str = "f16", slots: int = 1):
@@ -170,11 +148,11 @@ async def test_the_gguf_adapter_changes_the_answer_as_the_peft_adapter_does(
     llm = served._slots[0].llm
     # peft (fp32) and llama.cpp (f16 weights and adapter) agree on the first tokens;
     # later ones may part where two logits are within f16 rounding of each other.
-    peft_first = hf_greedy(demo_model, registry / "continuity/1", 8)
+    peft_first = greedy_ids(demo_model, registry / "continuity/1", 8, question=QUESTION)
     gguf_first = llm.tokenize(adapter_text.encode(), add_bos=False, special=False)[:8]
     assert gguf_first == peft_first
     assert (
-        hf_greedy(demo_model, None, 8)
+        greedy_ids(demo_model, None, 8, question=QUESTION)
         == llm.tokenize(base_text.encode(), add_bos=False, special=False)[:8]
     )
     assert adapter_text == direct(
