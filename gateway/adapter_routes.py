@@ -18,6 +18,7 @@ from gateway.routes import ERRORS
 from proto.adapters import (
     ADAPTER_FILES,
     ADAPTER_NAME,
+    BASE_FOLDER,
     GGUF_FILE,
     MANIFEST,
     AdapterInfo,
@@ -155,7 +156,7 @@ async def base_model_gguf(
 ) -> FileResponse:
     """A GGUF export of a base model (`python -m trainer_job export-gguf`), for CPU
     workers running llama.cpp and for the phone; its sha256 is in `manifest.json`."""
-    folder = _registry(request) / "_base" / base_model
+    folder = _registry(request) / BASE_FOLDER / base_model
     listed = folder / MANIFEST
     try:
         files = json.loads(listed.read_text())["files"] if listed.is_file() else {}

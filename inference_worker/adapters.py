@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, GGUF_FILE, MANIFEST, AdapterManifest
+from proto.adapters import ADAPTER_NAME, GGUF_FILE, MANIFEST, AdapterManifest, adapter_files
 from services.adapters import file_sha256
 from services.errors import PermanentError
 
@@ -37,7 +37,7 @@ def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
     except (ValidationError, ValueError) as exc:
         raise AdapterRefused(f"{name} v{version}: unreadable manifest: {exc}") from exc
     # The weights, and GGUF exports of them when the manifest lists some (llama.cpp).
-    allowed = {*ADAPTER_FILES, *(f for f in manifest.files if re.fullmatch(GGUF_FILE, f))}
+    allowed = set(adapter_files(manifest.files))
     # A GGUF export being added right now (in place before the manifest lists it) is
     # ignored, never read: only listed files are loaded, and every one is hashed.
     present = {e.name for e in folder.iterdir() if not re.fullmatch(GGUF_FILE, e.name)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, GGUF_FILE, MANIFEST
+from proto.adapters import ADAPTER_NAME, MANIFEST, adapter_files
 from services.errors import MeshError
 
 MAX_FILE_BYTES = 2 << 30
@@ -42,7 +42,7 @@ async def fetch(source: str, api_key: str, registry: Path, name: str, version: i
                 return target
             try:
                 listed = json.loads(manifest)["files"]
-                names = [*ADAPTER_FILES, *(f for f in listed if re.fullmatch(GGUF_FILE, f))]
+                names = adapter_files(listed)
             except (ValueError, KeyError, TypeError) as exc:
                 raise AdapterFetchFailed(f"{name} v{version}: unreadable manifest") from exc
             for file_name in names:

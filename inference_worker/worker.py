@@ -19,7 +19,7 @@ from inference_worker.backends.base import Backend
 from inference_worker.fetch import fetch
 from inference_worker.jobs import DeliveryCounter, JobRunner, Pacing
 from inference_worker.settings import WorkerSettings
-from proto.adapters import AdapterPublished
+from proto.adapters import AdapterPublished, base_gguf
 from proto.messages import WorkerStatus
 from services import liveness
 from services.bus import Topology, WorkerBus
@@ -76,7 +76,7 @@ def gguf_model_path(settings: WorkerSettings) -> str:
         return settings.model
     name = settings.model_name or "demo-model"
     registry = settings.adapter_registry or adapter_registry()
-    return str(registry / "_base" / name / f"model-{settings.gguf_type}.gguf")
+    return str(base_gguf(registry, name, settings.gguf_type))
 
 
 def resolve_model_ref(model: str) -> str:

@@ -72,6 +72,11 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{host}{port}", query=""))
 
 
+def _is_open(connection: AbstractRobustConnection | None) -> bool:
+    """Connected now (a robust connection that is reconnecting is not)."""
+    return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+
 @dataclass(frozen=True)
 class Topology:
     """Every exchange and queue name, in one place."""
@@ -240,11 +245,7 @@ class JobClient:
 
     @property
     def connected(self) -> bool:
-        return (
-            self._connection is not None
-            and not self._connection.is_closed
-            and (self._connection.connected.is_set())
-        )
+        return _is_open(self._connection)
 
     async def start(self, url: str) -> None:
         self._connection = await connect(url, f"gateway-{self.client_id}")
@@ -365,11 +366,7 @@ class WorkerBus:
 
     @property
     def connected(self) -> bool:
-        return (
-            self._connection is not None
-            and not self._connection.is_closed
-            and self._connection.connected.is_set()
-        )
+        return _is_open(self._connection)
 
     async def start(self, url: str) -> None:
         self._connection = await connect(url, f"worker-{self.worker_id}")

@@ -158,7 +158,8 @@ def _publish(settings: TrainerSettings, source: Path, name: str, force: bool) ->
 
 
 def _export_gguf(settings: TrainerSettings, args) -> int:
-    from services.adapters import current_versions, make_current, read_manifest
+    from proto.adapters import ADAPTER_GGUF, BASE_FOLDER
+    from services.adapters import current_versions, make_current
     from trainer_job.gguf_export import export_adapters, export_base
 
     model_dir = Path(settings.model_ref())
@@ -168,19 +169,17 @@ def _export_gguf(settings: TrainerSettings, args) -> int:
     if not args.no_base:
         types = [t.strip() for t in args.types.split(",") if t.strip()]
         manifest = export_base(model_dir, registry, base, types)
-        print(f"base {base}: {', '.join(sorted(manifest['files']))} in {registry / '_base' / base}")
+        files = ", ".join(sorted(manifest["files"]))
+        print(f"base {base}: {files} in {registry / BASE_FOLDER / base}")
     exported = export_adapters(registry, args.adapters, model_dir, base)
     for manifest in exported:
-        print(f"adapter {manifest.name} v{manifest.version}: adapter-f16.gguf")
+        print(f"adapter {manifest.name} v{manifest.version}: {ADAPTER_GGUF}")
     # Workers that could not serve the current versions without a GGUF form
     # (llamacpp) load them now: announce the current versions again.
+    by_version = {(m.name, m.version): m for m in exported}  # all trained on `base`
     for name, current in asyncio.run(current_versions(settings)).items():
-        served = read_manifest(registry, name, int(current["version"]))
-        if (
-            served is not None
-            and served.base_model == base
-            and any(m.name == name and m.version == served.version for m in exported)
-        ):
+        served = by_version.get((name, int(current["version"])))
+        if served is not None:
             asyncio.run(make_current(settings, served))
     return 0
 

@@ -28,7 +28,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from proto.adapters import MANIFEST, AdapterManifest
+from proto.adapters import ADAPTER_GGUF, BASE_FOLDER, MANIFEST, AdapterManifest, base_gguf
 from services import adapters as registry_ops
 from services.adapters import file_sha256
 from services.paths import cache_dir
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 LLAMA_CPP_PYTHON = "0.3.36"  # the version the llamacpp extra pins
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTIZER_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
-BASE_FOLDER = "_base"  # not a valid adapter name: no clash with adapters
-ADAPTER_GGUF = "adapter-f16.gguf"
 
 
 class ExportError(RuntimeError):
@@ -195,7 +193,7 @@ def export_base(model_dir: Path, registry: Path, base_model: str, types: list[st
     )
     f16 = None
     for kind in types:
-        name = f"model-{kind}.gguf"
+        name = base_gguf(registry, base_model, kind).name
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             partial = Path(tmp) / name
             if kind in CONVERTER_TYPES:
@@ -255,7 +253,7 @@ def export_adapter(registry: Path, name: str, version: int, base_dir: Path) -> A
         partial = convert_adapter(folder, base_dir, Path(tmp) / ADAPTER_GGUF)
         manifest.files[ADAPTER_GGUF] = file_sha256(partial)
         os.replace(partial, folder / ADAPTER_GGUF)
-    _write_json_atomically(folder / MANIFEST, json.loads(manifest.model_dump_json()))
+    _write_json_atomically(folder / MANIFEST, manifest.model_dump(mode="json"))
     log.info("%s v%d: %s", name, version, ADAPTER_GGUF)
     return manifest
 

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from inference_worker.backends.prompts import check_context
 from inference_worker.backends.stops import StopMatcher
+from proto.adapters import ADAPTER_GGUF, BASE_FOLDER
 from proto.messages import ChatJob
 from services.errors import PermanentError
 
 log = logging.getLogger(__name__)
-ADAPTER_GGUF = "adapter-f16.gguf"
 SAMPLING_EPS = 1e-5
 
 
@@ -55,7 +56,7 @@ class LlamaCppBackend:
         # <registry>/_base/<name>/model-<type>.gguf names its model; any other file
         # is named by its stem unless MESH_MODEL_NAME says otherwise.
         self.base_model = name or (
-            path.parent.name if path.parent.parent.name == "_base" else path.stem
+            path.parent.name if path.parent.parent.name == BASE_FOLDER else path.stem
         )
         self.device = "cpu (llama.cpp)"
         self._slot_count = slots
@@ -144,12 +145,7 @@ class LlamaCppBackend:
         ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         if not ids or ids[0] != llm.token_bos():
             ids = [llm.token_bos(), *ids]
-        if len(ids) + job.sampling.max_tokens > self.max_context:
-            raise PermanentError(
-                f"prompt of {len(ids)} tokens plus max_tokens {job.sampling.max_tokens} "
-                f"exceeds the model's context of {self.max_context}",
-                "context_length_exceeded",
-            )
+        check_context(ids, job, self.max_context)
         return ids
 
     # -- generation ---------------------------------------------------------------------

@@ -25,10 +25,15 @@ def encode_prompt(tokenizer: Any, job: ChatJob, max_context: int) -> list[int]:
             )
         except Exception as exc:  # jinja's raise_exception: e.g. roles not alternating
             raise PermanentError(f"cannot build the prompt: {exc}", "invalid_messages") from exc
+    check_context(ids, job, max_context)
+    return ids
+
+
+def check_context(ids: list[int], job: ChatJob, max_context: int) -> None:
+    """Refuse a prompt that leaves no room for max_tokens (0: no limit known)."""
     if max_context and len(ids) + job.sampling.max_tokens > max_context:
         raise PermanentError(
             f"prompt of {len(ids)} tokens plus max_tokens {job.sampling.max_tokens} "
             f"exceeds the model's context of {max_context}",
             "context_length_exceeded",
         )
-    return ids
