@@ -1,8 +1,15 @@
 """Build the model's context from the tiers within a token budget.
 
-Order of importance: briefing, then the project, then the portfolio, then the most
-recent log entries. Whole sections (and the oldest log entries) are left out
-before any text is cut; only a briefing that alone exceeds the budget is cut.
+Order of importance (what the budget keeps first): briefing, then the project, then
+the portfolio, then the most recent log entries. Whole sections (and the oldest log
+entries) are left out before any text is cut; only a briefing that alone exceeds the
+budget is cut.
+
+Order in the text (a separate thing): what changes least comes first — portfolio,
+project, briefing, then the log (oldest kept entry first, newest last) — so that
+consecutive prompts share the longest possible start, which the workers' prefix
+caches read only once (an edit of the briefing leaves the portfolio and project
+cached; a new log entry leaves everything before the log cached).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from context_store.store import ContextStore
 from proto.context import ContextReport, Document, LogEntry, SectionReport
 
 TokenCounter = Callable[[str], int]
+LAYOUT = ("portfolio", "project", "briefing", "log")  # the order in the text
 TITLES = {
     "briefing": "Session briefing (SESSION_BRIEFING.md)",
     "project": "Project context: {name} (PROJECT_CONTEXT.md)",
@@ -55,7 +63,7 @@ async def assemble(
         del names["project"]
     found = await store.get_many(list(names.values()))
     docs: list[tuple[str, Document | None]] = [(tier, found[doc]) for tier, doc in names.items()]
-    parts: list[str] = []
+    parts: dict[str, str] = {}  # tier -> its text, in order of importance
     reports: list[SectionReport] = []
     remaining = budget
     for tier, doc in docs:
@@ -64,7 +72,7 @@ async def assemble(
         text = _section(TITLES[tier].format(name=project), doc.content)
         tokens = count(text)
         if tokens <= remaining:
-            parts.append(text)
+            parts[tier] = text
             remaining -= tokens
             reports.append(
                 SectionReport(
@@ -78,7 +86,7 @@ async def assemble(
             )
         elif tier == "briefing" and not parts:
             text, tokens = _cut_to(text, remaining, count)
-            parts.append(text)
+            parts[tier] = text
             remaining -= tokens
             reports.append(
                 SectionReport(
@@ -103,11 +111,12 @@ async def assemble(
             )
     reports.append(_add_log(await store.log(log_entries), count, remaining, parts))
     used = sum(r.tokens for r in reports)
-    return Assembly("\n".join(parts), ContextReport(budget=budget, tokens=used, sections=reports))
+    text = "\n".join(parts[tier] for tier in LAYOUT if tier in parts)
+    return Assembly(text, ContextReport(budget=budget, tokens=used, sections=reports))
 
 
 def _add_log(
-    entries: list[LogEntry], count: TokenCounter, remaining: int, parts: list[str]
+    entries: list[LogEntry], count: TokenCounter, remaining: int, parts: dict[str, str]
 ) -> SectionReport:
     """As many of the newest entries as fit, shown oldest first."""
     header = f"## {TITLES['log']}\n"
@@ -126,7 +135,7 @@ def _add_log(
     cut = f"{dropped} older entries" if dropped else None
     if not kept:
         return SectionReport(tier="log", doc=None, version=None, tokens=0, included=False, cut=cut)
-    parts.append(header + "\n".join(reversed(kept)) + "\n")
+    parts["log"] = header + "\n".join(reversed(kept)) + "\n"
     return SectionReport(tier="log", doc=None, version=None, tokens=tokens, included=True, cut=cut)
 
 

@@ -21,6 +21,7 @@ from gateway.generation import Generation, PromptCounter, WorkerDirectory
 from gateway.keys import SCOPES, KeyStore
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.ratelimit import RateLimiter
+from gateway.response_cache import ResponseCache
 from gateway.settings import GatewaySettings
 from services.bus import JobClient, Topology
 from services.paths import demo_model_dir
@@ -72,7 +73,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         await jobs.start(settings.amqp_url)
         workers = WorkerDirectory(redis, keys, settings.model_family, settings.workers_cache_s)
-        generation = Generation(settings, jobs, workers, metrics, prompts)
+        responses = None
+        if settings.response_cache_ttl_s > 0:
+            render = prompts.render if prompts is not None else None
+            responses = ResponseCache(
+                redis, settings.namespace, settings.response_cache_ttl_s, render
+            )
+        generation = Generation(settings, jobs, workers, metrics, prompts, responses)
         app.state.settings = settings
         app.state.redis = redis
         app.state.jobs = jobs

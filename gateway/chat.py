@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from context_store.assembly import Assembly, TokenCounter, assemble
 from context_store.store import ContextStore
 from gateway.conversations import ConversationStore
-from gateway.generation import Generation, Outcome, Restart
+from gateway.generation import Generation, Outcome, Relay, Restart
 from gateway.settings import GatewaySettings
 from proto.api import ChatRequest
 from proto.context import ContextReport
@@ -75,13 +75,13 @@ class ChatService:
 
     async def start(
         self, owner: str, request: ChatRequest, conversation_id: str, stream: bool
-    ) -> tuple[AsyncIterator[str | Outcome | Restart], ContextReport | None]:
+    ) -> tuple[Relay, ContextReport | None]:
         """Text pieces, then one Outcome; the turn is recorded once it is complete.
         Also what the context tiers contributed to the prompt. `stream`: whether the
         caller forwards the pieces as they come (else they arrive in larger groups)."""
         job, report = await self.build_job(owner, request, conversation_id, stream)
-        relay = await self.generation.start(job)
-        return self._record(owner, request, conversation_id, relay), report
+        relay = await self.generation.start(job, scope=owner)
+        return relay.wrap(self._record(owner, request, conversation_id, relay)), report
 
     async def _record(
         self,

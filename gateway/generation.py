@@ -18,8 +18,9 @@ import redis.asyncio as redis
 
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
+from gateway.response_cache import CachedAnswer, ResponseCache
 from gateway.settings import GatewaySettings
-from proto.api import SamplingOptions, Usage
+from proto.api import PromptTokensDetails, SamplingOptions, Usage
 from proto.messages import ChatJob, ChatMessage, JobError, JobResult, SamplingParams, TokenChunk
 from services import liveness
 from services.bus import JobClient, ReplyStream, StreamRestarted
@@ -39,6 +40,38 @@ class Outcome:
 
     finish_reason: str
     usage: Usage
+
+
+Item = str | Outcome | Restart
+
+
+class Relay:
+    """A job's reply: text pieces, then one Outcome (a Restart when it started over on
+    another worker). `cache` is "hit" or "miss" when the response cache applied to
+    the request (routes send it as `X-Cache`), else None."""
+
+    def __init__(self, items: AsyncIterator[Item], cache: str | None = None) -> None:
+        self._items = items
+        self.cache = cache
+
+    def __aiter__(self) -> Relay:
+        return self
+
+    async def __anext__(self) -> Item:
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def wrap(self, items: AsyncIterator[Item]) -> Relay:
+        """The same relay's `cache` over other items (e.g. recording the turn)."""
+        return Relay(items, self.cache)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Cache": self.cache} if self.cache else {}
 
 
 class Cached:
@@ -118,6 +151,20 @@ class PromptCounter:
                 max_context = int(json.loads(config.read_text()).get("max_position_embeddings", 0))
         return cls(tokenizer, max_context or 32768)
 
+    def render(self, job: ChatJob) -> str:
+        """The prompt as the model sees it (the chat template applied)."""
+        if job.prompt is not None:
+            return job.prompt
+        messages = [m.model_dump() for m in job.messages]
+        try:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            )
+        except Exception as exc:  # the template's raise_exception
+            raise ApiError(400, "invalid_request_error", str(exc), "invalid_messages") from exc
+
     def count(self, job: ChatJob) -> int:
         if job.prompt is not None:
             return len(self.tokenizer.encode(job.prompt, add_special_tokens=True))
@@ -152,8 +199,10 @@ class Generation:
         workers: WorkerDirectory,
         metrics: Metrics,
         prompts: PromptCounter | None,
+        responses: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
+        self.responses = responses  # whole answers of determined requests (off: None)
         self.jobs = jobs
         self.workers = workers
         self.metrics = metrics
@@ -243,17 +292,63 @@ class Generation:
                     f"{depth} jobs are already waiting; try again shortly", code="queue_full"
                 )
 
-    async def start(self, job: ChatJob) -> AsyncIterator[str | Outcome | Restart]:
+    async def start(self, job: ChatJob, scope: str | None = None) -> Relay:
         """Admit and submit `job`; returns its relay (text pieces, then one Outcome).
 
         Raises before anything is sent, so a route can still answer with an HTTP
-        error. Closing the relay early cancels the job on its worker.
+        error. Closing the relay early cancels the job on its worker. `scope` (the API
+        key's id) lets the response cache serve the key's own earlier answer.
         """
         if self.prompts is not None:
             self.prompts.check(job)
+        cache_key = await self._response_key(job, scope)
+        if cache_key is not None:
+            assert self.responses is not None
+            hit = await self.responses.get(cache_key)
+            self.metrics.response_cache.labels("hit" if hit else "miss").inc()
+            if hit is not None:
+                log.info("job %s: answered from the response cache", job.job_id)
+                return Relay(_replay(hit), cache="hit")
         await self.admit()
         replies = await self.jobs.submit(job, self.settings.request_timeout_s)
-        return self._relay(job, replies)
+        relay = self._relay(job, replies)
+        if cache_key is None:
+            return Relay(relay)
+        return Relay(self._keep(cache_key, relay), cache="miss")
+
+    async def _response_key(self, job: ChatJob, scope: str | None) -> str | None:
+        """The response cache's key for `job`, or None when the cache does not apply:
+        off, no key, a sampled answer, or live workers disagreeing on the model."""
+        if self.responses is None or scope is None or not self.responses.determined(job):
+            return None
+        live = await self.workers.live()
+        bases = sorted({w.base_model for w in live})
+        if len(bases) != 1:
+            return None
+        model: dict[str, Any] = {"base": bases[0]}
+        if job.model is not None:
+            versions = {w.adapters.get(job.model) for w in live}
+            if len(versions) != 1 or None in versions:  # a rollout, or not everywhere
+                return None
+            model |= {"adapter": job.model, "version": versions.pop()}
+        return self.responses.key(job, scope, model)
+
+    async def _keep(self, key: str, relay: AsyncIterator[Item]) -> AsyncIterator[Item]:
+        """Relay `relay` and keep its answer once it is complete."""
+        pieces: list[str] = []
+        try:
+            async for item in relay:
+                if isinstance(item, Outcome) and item.finish_reason in ("stop", "length"):
+                    assert self.responses is not None
+                    answer = CachedAnswer("".join(pieces), item.finish_reason, item.usage)
+                    await self.responses.put(key, answer)
+                elif isinstance(item, Restart):
+                    pieces.clear()
+                elif isinstance(item, str):
+                    pieces.append(item)
+                yield item
+        finally:
+            await relay.aclose()  # type: ignore[attr-defined]
 
     async def _relay(
         self, job: ChatJob, replies: ReplyStream
@@ -295,6 +390,7 @@ class Generation:
         self.metrics.jobs.labels("answered").inc()
         self.metrics.tokens_in.inc(usage.prompt_tokens)
         self.metrics.tokens_out.inc(usage.completion_tokens)
+        self.metrics.tokens_cached.inc(usage.cached_tokens)
         if result.queued_ms is not None:
             self.metrics.queue_wait.observe(result.queued_ms / 1000)
         log.info(
@@ -307,6 +403,7 @@ class Generation:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 total_tokens=total,
+                prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
             ),
         )
 
@@ -314,6 +411,12 @@ class Generation:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _replay(answer: CachedAnswer) -> AsyncIterator[Item]:
+    if answer.text:
+        yield answer.text
+    yield Outcome(answer.finish_reason, answer.usage)
 
 
 async def collect(relay: AsyncIterator[str | Outcome | Restart]) -> tuple[str, Outcome]:

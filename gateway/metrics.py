@@ -7,6 +7,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -44,7 +46,18 @@ class Metrics:
         )
         self.tokens_in = Counter("mesh_prompt_tokens", "Prompt tokens of answered jobs", registry=r)
         self.tokens_out = Counter("mesh_completion_tokens", "Generated tokens", registry=r)
+        self.tokens_cached = Counter(
+            "mesh_cached_prompt_tokens",
+            "Prompt tokens of answered jobs that a worker's prefix cache already held",
+            registry=r,
+        )
         self.jobs = Counter("mesh_jobs", "Jobs by outcome", ["outcome"], registry=r)
+        self.response_cache = Counter(
+            "mesh_response_cache",
+            "Response cache lookups by result (hit: answered without a worker)",
+            ["result"],
+            registry=r,
+        )
         self.live_workers = Gauge("mesh_live_workers", "Live workers of this family", registry=r)
         # The fleet as the workers' liveness records describe it, read at scrape time.
         worker = ["worker_id", "site", "device"]
@@ -66,6 +79,8 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("mesh_queue_depth", "Jobs waiting for a worker", registry=r)
+        self.prefix_caches = PrefixCacheCollector()
+        r.register(self.prefix_caches)
 
     def observe_fleet(self, workers: list, queue_depth: int | None) -> None:
         """Replace the fleet gauges with what the liveness records say now."""
@@ -94,6 +109,7 @@ class Metrics:
             self.workers.labels(site, device).set(count)
         if queue_depth is not None:
             self.queue_depth.set(queue_depth)
+        self.prefix_caches.workers = list(workers)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -128,3 +144,47 @@ class MetricsMiddleware:
             name = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(name, str(status)).inc()
             self.metrics.request_seconds.labels(name).observe(time.perf_counter() - started)
+
+
+class PrefixCacheCollector(Collector):
+    """Each live worker's prefix cache, from its liveness record. Its counters count
+    since that worker started (a restarted worker has a new id), so they are
+    Prometheus counters: `rate(mesh_worker_prefix_cache_hit_tokens_total[5m]) /
+    rate(mesh_worker_prefix_cache_lookup_tokens_total[5m])` is the hit rate."""
+
+    COUNTERS = (
+        ("lookups", "Prompts looked up in the prefix cache"),
+        ("lookup_tokens", "Tokens of the prompts looked up"),
+        ("hit_tokens", "Prompt tokens found in the prefix cache (not read again)"),
+        ("evictions", "Prefix cache blocks dropped to make room"),
+    )
+    GAUGES = (
+        ("bytes", "Bytes of keys and values the prefix cache holds"),
+        ("capacity_bytes", "Most bytes the prefix cache may hold"),
+        ("blocks", "Blocks the prefix cache holds"),
+    )
+    LABELS = ("worker_id", "site", "device")
+
+    def __init__(self) -> None:
+        self.workers: list[Any] = []
+
+    def collect(self) -> list[Metric]:
+        families: list[Metric] = []
+        for field, text in self.COUNTERS:
+            family = CounterMetricFamily(
+                f"mesh_worker_prefix_cache_{field}", text, labels=self.LABELS
+            )
+            families.append(family)
+        for field, text in self.GAUGES:
+            families.append(
+                GaugeMetricFamily(f"mesh_worker_prefix_cache_{field}", text, labels=self.LABELS)
+            )
+        fields = [f for f, _ in self.COUNTERS + self.GAUGES]
+        for worker in self.workers:
+            stats = getattr(worker, "prefix_cache", None)
+            if stats is None:
+                continue
+            labels = [worker.worker_id, worker.site, worker.device]
+            for family, name in zip(families, fields, strict=True):
+                family.add_metric(labels, getattr(stats, name))
+        return families

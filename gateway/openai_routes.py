@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -16,7 +16,7 @@ from gateway.auth import ChatKey, ReadKey
 from gateway.chat import ChatService
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, from_mesh_error
-from gateway.generation import Generation, Outcome, Restart, collect
+from gateway.generation import Generation, Outcome, Relay, Restart, collect
 from gateway.routes import ERRORS, SSE_HEADERS, WORKER_LOST, generation
 from proto.api import SamplingOptions, Usage
 from proto.messages import ChatMessage
@@ -68,7 +68,7 @@ def _data(payload: str) -> bytes:
 
 
 def _stream(
-    relay: AsyncIterator[str | Outcome | Restart],
+    relay: Relay,
     include_usage: bool,
     frame: Callable[[list[Any], Usage | None], BaseModel],
     choice: Callable[[str | None, str | None], Any],
@@ -98,7 +98,9 @@ def _stream(
             yield _data(json.dumps(from_mesh_error(exc).body().model_dump()))
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers=SSE_HEADERS | relay.headers
+    )
 
 
 @router.post(
@@ -108,7 +110,7 @@ def _stream(
     responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
 )
 async def chat_completions(
-    body: ChatCompletionRequest, key: ChatKey, gen: Gen, request: Request
+    body: ChatCompletionRequest, key: ChatKey, gen: Gen, request: Request, response: Response
 ) -> ChatCompletion | StreamingResponse:
     """OpenAI chat completions, streaming (`stream: true`) or not."""
     options = _options(body, body.max_completion_tokens or body.max_tokens)
@@ -125,7 +127,7 @@ async def chat_completions(
         model=await gen.resolve_model(body.model),
         stream=bool(body.stream),
     )
-    relay = await gen.start(job)
+    relay = await gen.start(job, scope=key.key_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -151,6 +153,7 @@ async def chat_completions(
         include = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(relay, include, frame, choice)
 
+    response.headers.update(relay.headers)
     text, outcome = await unless_disconnected(request, collect(relay))
     return ChatCompletion(
         id=completion_id,
@@ -173,7 +176,7 @@ async def chat_completions(
     responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
 )
 async def completions(
-    body: CompletionRequest, key: ChatKey, gen: Gen, request: Request
+    body: CompletionRequest, key: ChatKey, gen: Gen, request: Request, response: Response
 ) -> Completion | StreamingResponse:
     """OpenAI (legacy) completions: the prompt is taken verbatim."""
     options = _options(body, body.max_tokens)
@@ -183,7 +186,7 @@ async def completions(
         model=await gen.resolve_model(body.model),
         stream=bool(body.stream),
     )
-    relay = await gen.start(job)
+    relay = await gen.start(job, scope=key.key_id)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -199,6 +202,7 @@ async def completions(
         include = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(relay, include, frame, choice)
 
+    response.headers.update(relay.headers)
     text, outcome = await unless_disconnected(request, collect(relay))
     return Completion(
         id=completion_id,

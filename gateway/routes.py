@@ -29,11 +29,13 @@ from proto.api import (
     GenerateResponse,
     Health,
     Info,
+    PrefixCacheInfo,
     Readiness,
     StreamChunk,
     StreamDone,
     WorkerInfo,
 )
+from proto.messages import PrefixCacheStats
 from services.errors import MeshError, WorkerLost
 
 router = APIRouter()
@@ -105,10 +107,13 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.post("/chat", operation_id="chat", response_model=ChatResponse, responses=ERRORS)
-async def chat(body: ChatRequest, key: ChatKey, service: Chat, request: Request) -> ChatResponse:
+async def chat(
+    body: ChatRequest, key: ChatKey, service: Chat, request: Request, response: Response
+) -> ChatResponse:
     """Send a message and get the whole answer."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
     relay, report = await service.start(key.key_id, body, conversation_id, stream=False)
+    response.headers.update(relay.headers)
     text, outcome = await unless_disconnected(request, collect(relay))
     return ChatResponse(
         response=text,
@@ -159,7 +164,9 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
         except MeshError as exc:
             yield sse_event("error", json.dumps(from_mesh_error(exc).body().model_dump()))
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers=SSE_HEADERS | relay.headers
+    )
 
 
 ConversationQuery = Annotated[
@@ -268,7 +275,7 @@ async def _mark_for_training(
     "/generate", operation_id="generate", response_model=GenerateResponse, responses=ERRORS
 )
 async def generate(
-    body: GenerateRequest, key: ChatKey, gen: Gen, request: Request
+    body: GenerateRequest, key: ChatKey, gen: Gen, request: Request, response: Response
 ) -> GenerateResponse:
     """Continue a raw prompt, taken verbatim (e.g. `[INST] … [/INST]`)."""
     job = gen.new_job(
@@ -277,13 +284,21 @@ async def generate(
         model=await gen.resolve_model(body.model),
         stream=False,
     )
-    relay = await gen.start(job)
+    relay = await gen.start(job, scope=key.key_id)
+    response.headers.update(relay.headers)
     text, outcome = await unless_disconnected(request, collect(relay))
     return GenerateResponse(
         text=text,
         finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
         usage=outcome.usage,
     )
+
+
+def _prefix_cache_info(stats: PrefixCacheStats | None) -> PrefixCacheInfo | None:
+    if stats is None:
+        return None
+    rate = stats.hit_tokens / stats.lookup_tokens if stats.lookup_tokens else None
+    return PrefixCacheInfo(capacity_bytes=stats.capacity_bytes, bytes=stats.bytes, hit_rate=rate)
 
 
 @router.get("/info", operation_id="info", response_model=Info, responses=ERRORS)
@@ -298,6 +313,7 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
                 capacity=w.capacity,
                 in_flight=w.in_flight,
                 adapters=w.adapters,
+                prefix_cache=_prefix_cache_info(w.prefix_cache),
             )
         )
     try:

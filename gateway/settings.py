@@ -47,6 +47,13 @@ class GatewaySettings(MeshSettings):
         default=256, ge=0, description="More jobs waiting than this: 503 at once (0: no bound)."
     )
     queue_depth_cache_s: float = Field(default=0.25, ge=0, description="Queue depth read cache.")
+    response_cache_ttl_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="MESH_RESPONSE_CACHE_TTL_S: keep whole answers of greedy or seeded "
+        "requests this long, per API key, and answer the same request again without a "
+        "worker (X-Cache: hit); 0: off.",
+    )
     rate_limit_per_minute: int = Field(
         default=120, ge=0, description="Generation requests per key per minute (0: no limit)."
     )

@@ -209,7 +209,9 @@ class JobRunner:
             if finished is None:
                 raise MeshError("the backend ended without finishing", "backend_error")
             usage = Usage(
-                prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens
+                prompt_tokens=finished.prompt_tokens,
+                completion_tokens=finished.completion_tokens,
+                cached_tokens=finished.cached_tokens,
             )
             result = JobResult(
                 job_id=job.job_id,

@@ -81,6 +81,19 @@ class WorkerSettings(MeshSettings):
         description="transformers backend: prompt tokens read per decoding step of the "
         "running jobs while new jobs join (long prompts are read in chunks).",
     )
+    prefix_cache_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="MESH_PREFIX_CACHE_BYTES: most bytes of cached prompt prefixes (keys and "
+        "values) the transformers backend keeps; unset: a quarter of the memory free on its "
+        "device once the model is loaded; 0: no prefix cache.",
+    )
+    prefix_cache_block_tokens: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="MESH_PREFIX_CACHE_BLOCK_TOKENS: tokens per cached block.",
+    )
     unstreamed_handoff_ms: float = Field(
         default=250.0,
         ge=0,

@@ -66,6 +66,8 @@ def build_backend(settings: WorkerSettings) -> Backend:
         handoff_ms=settings.handoff_ms,
         unstreamed_handoff_ms=settings.unstreamed_handoff_ms,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        prefix_cache_bytes=settings.prefix_cache_bytes,
+        prefix_cache_block_tokens=settings.prefix_cache_block_tokens,
     )
 
 
@@ -136,6 +138,7 @@ class Worker:
             jobs_cancelled=self.runner.cancelled,
             tokens_generated=self.backend.tokens_generated,
             gpu_memory_bytes=_gpu_memory_bytes(self.backend.device),
+            prefix_cache=self.backend.prefix_cache,
             started_at=self.started_at,
             updated_at=datetime.now(UTC),
         )
@@ -236,13 +239,17 @@ class Worker:
         await self.bus.consume_adapters(self.on_adapter_published)
         await self.load_current_adapters()
         await self.bus.consume(self._on_message)
+        cache = self.backend.prefix_cache
         log.info(
-            "worker %s consuming %s (capacity %d, priority %d, %s)",
+            "worker %s consuming %s (capacity %d, priority %d, %s, prefix cache %s)",
             self.worker_id,
             self.topology.job_queue,
             self.settings.capacity,
             self.settings.priority,
             self.backend.device,
+            "off"
+            if cache is None or not cache.capacity_bytes
+            else f"{cache.capacity_bytes / 2**20:.0f} MiB",
         )
         await self._stopping.wait()
         await self._drain()

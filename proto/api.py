@@ -76,10 +76,23 @@ class GenerateRequest(SamplingOptions):
     )
 
 
+class PromptTokensDetails(ApiModel):
+    """OpenAI's breakdown of the prompt tokens."""
+
+    cached_tokens: int = Field(
+        default=0,
+        description="Prompt tokens the worker's prefix cache already held: it did not read "
+        "them again (the shared start of prompts: system prompt and context tiers).",
+    )
+
+
 class Usage(ApiModel):
     prompt_tokens: int = Field(description="Tokens in the prompt after templating.")
     completion_tokens: int = Field(description="Tokens generated.")
     total_tokens: int = Field(description="Sum of both.")
+    prompt_tokens_details: PromptTokensDetails = Field(
+        default_factory=PromptTokensDetails, description="What the prompt tokens were."
+    )
 
 
 class ChatResponse(ApiModel):
@@ -138,6 +151,17 @@ class ConversationTraining(ApiModel):
     marked: bool = Field(description="True: the next training run includes it.")
 
 
+class PrefixCacheInfo(ApiModel):
+    """A worker's prefix cache: the keys and values of prompt starts it has read."""
+
+    capacity_bytes: int = Field(description="Most bytes it may hold (MESH_PREFIX_CACHE_BYTES).")
+    bytes: int = Field(description="Bytes it holds now.")
+    hit_rate: float | None = Field(
+        description="Share of the prompt tokens looked up that were found, since the worker "
+        "started; None before its first lookup."
+    )
+
+
 class WorkerInfo(ApiModel):
     worker_id: str
     base_model: str
@@ -145,6 +169,9 @@ class WorkerInfo(ApiModel):
     in_flight: int
     adapters: dict[str, int] = Field(
         default_factory=dict, description="Adapters loaded: name -> version."
+    )
+    prefix_cache: PrefixCacheInfo | None = Field(
+        default=None, description="Its prefix cache; absent when its backend has none."
     )
 
 

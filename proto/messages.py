@@ -117,6 +117,12 @@ class Usage(BusMessage):
 
     prompt_tokens: int = Field(ge=0, description="Tokens in the prompt after templating.")
     completion_tokens: int = Field(ge=0, description="Tokens generated.")
+    cached_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Of the prompt tokens, how many the worker's prefix cache already held "
+        "(it did not read them again).",
+    )
 
 
 class JobResult(BusMessage):
@@ -161,6 +167,19 @@ ReplyMessage = Annotated[TokenChunk | JobResult | JobError, Field(discriminator=
 REPLY_ADAPTER: TypeAdapter[TokenChunk | JobResult | JobError] = TypeAdapter(ReplyMessage)
 
 
+class PrefixCacheStats(BusMessage):
+    """A worker's prefix cache: its size and counters since the worker started."""
+
+    capacity_bytes: int = Field(ge=0, description="Most bytes of keys and values it may hold.")
+    bytes: int = Field(ge=0, description="Bytes of keys and values it holds now.")
+    blocks: int = Field(ge=0, description="Blocks it holds now.")
+    block_tokens: int = Field(ge=1, description="Tokens per block.")
+    lookups: int = Field(ge=0, description="Prompts looked up.")
+    lookup_tokens: int = Field(ge=0, description="Tokens of the prompts looked up.")
+    hit_tokens: int = Field(ge=0, description="Of those, tokens found in the cache.")
+    evictions: int = Field(ge=0, description="Blocks dropped to make room.")
+
+
 class WorkerStatus(BusMessage):
     """A worker's liveness record, refreshed in Redis with a TTL."""
 
@@ -183,6 +202,9 @@ class WorkerStatus(BusMessage):
     )
     gpu_memory_bytes: int | None = Field(
         default=None, ge=0, description="GPU memory its process holds (CUDA workers only)."
+    )
+    prefix_cache: PrefixCacheStats | None = Field(
+        default=None, description="Its prefix cache; absent when the backend has none."
     )
     started_at: datetime = Field(description="When the worker started (UTC).")
     updated_at: datetime = Field(description="When this record was written (UTC).")

@@ -125,3 +125,15 @@ async def test_closing_the_stream_aborts_the_request(backend: VllmBackend) -> No
     await stream.aclose()
     await asyncio.sleep(0.5)
     assert backend.engine.output_processor.get_num_unfinished_requests() == 0
+
+
+async def test_a_second_request_with_the_same_prefix_reads_only_the_rest(
+    backend: VllmBackend,
+) -> None:
+    tiers = "The four tiers: portfolio, project, briefing and the session log. " * 30
+    first = await run(backend, job(tiers + "What is the first tier?"))
+    second = await run(backend, job(tiers + "And what does the phone do?"))
+    assert first[1].cached_tokens == 0
+    assert 0 < second[1].cached_tokens < second[1].prompt_tokens
+    # vLLM caches whole blocks: all of them but the one where the prompts part.
+    assert second[1].cached_tokens >= second[1].prompt_tokens // 2

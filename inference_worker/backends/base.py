@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from proto.messages import ChatJob
+from proto.messages import ChatJob, PrefixCacheStats
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -27,6 +27,7 @@ class Finished:
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the backend's prefix cache already held
 
 
 GenerationEvent = TextDelta | Finished
@@ -56,6 +57,11 @@ class Backend(Protocol):
     @property
     def adapters(self) -> dict[str, int]:
         """Adapter name -> version being served."""
+        ...
+
+    @property
+    def prefix_cache(self) -> PrefixCacheStats | None:
+        """The prefix cache's size and counters; None for a backend without one."""
         ...
 
     async def load_adapter(self, name: str, version: int, folder: Path) -> None:

@@ -4,10 +4,13 @@ One generation thread owns the model and decodes every running job together, one
 token per job per step. A job that arrives while others are decoding joins them at
 the next step; a job that ends leaves at once. Each turn of the loop:
 
-1. admits waiting jobs (up to `max_batch` running in all): their prompts go through
-   the model together (left-padded), a chunk per turn so that a long prompt does not
-   stall the running rows, and once read, their KV caches are appended to the
-   running batch's (the shorter side left-padded and masked out);
+1. admits waiting jobs (up to `max_batch` running in all): each looks its prompt up
+   in the prefix cache (prefix_cache.py) and reads only what is not cached; their
+   prompts go through the model together (left-padded; a row with a cache hit alone,
+   after its cached columns), a chunk per turn so that a long prompt does not stall
+   the running rows, and once read, their prompts' blocks are cached and their KV
+   caches are appended to the running batch's (the shorter side left-padded and
+   masked out);
 2. runs one decoding step: a single forward over one new token per row;
 3. picks each row's next token with its own settings (greedy or temperature/top-p,
    repetition penalty, min_tokens, its own seeded generator, its own LoRA adapter);
@@ -40,6 +43,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from inference_worker.backends.prefix_cache import Block, Hit, PrefixCache
 from proto.messages import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,10 @@ class Row:
     # random generator when it has a seed, so its samples do not depend on neighbours.
     slot: str = BASE
     generator: torch.Generator | None = None
+    # The prefix cache's blocks this row holds (its prompt's chain) and how many of its
+    # prompt tokens were found there instead of read.
+    held: list[Block] = field(default_factory=list)
+    cached: int = 0
 
 
 @dataclass(eq=False)
@@ -143,8 +151,9 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 @dataclass(eq=False)
 class _Prefill:
     """Joining rows' prompts, left-padded to a common length, and how far the model
-    has read them."""
+    has read them (`done` columns; a prefix cache hit starts past its cached part)."""
 
+    rows: list[Row]
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
@@ -159,7 +168,24 @@ class _Prefill:
             [[0] * (longest - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device
         )
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return cls(ids, mask, positions, DynamicCache())
+        return cls(rows, ids, mask, positions, DynamicCache())
+
+    @classmethod
+    def resuming(cls, row: Row, past: list[Any], device: Any) -> _Prefill:
+        """One row whose first `row.cached` tokens come from the prefix cache (`past`:
+        keys and values per layer). Alone, so that no padding falls between its cached
+        and its new columns (sliding-window masks count columns)."""
+        length = len(row.ids)
+        ids = torch.tensor([row.ids], device=device)
+        mask = torch.ones((1, length), dtype=torch.long, device=device)
+        positions = torch.arange(length, device=device).unsqueeze(0)
+        cache = DynamicCache(ddp_cache_data=past)
+        return cls([row], ids, mask, positions, cache, done=row.cached)
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens still to read, over all its rows."""
+        return (self.ids.shape[1] - self.done) * len(self.rows)
 
 
 class _Batch:
@@ -236,6 +262,7 @@ class BatchScheduler:
         max_batch: int,
         adapter_of: Callable[[str], str] = lambda name: name,
         prefill_chunk_tokens: int = 512,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.adapter_of = adapter_of  # public adapter name -> the loaded adapter's name
@@ -247,8 +274,11 @@ class BatchScheduler:
         self.eos = tokenizer.eos_token_id
         self.waiting: queue.Queue[Row | _Call | None] = queue.Queue()
         self._queued: deque[Row] = deque()  # taken from `waiting`, not yet admitted
-        self._joining: list[Row] = []  # being admitted: their prompts are being read
-        self._prefill: _Prefill | None = None
+        # Being admitted: their prompts are being read, in groups (rows that found
+        # part of their prompt in the prefix cache each alone, then the others).
+        self._prefills: list[_Prefill] = []
+        # Keys and values of prompt prefixes read before; off when its capacity is 0.
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         # Prompt tokens read per turn (split among the joining rows): a long prompt
         # is read in chunks, one decoding step of the running rows after each.
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -322,20 +352,24 @@ class BatchScheduler:
     def _turn(self) -> None:
         """Start admitting what fits, run one chunk of the joining prompts, then
         decode one step for the running rows."""
-        if not self._joining:
+        if not self._prefills:
             running = len(self._batch.rows) if self._batch else 0
-            while self._queued and running + len(self._joining) < self.max_batch:
-                self._joining.append(self._queued.popleft())
-            if self._joining:
-                self._start_prefill()
-        if self._prefill is not None:
-            self._prefill_chunk()
+            joining: list[Row] = []
+            while self._queued and running + len(joining) < self.max_batch:
+                joining.append(self._queued.popleft())
+            if joining:
+                self._start_prefill(joining)
+        budget = self.prefill_chunk_tokens
+        while self._prefills and budget > 0:
+            budget -= self._prefill_chunk(self._prefills[0], budget)
         if self._batch is not None:
             self._step()
 
     def _end(self, row: Row, error: BaseException | None) -> None:
         if not row.ended:
             row.ended = True
+            self.prefix_cache.release(row.held)
+            row.held = []
             row.finish(error)
 
     def _fail_running(self, error: BaseException) -> None:
@@ -352,9 +386,10 @@ class BatchScheduler:
             self._delete_unused_adapters()
 
     def _drop_joining(self, error: BaseException | None) -> None:
-        rows, self._joining, self._prefill = self._joining, [], None
-        for row in rows:
-            self._end(row, error)
+        prefills, self._prefills = self._prefills, []
+        for prefill in prefills:
+            for row in prefill.rows:
+                self._end(row, error)
 
     def _stop(self) -> None:
         """The thread ends (closed, or something escaped): nobody may wait forever."""
@@ -379,7 +414,7 @@ class BatchScheduler:
         """Move submitted work off the queue, blocking only when there is nothing to
         decode; run calls now. False once closed and everything has ended."""
         while True:
-            idle = self._batch is None and self._prefill is None and not self._queued
+            idle = self._batch is None and not self._prefills and not self._queued
             if idle and self._closing:
                 return False
             try:
@@ -400,10 +435,11 @@ class BatchScheduler:
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def _start_prefill(self) -> None:
-        """Pin each joining row's adapter and generator and lay out their prompts."""
+    def _start_prefill(self, joining: list[Row]) -> None:
+        """Pin each joining row's adapter and generator, look its prompt up in the
+        prefix cache, and lay out the prompts to read."""
         live = []
-        for row in self._joining:
+        for row in joining:
             if row.stop.is_set():
                 self._end(row, None)
                 continue
@@ -415,22 +451,42 @@ class BatchScheduler:
             if row.sampling.seed is not None:
                 row.generator = torch.Generator(self.device).manual_seed(row.sampling.seed)
             live.append(row)
-        self._joining = live
-        if live:
-            self._prefill = _Prefill.of(live, self.pad, self.device)
-
-    def _prefill_chunk(self) -> None:
-        """Run the next chunk of the joining prompts; after the last one, pick their
-        first tokens and append them to the running batch. Long prompts go in chunks
-        so that the running rows keep decoding, one step per chunk, meanwhile."""
-        prefill = self._prefill
-        assert prefill is not None
-        rows = self._joining
-        if all(row.stop.is_set() for row in rows):
-            self._drop_joining(None)
+        prefills, misses = [], []
+        try:
+            for row in live:
+                # The namespace is the loaded adapter (a fresh name for every load).
+                hit = self.prefix_cache.lookup(row.slot, row.ids)
+                row.held, row.cached = hit.blocks, hit.tokens
+                if hit.tokens:
+                    prefills.append(self._resume(row, hit))
+                else:
+                    misses.append(row)
+            if misses:
+                prefills.append(_Prefill.of(misses, self.pad, self.device))
+        except Exception as exc:
+            log.exception("laying out the prompts of %d row(s) failed", len(live))
+            for row in live:
+                self._end(row, exc)
             return
-        width = max(1, self.prefill_chunk_tokens // len(rows))
+        self._prefills = prefills
+
+    def _resume(self, row: Row, hit: Hit) -> _Prefill:
+        return _Prefill.resuming(row, self.prefix_cache.past(hit), self.device)
+
+    def _prefill_chunk(self, prefill: _Prefill, budget: int) -> int:
+        """Read the next chunk of `prefill`'s prompts (about `budget` tokens); after
+        its last one, pick their first tokens and append the rows to the running batch.
+        Long prompts go in chunks so that the running rows keep decoding, one step per
+        turn, meanwhile. Returns the tokens read."""
+        rows = prefill.rows
+        if all(row.stop.is_set() for row in rows):
+            self._prefills.remove(prefill)
+            for row in rows:
+                self._end(row, None)
+            return 0
+        width = max(1, budget // len(rows))
         start, end = prefill.done, min(prefill.done + width, prefill.ids.shape[1])
+        read = (end - start) * len(rows)
         try:
             logits = self._forward(
                 rows,
@@ -441,11 +497,14 @@ class BatchScheduler:
             )
         except Exception as exc:
             log.exception("prompt of %d row(s) failed", len(rows))
-            self._drop_joining(exc)
-            return
+            self._prefills.remove(prefill)
+            for row in rows:
+                self._end(row, exc)
+            return read
         prefill.done = end
         if end < prefill.ids.shape[1]:
-            return
+            return read
+        self._cache_prompts(prefill)
         # Padding is not "seen": count real tokens only.
         counts = torch.zeros(logits.shape, dtype=prefill.mask.dtype, device=self.device)
         seen = counts.scatter_add_(1, prefill.ids, prefill.mask) > 0
@@ -456,11 +515,28 @@ class BatchScheduler:
             self._batch = joined
         else:
             self._batch.extend(joined)
-        self._prefill, self._joining = None, []
+        self._prefills.remove(prefill)  # only now: until here a failure ends its rows
         log.debug("batch: %d row(s), %d joined", len(self._batch.rows), len(rows))
         self._sampler = Sampler(self._batch.rows, self.eos, self.device)
         start_row = len(self._batch.rows) - len(rows)
         self._emit_and_prune(self._batch, first.tolist(), start_row)
+        return read
+
+    def _cache_prompts(self, prefill: _Prefill) -> None:
+        """Add the prompts just read to the prefix cache (best effort: a failure here
+        costs a later hit, never these rows)."""
+        if not self.prefix_cache.enabled:
+            return
+        layers = [(layer.keys, layer.values) for layer in prefill.cache.layers]
+        width = prefill.ids.shape[1]
+        try:
+            for index, row in enumerate(prefill.rows):
+                first_column = width - len(row.ids)  # left-padded
+                row.held = self.prefix_cache.insert(
+                    row.slot, row.ids, layers, index, first_column, row.held
+                )
+        except Exception:
+            log.exception("adding %d prompt(s) to the prefix cache failed", len(prefill.rows))
 
     def _step(self) -> None:
         batch = self._batch
@@ -521,6 +597,8 @@ class BatchScheduler:
         if not self._retired:
             return
         in_use = {row.slot for row in self._batch.rows} if self._batch else set()
+        in_use |= {row.slot for prefill in self._prefills for row in prefill.rows}
         for slot in self._retired - in_use:
             self.model.delete_adapter(slot)
             self._retired.discard(slot)
+            self.prefix_cache.drop(slot)

@@ -32,6 +32,7 @@ class EchoBackend:
         yield Finished(reason, len(words), len(words))
 
     adapters: dict[str, int] = {}  # noqa: RUF012 - never changes
+    prefix_cache = None
 
     async def load_adapter(self, name: str, version: int, folder: Path) -> None:
         raise PermanentError("the echo backend serves no adapters", "adapters_unsupported")

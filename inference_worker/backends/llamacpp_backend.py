@@ -7,6 +7,11 @@ weights are shared) and a job takes a free slot; jobs beyond the slots wait in t
 queue (capacity = slots). LoRA adapters in GGUF form (`adapter-f16.gguf`, written
 by `python -m trainer_job export-gguf`) are loaded once per slot and applied per
 request; switching costs a KV-cache reset, not a reload.
+
+Prefix reuse: a slot's context keeps the tokens it last read, and llama.cpp reads
+again only what follows the part a new prompt shares with them. So a job takes the
+free slot whose tokens share the longest start with its prompt (with the same
+adapter applied): the second chat carrying the same tiers reads only its own tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from services.errors import PermanentError
 
 log = logging.getLogger(__name__)
 SAMPLING_EPS = 1e-5
+# A shared start shorter than this (the chat template's first tokens) is not worth
+# overwriting a slot that holds another prompt: an empty or older slot is taken.
+MIN_REUSE = 16
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Slot:
     llm: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: Any = None  # the adapter handle applied to this context (None: the base)
+    used: int = 0  # when it last took a job (a counter), for least-recently-used
 
 
 class LlamaCppBackend:
@@ -63,7 +72,9 @@ class LlamaCppBackend:
         self._threads = threads or max(1, (os.cpu_count() or 1) // slots)
         self._n_ctx = n_ctx
         self._slots: list[Slot] = []
-        self._free: asyncio.Queue[Slot] = asyncio.Queue()
+        self._free: list[Slot] = []
+        self._free_count = asyncio.Semaphore(0)  # how many are in _free
+        self._jobs_started = 0
         self._adapters: dict[str, tuple[int, list[Any]]] = {}  # name -> (version, per slot)
         self._tokens = 0
         self._formatter: Any = None
@@ -96,7 +107,7 @@ class LlamaCppBackend:
         for index in range(self._slot_count):
             llm = await asyncio.to_thread(self._load)
             self._slots.append(Slot(index, llm))
-            self._free.put_nowait(self._slots[-1])
+            self._release(self._slots[-1])
         first = self._slots[0].llm
         self.max_context = first.n_ctx()
         self._formatter = self._chat_formatter(first)
@@ -197,6 +208,7 @@ class LlamaCppBackend:
         with slot.lock:
             handle = self._adapters[adapter][1][slot.index] if adapter else None
             self._apply_adapter(slot, handle)
+            cached = _reused_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids)
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
             greedy = s.temperature <= SAMPLING_EPS
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -228,7 +240,34 @@ class LlamaCppBackend:
             tail = decoder.decode(b"", final=True)
             if tail:
                 emit(TextDelta(tail, 0))
-            emit(Finished(reason, len(ids), generated))  # type: ignore[arg-type]
+            emit(Finished(reason, len(ids), generated, cached))  # type: ignore[arg-type]
+
+    def _release(self, slot: Slot) -> None:
+        self._free.append(slot)
+        self._free_count.release()
+
+    async def _take_slot(self, ids: list[int], adapter: str | None) -> Slot:
+        """The free slot that has the longest start of `ids` in its context already."""
+        await self._free_count.acquire()
+
+        def preference(slot: Slot) -> tuple[int, int, int]:
+            reuse = self._reusable(slot, ids, adapter)
+            # The longest shared start; else an empty slot, else the least recent one.
+            return (reuse if reuse >= MIN_REUSE else 0, -slot.llm.n_tokens, -slot.used)
+
+        slot = max(self._free, key=preference)
+        self._free.remove(slot)
+        self._jobs_started += 1
+        slot.used = self._jobs_started
+        return slot
+
+    def _reusable(self, slot: Slot, ids: list[int], adapter: str | None) -> int:
+        """Tokens of `ids` llama.cpp will not read again on `slot` (a free slot: no
+        thread touches its context)."""
+        handle = self._adapters[adapter][1][slot.index] if adapter else None
+        if slot.active is not handle:
+            return 0  # applying the other adapter resets the context
+        return _reused_prefix(slot.llm.input_ids[: slot.llm.n_tokens].tolist(), ids)
 
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
         adapter = None if job.model in (None, self.base_model) else job.model
@@ -242,14 +281,14 @@ class LlamaCppBackend:
         def emit(event: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        slot = await self._free.get()
+        slot = await self._take_slot(ids, adapter)
         worker = asyncio.create_task(
             asyncio.to_thread(self._decode, slot, ids, job, adapter, emit, cancel)
         )
 
         def finished(task: asyncio.Task[None]) -> None:
             # The slot is free only once its thread is done with the context.
-            self._free.put_nowait(slot)
+            self._release(slot)
             if not task.cancelled() and task.exception() is not None:
                 events.put_nowait(task.exception())
 
@@ -285,6 +324,10 @@ class LlamaCppBackend:
     @property
     def tokens_generated(self) -> int:
         return self._tokens
+
+    # Each slot's own context is its cache: no store of blocks, no byte bound of its
+    # own; what it reused is in each job's usage (cached_tokens).
+    prefix_cache = None
 
     @property
     def adapters(self) -> dict[str, int]:
@@ -335,3 +378,15 @@ class LlamaCppBackend:
                     slot.llm.close()
 
         await asyncio.to_thread(release)
+
+
+def _reused_prefix(cached: list[int], ids: list[int]) -> int:
+    """How many tokens of `ids` llama-cpp-python's `generate` keeps of a context that
+    holds `cached`: their common start, less one when that is the whole prompt (its
+    last token is read again for fresh logits)."""
+    common = 0
+    for a, b in zip(cached, ids, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common - 1 if common == len(ids) and common > 0 else common

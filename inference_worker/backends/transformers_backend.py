@@ -18,9 +18,14 @@ from typing import Any
 from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
 from inference_worker.backends.batching import BatchScheduler, Row
 from inference_worker.backends.detokenizer import IncrementalDetokenizer
+from inference_worker.backends.prefix_cache import (
+    DEFAULT_BLOCK_TOKENS,
+    PrefixCache,
+    default_capacity,
+)
 from inference_worker.backends.prompts import encode_prompt
 from inference_worker.backends.stops import StopMatcher
-from proto.messages import ChatJob
+from proto.messages import ChatJob, PrefixCacheStats
 from services.errors import PermanentError
 from services.paths import served_name
 
@@ -120,6 +125,8 @@ class TransformersBackend:
         handoff_ms: float = 10.0,
         unstreamed_handoff_ms: float = 250.0,
         prefill_chunk_tokens: int = 512,
+        prefix_cache_bytes: int | None = None,
+        prefix_cache_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         self.model_ref = model_ref
         self.device = resolve_device(device)
@@ -131,6 +138,9 @@ class TransformersBackend:
         self.handoff_s = handoff_ms / 1000
         self.unstreamed_handoff_s = unstreamed_handoff_ms / 1000
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        # None: sized from the memory free once the model is loaded; 0: off.
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self.prefix_cache_block_tokens = prefix_cache_block_tokens
         self.scheduler: BatchScheduler | None = None
         # public adapter name -> (version, the name it is loaded under in peft)
         self.loaded: dict[str, tuple[int, str]] = {}
@@ -158,6 +168,9 @@ class TransformersBackend:
             model = model.to(self.device)
         self.model = model.eval()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        capacity = self.prefix_cache_bytes
+        if capacity is None:
+            capacity = default_capacity(self.device)
         self.scheduler = BatchScheduler(
             self.model,
             self.tokenizer,
@@ -165,14 +178,16 @@ class TransformersBackend:
             self.max_batch,
             adapter_of=lambda name: self.loaded[name][1],
             prefill_chunk_tokens=self.prefill_chunk_tokens,
+            prefix_cache=PrefixCache(capacity, self.prefix_cache_block_tokens),
         )
         log.info(
-            "loaded %s on %s (%s, quantization %s, %.1f MB)",
+            "loaded %s on %s (%s, quantization %s, %.1f MB; prefix cache %.0f MiB)",
             self.model_ref,
             self.device,
             dtype,
             self.quantization,
             model.get_memory_footprint() / 1e6,
+            capacity / 2**20,
         )
 
     def encode_prompt(self, job: ChatJob) -> list[int]:
@@ -222,7 +237,7 @@ class TransformersBackend:
                 reason = "stop"
             else:
                 reason = "length" if generated >= job.sampling.max_tokens else "stop"
-            yield Finished(reason, len(ids), generated)
+            yield Finished(reason, len(ids), generated, row.cached)
         finally:
             row.stop.set()  # the consumer went away (or we are done): stop decoding
 
@@ -262,6 +277,10 @@ class TransformersBackend:
 
         await asyncio.wrap_future(self.scheduler.call(load))
         log.info("adapter %s v%d loaded", name, version)
+
+    @property
+    def prefix_cache(self) -> PrefixCacheStats | None:
+        return self.scheduler.prefix_cache.stats() if self.scheduler is not None else None
 
     @property
     def tokens_generated(self) -> int:

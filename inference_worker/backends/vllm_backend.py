@@ -67,6 +67,9 @@ class VllmBackend:
             max_model_len=self._max_model_len,
             kv_cache_memory_bytes=self._kv_cache_memory_bytes,
             enforce_eager=True,
+            # Every chat starts with the same system prompt and tiers: keep their KV
+            # blocks (vLLM's default on GPUs; said here so that every build does it).
+            enable_prefix_caching=True,
         )
         self.engine = AsyncLLM.from_engine_args(args)
         tokenizer = self.engine.get_tokenizer()  # a coroutine in some vLLM versions
@@ -100,13 +103,14 @@ class VllmBackend:
                 raise PermanentError(f"model {job.model!r} is not served here", "model_not_found")
             lora = self._loras[job.model][1]
         request_id = f"{job.job_id}-{uuid.uuid4().hex[:6]}"
-        generated = 0
+        generated = cached = 0
         finished = False
         try:
             async for output in self.engine.generate(
                 {"prompt_token_ids": ids}, self._sampling(job), request_id, lora_request=lora
             ):
                 completion = output.outputs[0]
+                cached = max(cached, output.num_cached_tokens or 0)
                 new = len(completion.token_ids)
                 generated += new
                 self._tokens += new
@@ -115,7 +119,7 @@ class VllmBackend:
                 if output.finished:
                     finished = True
                     reason = "length" if completion.finish_reason == "length" else "stop"
-                    yield Finished(reason, len(ids), generated)
+                    yield Finished(reason, len(ids), generated, cached)
         finally:
             if not finished:  # the consumer went away: free the engine's slot
                 await self.engine.abort(request_id)
@@ -127,6 +131,10 @@ class VllmBackend:
     @property
     def adapters(self) -> dict[str, int]:
         return {name: version for name, (version, _) in self._loras.items()}
+
+    # vLLM's automatic prefix caching keeps its own blocks and counters; what it
+    # reused is in each job's usage (cached_tokens).
+    prefix_cache = None
 
     async def load_adapter(self, name: str, version: int, folder: Path) -> None:
         """A new LoRARequest id per version: requests already running keep the old

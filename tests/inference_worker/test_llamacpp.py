@@ -179,6 +179,43 @@ async def test_concurrent_jobs_share_the_slots_and_match_sequential_answers(regi
     await served.close()
 
 
+async def test_a_chat_with_the_same_tiers_reads_only_its_new_tokens(registry: Path) -> None:
+    """Each job takes the free slot holding the longest start of its prompt, so the
+    tiers stay read in one slot while another prompt is served by the other."""
+    served = backend(registry, "q8_0", slots=2)
+    await served.start()
+    tiers = "Portfolio, project, briefing and log: the four tiers of the owner. " * 6
+
+    def chat(system: str, question: str) -> ChatJob:
+        return job(question).model_copy(
+            update={
+                "messages": [
+                    ChatMessage(role="system", content=system),
+                    ChatMessage(role="user", content=question),
+                ]
+            }
+        )
+
+    first = chat(tiers, "What is continuity?")
+    other = chat("Another system prompt entirely, for another chat.", "Hello")
+    second = chat(tiers, "What does the phone do?")
+    assert (await answer(served, first))[1].cached_tokens == 0
+    assert (await answer(served, other))[1].cached_tokens == 0  # took the empty slot
+    text, finished = await answer(served, second)
+    ids, earlier = served._encode(second), served._encode(first)
+    shared = next(i for i, (a, b) in enumerate(zip(ids, earlier, strict=False)) if a != b)
+    assert shared > 100
+    assert finished.cached_tokens == shared  # read only from where the prompts part
+    assert (await answer(served, other))[1].cached_tokens == len(served._encode(other)) - 1
+    await served.close()
+
+    fresh = backend(registry, "q8_0")
+    await fresh.start()
+    reference, cold = await answer(fresh, second)
+    assert (text, cold.cached_tokens) == (reference, 0)
+    await fresh.close()
+
+
 async def test_stop_strings_min_tokens_and_refusals(
     registry: Path, demo_model: Path, tmp_path: Path
 ) -> None:

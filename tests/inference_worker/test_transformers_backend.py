@@ -203,6 +203,11 @@ async def test_a_long_prompt_is_read_in_chunks_while_the_running_job_keeps_decod
         return "".join(pieces)
 
     backend.scheduler.prefill_chunk_tokens = 16
+    # The same prompt twice: with the prefix cache on, the second would not be read.
+    capacity, backend.scheduler.prefix_cache.capacity_bytes = (
+        backend.scheduler.prefix_cache.capacity_bytes,
+        0,
+    )
     try:
         # alone: read chunk after chunk with nothing else to decode in between
         alone, _ = await run(backend, job(long_prompt, max_tokens=12))
@@ -215,6 +220,7 @@ async def test_a_long_prompt_is_read_in_chunks_while_the_running_job_keeps_decod
         pieces = [first.text] + [e.text async for e in joining if isinstance(e, TextDelta)]
     finally:
         backend.scheduler.prefill_chunk_tokens = 512
+        backend.scheduler.prefix_cache.capacity_bytes = capacity
     prompt_tokens = reference_greedy(long_prompt, 1)[1]
     assert prompt_tokens > 150
     # one decoding step of the running job per 16-token chunk of the new prompt

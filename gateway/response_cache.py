@@ -1,0 +1,98 @@
+"""Whole answers kept in Redis for requests whose answer is fully determined: the
+original guide's "response caching" for a slow VPS, made safe. Off unless
+MESH_RESPONSE_CACHE_TTL_S is above 0.
+
+- Only greedy (temperature 0) or seeded requests: any other answer is a fresh draw.
+- The key is a sha256 over the base model, the adapter and the one version of it
+  that every live worker serves, the whole rendered prompt (system prompt, tiers and
+  history included) and every sampling option. While workers serve different
+  versions of an adapter (a rollout), nothing is looked up or kept for it, so a new
+  adapter version never serves an answer of an old one.
+- Per API key: one key's answers are never served to another.
+- A hit costs no worker and says so (`X-Cache: hit`); Redis failing makes a miss,
+  never a failed request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+
+from proto.api import Usage
+from proto.messages import ChatJob
+
+log = logging.getLogger(__name__)
+SAMPLING_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+class ResponseCache:
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        ttl_s: float,
+        render: Callable[[ChatJob], str] | None = None,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        # The prompt as the model sees it (the chat template applied); without a
+        # tokenizer the messages themselves stand for it.
+        self.render = render
+
+    @staticmethod
+    def determined(job: ChatJob) -> bool:
+        return job.sampling.temperature <= SAMPLING_EPS or job.sampling.seed is not None
+
+    def key(self, job: ChatJob, scope: str, model: dict[str, Any]) -> str:
+        """`model`: the base model's and adapter's identity (names and version)."""
+        if job.prompt is not None:
+            prompt = {"raw": job.prompt}
+        elif self.render is not None:
+            prompt = {"rendered": self.render(job)}
+        else:
+            prompt = {"messages": [m.model_dump() for m in job.messages]}
+        material = json.dumps(
+            {"model": model, "prompt": prompt, "sampling": job.sampling.model_dump()},
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(material.encode()).hexdigest()
+        scope_digest = hashlib.sha256(scope.encode()).hexdigest()[:32]
+        return f"{self.namespace}:answers:{scope_digest}:{digest}"
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        try:
+            raw = await self.client.get(key)
+        except redis.RedisError as exc:
+            log.warning("response cache: lookup failed (%s); answering without it", exc)
+            return None
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return CachedAnswer(data["text"], data["finish_reason"], Usage(**data["usage"]))
+
+    async def put(self, key: str, answer: CachedAnswer) -> None:
+        value = json.dumps(
+            {
+                "text": answer.text,
+                "finish_reason": answer.finish_reason,
+                "usage": answer.usage.model_dump(),
+            }
+        )
+        try:
+            await self.client.set(key, value, ex=max(1, round(self.ttl_s)))
+        except redis.RedisError as exc:
+            log.warning("response cache: keeping an answer failed (%s)", exc)

@@ -1,0 +1,275 @@
+"""The KV cache of prompt prefixes the transformers backend has read before.
+
+Every chat's prompt starts with the same system prompt and context tiers (~1,000
+tokens), then the conversation so far; without this cache each request reads all of
+it again. The cache keeps the keys and values of what was read in blocks of
+`block_tokens` tokens, as vLLM's automatic prefix caching does:
+
+- a block is found by a hash chain: its key covers its own token ids and its
+  parent's key, so a block matches only when the whole prompt up to its end matches;
+  the chain's root is the namespace (the base model, or one loaded adapter version,
+  since an adapter changes the keys and values);
+- a row joining the batch looks up the longest chain of cached blocks its prompt
+  starts with and reads only the rest; a prompt whose last token is cached still
+  reads that one token (its logits pick the first answer token);
+- once a row's prompt is read, its full blocks that were not cached are added;
+- memory is bounded in bytes; when a new block does not fit, the least recently used
+  block that no running row holds and that has no cached child is dropped (a row
+  holds its prompt's chain from lookup until it ends); when nothing can be dropped
+  the block is not cached;
+- a namespace is dropped whole when its adapter version is unloaded.
+
+Only the generation thread calls it (no lock); the counters may be read anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from proto.messages import PrefixCacheStats
+
+log = logging.getLogger(__name__)
+DEFAULT_BLOCK_TOKENS = 16
+# Of the memory free on the model's device once the model is loaded.
+DEFAULT_SHARE = 0.25
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [batch, kv_heads, tokens, head_dim]
+
+
+@dataclass(eq=False)
+class Block:
+    """`tokens` token ids and their keys and values in every layer
+    ([layers, kv_heads, block_tokens, head_dim] each)."""
+
+    key: int
+    namespace: str
+    parent: Block | None
+    tokens: tuple[int, ...]
+    keys: torch.Tensor
+    values: torch.Tensor
+    refs: int = 0  # running rows holding it
+    children: int = 0  # cached blocks whose parent it is
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+@dataclass(eq=False)
+class Hit:
+    """The cached start of one prompt: `blocks` (held until released) cover its first
+    `tokens` tokens."""
+
+    blocks: list[Block] = field(default_factory=list)
+    tokens: int = 0
+
+
+class PrefixCache:
+    def __init__(self, capacity_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+        if block_tokens < 1:
+            raise ValueError("block_tokens must be at least 1")
+        self.capacity_bytes = capacity_bytes
+        self.block_tokens = block_tokens
+        self._blocks: OrderedDict[int, Block] = OrderedDict()  # least recently used first
+        self.bytes = 0
+        # Counters since start.
+        self.lookups = 0
+        self.lookup_tokens = 0  # prompt tokens looked up
+        self.hit_tokens = 0  # of which were cached
+        self.inserted = 0  # blocks added
+        self.evictions = 0  # blocks dropped for room (not counting dropped namespaces)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    @staticmethod
+    def _root(namespace: str) -> int:
+        return hash(("prefix-cache", namespace))
+
+    def _find(
+        self, namespace: str, parent: Block | None, parent_key: int, tokens: tuple[int, ...]
+    ) -> Block | None:
+        """The cached block after `parent` holding `tokens`; namespace, parent and tokens
+        are compared too, so a hash collision can never match the wrong block."""
+        block = self._blocks.get(hash((parent_key, tokens)))
+        if block is None or block.parent is not parent or block.tokens != tokens:
+            return None
+        return block if block.namespace == namespace else None
+
+    def lookup(self, namespace: str, ids: list[int]) -> Hit:
+        """The longest cached start of `ids` (never its last token), held for the row."""
+        self.lookups += 1
+        self.lookup_tokens += len(ids)
+        if not self.enabled:
+            return Hit()
+        size = self.block_tokens
+        usable = len(ids) - 1  # the last token is always read: its logits are needed
+        chain: list[Block] = []
+        key = self._root(namespace)
+        for start in range(0, max(usable, 0), size):
+            tokens = tuple(ids[start : start + size])
+            if len(tokens) < size:
+                break
+            block = self._find(namespace, chain[-1] if chain else None, key, tokens)
+            if block is None:
+                break
+            chain.append(block)
+            key = block.key
+        hit = Hit(chain, min(len(chain) * size, max(usable, 0)))
+        self.hit_tokens += hit.tokens
+        self._hold(chain)
+        self._touch(chain)
+        return hit
+
+    def past(self, hit: Hit) -> list[LayerKV]:
+        """The hit's keys and values per layer, shaped as one row of a DynamicCache."""
+        keys = torch.cat([b.keys for b in hit.blocks], dim=2)[:, :, : hit.tokens]
+        values = torch.cat([b.values for b in hit.blocks], dim=2)[:, :, : hit.tokens]
+        return [(keys[i].unsqueeze(0), values[i].unsqueeze(0)) for i in range(keys.shape[0])]
+
+    def insert(
+        self,
+        namespace: str,
+        ids: list[int],
+        layers: list[LayerKV],
+        row: int,
+        first_column: int,
+        held: list[Block],
+    ) -> list[Block]:
+        """Add the full blocks of prompt `ids` after the `held` chain (its cached start).
+
+        Its keys and values are row `row` of `layers` (one cache's layers), from column
+        `first_column` on. Returns the whole chain, held; blocks that found no room
+        are left out (and so is everything after them).
+        """
+        if not self.enabled:
+            return held
+        size = self.block_tokens
+        chain = list(held)
+        key = chain[-1].key if chain else self._root(namespace)
+        for start in range(len(chain) * size, len(ids) - size + 1, size):
+            tokens = tuple(ids[start : start + size])
+            parent = chain[-1] if chain else None
+            block = self._find(namespace, parent, key, tokens)
+            if block is None:
+                column = first_column + start
+                block = self._new_block(namespace, parent, key, tokens, layers, row, column)
+                if block is None:
+                    break
+            else:  # another row added it meanwhile
+                self._hold([block])
+            chain.append(block)
+            key = block.key
+        self._touch(chain)
+        return chain
+
+    def _new_block(
+        self,
+        namespace: str,
+        parent: Block | None,
+        parent_key: int,
+        tokens: tuple[int, ...],
+        layers: list[LayerKV],
+        row: int,
+        column: int,
+    ) -> Block | None:
+        end = column + len(tokens)
+        keys = torch.stack([k[row, :, column:end] for k, _ in layers])
+        values = torch.stack([v[row, :, column:end] for _, v in layers])
+        nbytes = keys.nbytes + values.nbytes
+        if not self._make_room(nbytes):
+            return None
+        block = Block(hash((parent_key, tokens)), namespace, parent, tokens, keys, values, refs=1)
+        self._blocks[block.key] = block
+        self.bytes += nbytes
+        self.inserted += 1
+        if parent is not None:
+            parent.children += 1
+        return block
+
+    def release(self, blocks: list[Block]) -> None:
+        """A row that held `blocks` ended."""
+        for block in blocks:
+            block.refs -= 1
+
+    def drop(self, namespace: str) -> int:
+        """Forget every block of `namespace` (an adapter version that was unloaded)."""
+        gone = [b for b in self._blocks.values() if b.namespace == namespace]
+        for block in gone:
+            self._remove(block)
+        if gone:
+            log.debug("prefix cache: dropped %d block(s) of %s", len(gone), namespace)
+        return len(gone)
+
+    def _hold(self, blocks: list[Block]) -> None:
+        for block in blocks:
+            block.refs += 1
+
+    def _touch(self, chain: list[Block]) -> None:
+        # The chain's end becomes the least recent of its blocks: evicting from the end
+        # keeps the start (shared by more prompts) and never orphans a cached block.
+        for block in reversed(chain):
+            if block.key in self._blocks:
+                self._blocks.move_to_end(block.key)
+
+    def _make_room(self, nbytes: int) -> bool:
+        if nbytes > self.capacity_bytes:
+            return False
+        while self.bytes + nbytes > self.capacity_bytes:
+            victim = next(
+                (b for b in self._blocks.values() if b.refs == 0 and b.children == 0), None
+            )
+            if victim is None:
+                return False
+            self._remove(victim)
+            self.evictions += 1
+        return True
+
+    def _remove(self, block: Block) -> None:
+        if self._blocks.pop(block.key, None) is None:
+            return
+        self.bytes -= block.nbytes
+        if block.parent is not None:
+            block.parent.children -= 1
+
+    def stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(
+            capacity_bytes=self.capacity_bytes,
+            bytes=self.bytes,
+            blocks=len(self._blocks),
+            block_tokens=self.block_tokens,
+            lookups=self.lookups,
+            lookup_tokens=self.lookup_tokens,
+            hit_tokens=self.hit_tokens,
+            evictions=self.evictions,
+        )
+
+
+def default_capacity(device: str) -> int:
+    """A quarter of the memory free on `device` now (after the model was loaded)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * DEFAULT_SHARE)
+    return int(_available_ram() * DEFAULT_SHARE)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages: Any = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages) * os.sysconf("SC_PAGE_SIZE")
