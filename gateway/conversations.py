@@ -19,10 +19,24 @@ class ConversationStore:
         self.keys = keys
 
     async def history(self, owner: str, conversation_id: str, limit: int) -> list[ChatMessage]:
-        """The last `limit` messages for the model, oldest first."""
+        """The conversation's recent messages for the model, oldest first: at most `limit`.
+
+        Once a conversation is longer than `limit`, its window's start moves in steps of
+        half the limit rather than one turn at a time, so that consecutive prompts keep
+        sharing their start (which the workers' prefix caches read only once); the
+        window then holds between half the limit and the limit.
+        """
         if limit <= 0:
             return []
-        raw = await self.client.lrange(self.keys.conversation(owner, conversation_id), -limit, -1)
+        key = self.keys.conversation(owner, conversation_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.llen(key)
+            pipe.lrange(key, -limit, -1)
+            length, raw = await pipe.execute()
+        excess = length - limit
+        if excess > 0:
+            step = max(2, limit // 4 * 2)  # even: a window starts on a user turn
+            raw = raw[-(-excess // step) * step - excess :]
         messages = [json.loads(item) for item in raw]
         # Never start the model's view with an assistant turn.
         while messages and messages[0]["role"] != "user":

@@ -153,7 +153,7 @@ def test_dockerfiles_copy_what_exists_and_run_unprivileged(dockerfile: str) -> N
 
 def test_the_dashboard_only_uses_metrics_the_gateway_exports() -> None:
     from gateway.metrics import Metrics
-    from proto.messages import WorkerStatus
+    from proto.messages import PrefixCacheStats, WorkerStatus
 
     metrics = Metrics()
     now = datetime.now(UTC)
@@ -167,6 +167,16 @@ def test_the_dashboard_only_uses_metrics_the_gateway_exports() -> None:
         capacity=8,
         in_flight=1,
         gpu_memory_bytes=1 << 30,
+        prefix_cache=PrefixCacheStats(
+            capacity_bytes=1 << 30,
+            bytes=1 << 20,
+            blocks=16,
+            block_tokens=16,
+            lookups=3,
+            lookup_tokens=3000,
+            hit_tokens=2000,
+            evictions=1,
+        ),
         started_at=now,
         updated_at=now,
     )
@@ -174,6 +184,8 @@ def test_the_dashboard_only_uses_metrics_the_gateway_exports() -> None:
     metrics.ttft.observe(0.1)
     metrics.request_seconds.labels("/chat").observe(0.2)
     metrics.requests.labels("/chat", "200").inc()
+    metrics.tokens_in.inc(3000)
+    metrics.tokens_cached.inc(2000)
     exported = {
         line.split("{")[0].split(" ")[0]
         for line in metrics.render().decode().splitlines()
@@ -198,6 +210,7 @@ def test_the_dashboard_only_uses_metrics_the_gateway_exports() -> None:
         "workers by site",
         "gpu memory",
         "adapter versions",
+        "prefix cache hit rate",
     ):
         assert topic in titles, topic
 
