@@ -92,6 +92,7 @@ bench: install
 	$(PY) bench/context_store.py
 	$(PY) bench/worker_throughput.py
 	$(PY) bench/adapter_swap.py
+	$(PY) bench/prefix_cache.py
 	$(PY) bench/training.py
 
 clean:

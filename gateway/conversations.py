@@ -29,13 +29,13 @@ class ConversationStore:
         if limit <= 0:
             return []
         key = self.keys.conversation(owner, conversation_id)
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline(transaction=True) as pipe:  # one consistent view
             pipe.llen(key)
             pipe.lrange(key, -limit, -1)
             length, raw = await pipe.execute()
         excess = length - limit
         if excess > 0:
-            step = max(2, limit // 4 * 2)  # even: a window starts on a user turn
+            step = max(2, (limit // 2 + 1) // 2 * 2)  # half, even: starts on a user turn
             raw = raw[-(-excess // step) * step - excess :]
         messages = [json.loads(item) for item in raw]
         # Never start the model's view with an assistant turn.

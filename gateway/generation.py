@@ -416,7 +416,11 @@ class Generation:
 async def _replay(answer: CachedAnswer) -> AsyncIterator[Item]:
     if answer.text:
         yield answer.text
-    yield Outcome(answer.finish_reason, answer.usage)
+    # No worker read any of the prompt this time.
+    details = PromptTokensDetails(cached_tokens=answer.usage.prompt_tokens)
+    yield Outcome(
+        answer.finish_reason, answer.usage.model_copy(update={"prompt_tokens_details": details})
+    )
 
 
 async def collect(relay: AsyncIterator[str | Outcome | Restart]) -> tuple[str, Outcome]:

@@ -81,8 +81,12 @@ class ResponseCache:
             return None
         if raw is None:
             return None
-        data = json.loads(raw)
-        return CachedAnswer(data["text"], data["finish_reason"], Usage(**data["usage"]))
+        try:
+            data = json.loads(raw)
+            return CachedAnswer(data["text"], data["finish_reason"], Usage(**data["usage"]))
+        except (ValueError, KeyError, TypeError) as exc:  # unreadable (another release's)
+            log.warning("response cache: ignoring an unreadable entry (%s)", exc)
+            return None
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
         value = json.dumps(

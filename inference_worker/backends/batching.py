@@ -183,9 +183,9 @@ class _Prefill:
         return cls([row], ids, mask, positions, cache, done=row.cached)
 
     @property
-    def left(self) -> int:
-        """Prompt tokens still to read, over all its rows."""
-        return (self.ids.shape[1] - self.done) * len(self.rows)
+    def tokens_left(self) -> int:
+        """Prompt tokens still to read, over all its rows (padding included)."""
+        return int(self.ids.shape[1] - self.done) * len(self.rows)
 
 
 class _Batch:
@@ -362,6 +362,10 @@ class BatchScheduler:
         budget = self.prefill_chunk_tokens
         while self._prefills and budget > 0:
             budget -= self._prefill_chunk(self._prefills[0], budget)
+            # Another group only if the rest of the budget reads a useful part of it:
+            # a forward over a column or two costs about a whole decoding step.
+            if self._prefills and budget < min(self._prefills[0].tokens_left, 32):
+                break
         if self._batch is not None:
             self._step()
 
@@ -437,22 +441,11 @@ class BatchScheduler:
 
     def _start_prefill(self, joining: list[Row]) -> None:
         """Pin each joining row's adapter and generator, look its prompt up in the
-        prefix cache, and lay out the prompts to read."""
-        live = []
-        for row in joining:
-            if row.stop.is_set():
-                self._end(row, None)
-                continue
-            try:
-                row.slot = self.adapter_of(row.adapter) if row.adapter else BASE
-            except KeyError:
-                self._end(row, LookupError(f"adapter {row.adapter!r} is not loaded"))
-                continue
-            if row.sampling.seed is not None:
-                row.generator = torch.Generator(self.device).manual_seed(row.sampling.seed)
-            live.append(row)
-        prefills, misses = [], []
+        prefix cache, and lay out the prompts to read. Every row ends up either being
+        read or ended: nothing else refers to them yet."""
         try:
+            live = [row for row in joining if self._pin(row)]
+            prefills, misses = [], []
             for row in live:
                 # The namespace is the loaded adapter (a fresh name for every load).
                 hit = self.prefix_cache.lookup(row.slot, row.ids)
@@ -464,11 +457,29 @@ class BatchScheduler:
             if misses:
                 prefills.append(_Prefill.of(misses, self.pad, self.device))
         except Exception as exc:
-            log.exception("laying out the prompts of %d row(s) failed", len(live))
-            for row in live:
+            log.exception("laying out the prompts of %d row(s) failed", len(joining))
+            for row in joining:
                 self._end(row, exc)
             return
         self._prefills = prefills
+
+    def _pin(self, row: Row) -> bool:
+        """Fix the adapter and generator `row` decodes with; False when it ended."""
+        if row.stop.is_set():
+            self._end(row, None)
+            return False
+        try:
+            row.slot = self.adapter_of(row.adapter) if row.adapter else BASE
+        except KeyError:
+            self._end(row, LookupError(f"adapter {row.adapter!r} is not loaded"))
+            return False
+        if row.sampling.seed is not None:
+            try:
+                row.generator = torch.Generator(self.device).manual_seed(row.sampling.seed)
+            except (RuntimeError, ValueError, OverflowError) as exc:  # beyond 64 bits
+                self._end(row, ValueError(f"seed {row.sampling.seed} is not usable: {exc}"))
+                return False
+        return True
 
     def _resume(self, row: Row, hit: Hit) -> _Prefill:
         return _Prefill.resuming(row, self.prefix_cache.past(hit), self.device)
@@ -483,6 +494,7 @@ class BatchScheduler:
             self._prefills.remove(prefill)
             for row in rows:
                 self._end(row, None)
+            self._delete_unused_adapters()
             return 0
         width = max(1, budget // len(rows))
         start, end = prefill.done, min(prefill.done + width, prefill.ids.shape[1])
@@ -500,6 +512,7 @@ class BatchScheduler:
             self._prefills.remove(prefill)
             for row in rows:
                 self._end(row, exc)
+            self._delete_unused_adapters()
             return read
         prefill.done = end
         if end < prefill.ids.shape[1]:
@@ -532,9 +545,7 @@ class BatchScheduler:
         try:
             for index, row in enumerate(prefill.rows):
                 first_column = width - len(row.ids)  # left-padded
-                row.held = self.prefix_cache.insert(
-                    row.slot, row.ids, layers, index, first_column, row.held
-                )
+                self.prefix_cache.insert(row.slot, row.ids, layers, index, first_column, row.held)
         except Exception:
             log.exception("adding %d prompt(s) to the prefix cache failed", len(prefill.rows))
 

@@ -186,8 +186,10 @@ class LlamaCppBackend:
         adapter: str | None,
         emit: Callable[[object], None],
         cancel: threading.Event,
+        reused: list[int],
     ) -> None:
-        """Runs in a thread, holding the slot: emits TextDeltas, then one Finished."""
+        """Runs in a thread, holding the slot: emits TextDeltas, then one Finished.
+        `reused[0]` is set to the prompt tokens the slot's context already held."""
         import numpy as np
 
         s = job.sampling
@@ -208,7 +210,7 @@ class LlamaCppBackend:
         with slot.lock:
             handle = self._adapters[adapter][1][slot.index] if adapter else None
             self._apply_adapter(slot, handle)
-            cached = _reused_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids)
+            cached = reused[0] = _reused_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids)
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
             greedy = s.temperature <= SAMPLING_EPS
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -282,8 +284,9 @@ class LlamaCppBackend:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         slot = await self._take_slot(ids, adapter)
+        reused = [0]  # set by the decoding thread before its first token
         worker = asyncio.create_task(
-            asyncio.to_thread(self._decode, slot, ids, job, adapter, emit, cancel)
+            asyncio.to_thread(self._decode, slot, ids, job, adapter, emit, cancel, reused)
         )
 
         def finished(task: asyncio.Task[None]) -> None:
@@ -307,7 +310,7 @@ class LlamaCppBackend:
                         yield TextDelta(text, event.tokens)
                     if stops.stopped:
                         cancel.set()
-                        yield Finished("stop", len(ids), generated)
+                        yield Finished("stop", len(ids), generated, reused[0])
                         return
                     continue
                 assert isinstance(event, Finished)

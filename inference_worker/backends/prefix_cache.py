@@ -108,10 +108,10 @@ class PrefixCache:
 
     def lookup(self, namespace: str, ids: list[int]) -> Hit:
         """The longest cached start of `ids` (never its last token), held for the row."""
-        self.lookups += 1
-        self.lookup_tokens += len(ids)
         if not self.enabled:
             return Hit()
+        self.lookups += 1
+        self.lookup_tokens += len(ids)
         size = self.block_tokens
         usable = len(ids) - 1  # the last token is always read: its logits are needed
         chain: list[Block] = []
@@ -149,29 +149,31 @@ class PrefixCache:
         """Add the full blocks of prompt `ids` after the `held` chain (its cached start).
 
         Its keys and values are row `row` of `layers` (one cache's layers), from column
-        `first_column` on. Returns the whole chain, held; blocks that found no room
-        are left out (and so is everything after them).
+        `first_column` on. `held` grows in place with each block added or found, held,
+        so that it stays the row's to release even if copying a block fails midway;
+        blocks that find no room are left out (and so is everything after them).
         """
         if not self.enabled:
             return held
         size = self.block_tokens
-        chain = list(held)
-        key = chain[-1].key if chain else self._root(namespace)
-        for start in range(len(chain) * size, len(ids) - size + 1, size):
-            tokens = tuple(ids[start : start + size])
-            parent = chain[-1] if chain else None
-            block = self._find(namespace, parent, key, tokens)
-            if block is None:
-                column = first_column + start
-                block = self._new_block(namespace, parent, key, tokens, layers, row, column)
+        key = held[-1].key if held else self._root(namespace)
+        try:
+            for start in range(len(held) * size, len(ids) - size + 1, size):
+                tokens = tuple(ids[start : start + size])
+                parent = held[-1] if held else None
+                block = self._find(namespace, parent, key, tokens)
                 if block is None:
-                    break
-            else:  # another row added it meanwhile
-                self._hold([block])
-            chain.append(block)
-            key = block.key
-        self._touch(chain)
-        return chain
+                    column = first_column + start
+                    block = self._new_block(namespace, parent, key, tokens, layers, row, column)
+                    if block is None:
+                        break
+                else:  # another row added it meanwhile
+                    block.refs += 1
+                held.append(block)
+                key = block.key
+        finally:
+            self._touch(held)
+        return held
 
     def _new_block(
         self,
@@ -183,15 +185,22 @@ class PrefixCache:
         row: int,
         column: int,
     ) -> Block | None:
+        """A new block, held once; None when there is no room for it, or when its key
+        is taken by another block (a hash collision: that one stays)."""
+        key = hash((parent_key, tokens))
+        if key in self._blocks:
+            return None
+        keys_of_one_layer = layers[0][0]
+        per_token = keys_of_one_layer.shape[1] * keys_of_one_layer.shape[3]
+        nbytes = 2 * len(layers) * per_token * len(tokens) * keys_of_one_layer.element_size()
+        if not self._make_room(nbytes):
+            return None
         end = column + len(tokens)
         keys = torch.stack([k[row, :, column:end] for k, _ in layers])
         values = torch.stack([v[row, :, column:end] for _, v in layers])
-        nbytes = keys.nbytes + values.nbytes
-        if not self._make_room(nbytes):
-            return None
-        block = Block(hash((parent_key, tokens)), namespace, parent, tokens, keys, values, refs=1)
-        self._blocks[block.key] = block
-        self.bytes += nbytes
+        block = Block(key, namespace, parent, tokens, keys, values, refs=1)
+        self._blocks[key] = block
+        self.bytes += block.nbytes
         self.inserted += 1
         if parent is not None:
             parent.children += 1
@@ -242,7 +251,10 @@ class PrefixCache:
         if block.parent is not None:
             block.parent.children -= 1
 
-    def stats(self) -> PrefixCacheStats:
+    def stats(self) -> PrefixCacheStats | None:
+        """Its size and counters; None when it is off."""
+        if not self.enabled:
+            return None
         return PrefixCacheStats(
             capacity_bytes=self.capacity_bytes,
             bytes=self.bytes,

@@ -207,6 +207,12 @@ async def test_a_chat_with_the_same_tiers_reads_only_its_new_tokens(registry: Pa
     assert shared > 100
     assert finished.cached_tokens == shared  # read only from where the prompts part
     assert (await answer(served, other))[1].cached_tokens == len(served._encode(other)) - 1
+    # An answer cut by a stop string reports it too (it ends before the thread does).
+    stopped = second.model_copy(
+        update={"sampling": second.sampling.model_copy(update={"stop": [text.split()[1]]})}
+    )
+    _, finished = await answer(served, stopped)
+    assert finished.reason == "stop" and finished.cached_tokens > shared
     await served.close()
 
     fresh = backend(registry, "q8_0")

@@ -110,7 +110,24 @@ def test_a_dropped_namespace_is_gone_and_capacity_zero_is_off() -> None:
 
     off = PrefixCache(0, BLOCK)
     assert cached(off, "base", ids) == [] and off.lookup("base", ids).tokens == 0
-    assert off.stats().lookups == 2
+    assert off.stats() is None and len(off) == 0
+
+
+def test_a_hash_collision_never_replaces_or_serves_another_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from inference_worker.backends import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "hash", lambda _: 7, raising=False)  # every key alike
+    cache = PrefixCache(100 * block_bytes(), BLOCK)
+    first = list(range(1, 10))
+    held = cached(cache, "base", first)
+    assert len(held) == 1  # its second block's key was taken: not cached
+    cache.release(held)
+    cache.release(cached(cache, "base", list(range(101, 110))))  # the same key again
+    assert len(cache) == 1 and cache.bytes == block_bytes()
+    assert cache.lookup("base", first).tokens == 4
+    assert cache.lookup("base", list(range(101, 110))).tokens == 0
 
 
 # --- the transformers backend on the demo model -----------------------------------
