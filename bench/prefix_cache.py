@@ -45,12 +45,11 @@ from context_store.store import ContextStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mesh_overhead import _remove_namespace, free_port
-from worker_throughput import _parameters
+from worker_throughput import _parameters, model_folder
 
 from services.launcher import MeshProcesses
 from services.redis_client import connect
 from services.settings import MeshSettings
-from trainer_job.demo_model import DemoModelSpec, build_random_model, ensure_demo_model
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEM_PROMPT = "You are the owner's continuity assistant. Answer from the context below."
@@ -87,23 +86,6 @@ async def seed_context(namespace: str) -> None:
     for n in range(20):
         await store.append_log(f"Session {n}: finished step {n} of the plan and wrote it down.")
     await store.client.aclose()
-
-
-def model_folder(size: str) -> Path:
-    demo = ensure_demo_model()
-    if size == "demo":
-        return demo
-    folder = demo.parent / "bench-100m"
-    if not (folder / "config.json").is_file():
-        shape = DemoModelSpec(
-            hidden_size=768,
-            intermediate_size=2688,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-        )
-        build_random_model(folder, shape, demo)
-    return folder
 
 
 class Mesh:

@@ -361,3 +361,36 @@ async def test_eviction_under_a_tiny_budget_while_rows_run(
     reference = [await answer(cold, j) for j in (long_job, *shorts)]
     assert [long_answer[0], *(t for t, _ in short_answers)] == [t for t, _ in reference]
     await tiny.close()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantization"), [("float16", "none"), ("bfloat16", "none"), ("auto", "4bit")]
+)
+async def test_warm_answers_equal_the_cache_off_in_other_precisions(
+    demo_model: Path, dtype: str, quantization: str
+) -> None:
+    """fp16 and bf16 keys and values, and NF4 weights (the KV stays in the compute
+    dtype): blocks are sized and copied in whatever the model computes in."""
+
+    async def precise(cache_bytes: int) -> TransformersBackend:
+        backend = TransformersBackend(
+            str(demo_model),
+            device="cpu",
+            dtype=dtype,
+            quantization=quantization,
+            prefix_cache_bytes=cache_bytes,
+        )
+        await backend.start()
+        return backend
+
+    warm, off = await precise(64 << 20), await precise(0)
+    await answer(warm, job("Warm the tiers up."))
+    jobs = [job("What is the four-tier handoff system?"), job("What does the phone do?")]
+    warm_answers = await answers(warm, jobs)
+    assert all(finished.cached_tokens > 100 for _, finished in warm_answers)
+    assert [t for t, _ in warm_answers] == [t for t, _ in await answers(off, jobs)]
+    block = next(iter(warm.scheduler.prefix_cache._blocks.values()))  # type: ignore[union-attr]
+    expected = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+    assert block.keys.dtype == expected
+    for backend in (warm, off):
+        await backend.close()
