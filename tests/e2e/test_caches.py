@@ -65,9 +65,19 @@ def test_every_route_reports_the_prompt_tokens_the_worker_had_cached(mesh: MeshP
         completion = client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=4, temperature=0
         )
-    assert (
-        completion.usage.prompt_tokens_details.cached_tokens >= completion.usage.prompt_tokens - 16
-    )  # type: ignore[union-attr]
+    usage_of = completion.usage
+    assert usage_of is not None and usage_of.prompt_tokens_details is not None
+    assert (usage_of.prompt_tokens_details.cached_tokens or 0) >= usage_of.prompt_tokens - 16
+    streamed_completion = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [chunk.usage for chunk in streamed_completion if chunk.usage is not None]
+    assert usage[0].prompt_tokens_details.cached_tokens >= usage[0].prompt_tokens - 16  # type: ignore[union-attr]
 
     # /chat: the system prompt and tiers lead every prompt.
     body = {"message": "Hello", "max_tokens": 4, "temperature": 0}

@@ -394,3 +394,35 @@ async def test_warm_answers_equal_the_cache_off_in_other_precisions(
     assert block.keys.dtype == expected
     for backend in (warm, off):
         await backend.close()
+
+
+async def test_the_uncached_rest_of_a_prompt_is_still_read_in_chunks(
+    demo_model: Path, cold: TransformersBackend
+) -> None:
+    """A hit with a long new part: read 16 tokens a turn, a running job decoding one
+    token after each, and the answer unchanged."""
+    warm = await started(demo_model, 64 << 20)
+    await answer(warm, job("Warm the tiers up."))
+    question = "Tell me about the tiers and the phone and the gateway. " * 8 + "Which first?"
+    decoding = asyncio.Event()
+    long_job = job("Hello", max_tokens=200)
+    long_job = long_job.model_copy(
+        update={"sampling": long_job.sampling.model_copy(update={"min_tokens": 200})}
+    )
+    running = asyncio.create_task(answer(warm, long_job, decoding))
+    await decoding.wait()
+    warm.scheduler.prefill_chunk_tokens = 16  # type: ignore[union-attr]
+    before = warm.tokens_generated
+    joining = warm.generate(job(question))
+    first = await anext(joining)
+    decoded_meanwhile = warm.tokens_generated - before
+    rest = [e async for e in joining]
+    text = first.text + "".join(e.text for e in rest if isinstance(e, TextDelta))  # type: ignore[union-attr]
+    finished = rest[-1]
+    assert isinstance(finished, Finished)
+    uncached = finished.prompt_tokens - finished.cached_tokens
+    assert finished.cached_tokens > 100 and uncached > 64
+    assert decoded_meanwhile >= uncached // 16 - 1
+    assert text == (await answer(cold, job(question)))[0]
+    await running
+    await warm.close()
