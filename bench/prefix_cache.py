@@ -256,11 +256,14 @@ async def measure_throughput(model: Path, rounds: int, tokens: int) -> dict:
         for mesh in (on, off):  # warm-up: the tiers in the cache, the code paths hot
             await concurrent_rate(mesh, 8, 4, 1)
         rates: dict[str, list[float]] = {"on": [], "off": [], "on_miss": [], "off_miss": []}
-        for _ in range(rounds):
-            rates["off"].append(await concurrent_rate(off, 8, tokens, 1))
-            rates["on"].append(await concurrent_rate(on, 8, tokens, 1))
-            rates["off_miss"].append(await concurrent_rate(off, 8, tokens, 1, shared=False))
-            rates["on_miss"].append(await concurrent_rate(on, 8, tokens, 1, shared=False))
+        for round_ in range(rounds):
+            # Each pair in both orders over the rounds: the VM drifts within a minute.
+            pairs = [("off", off), ("on", on)]
+            for name, mesh in pairs if round_ % 2 == 0 else pairs[::-1]:
+                rates[name].append(await concurrent_rate(mesh, 8, tokens, 1))
+            for name, mesh in pairs[::-1] if round_ % 2 == 0 else pairs:
+                miss = await concurrent_rate(mesh, 8, tokens, 1, shared=False)
+                rates[f"{name}_miss"].append(miss)
     mean = {name: statistics.mean(values) for name, values in rates.items()}
     return {
         "concurrency": 8,
