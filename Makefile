@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install run test test-vllm llamacpp lint format proto demo-model bench doctor clean
+.PHONY: install run test test-vllm test-gpu llamacpp lint format proto demo-model bench doctor clean
 
 K8S_TOOLS := k8s/tools/node_modules/.package-lock.json
 
@@ -72,6 +72,12 @@ $(VLLM_STAMP): constraints-vllm.txt
 
 test-vllm: $(VLLM_STAMP) demo-model
 	$(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider -q
+
+# The CUDA paths (fp16, NF4, the prefix cache on the GPU, QLoRA) on a host with CUDA and
+# a CUDA build of torch; skipped elsewhere.
+test-gpu: install
+	$(PY) -m trainer_job build-demo-model
+	$(PY) -m pytest -m gpu tests/gpu -p no:cacheprovider
 
 lint: install
 	$(PY) -m ruff check .
