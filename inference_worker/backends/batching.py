@@ -73,6 +73,7 @@ class Row:
     # prompt tokens were found there instead of read.
     held: list[Block] = field(default_factory=list)
     cached: int = 0
+    output: list[int] = field(default_factory=list)  # the token ids handed to `emit`
 
 
 @dataclass(eq=False)
@@ -587,6 +588,7 @@ class BatchScheduler:
                 continue
             row.generated += 1
             self.decoded += 1
+            row.output.append(token_id)
             row.emit(token_id)
             if token_id == self.eos or row.generated >= row.sampling.max_tokens:
                 ended.add(index)
@@ -594,6 +596,7 @@ class BatchScheduler:
             self._remove(batch, ended)
 
     def _remove(self, batch: _Batch, ended: set[int]) -> None:
+        self._cache_answers(batch, ended)
         for index in sorted(ended):
             self._end(batch.rows[index], None)
         keep = [i for i in range(len(batch.rows)) if i not in ended]
@@ -603,6 +606,27 @@ class BatchScheduler:
         else:
             self._batch = self._sampler = None
         self._delete_unused_adapters()
+
+    def _cache_answers(self, batch: _Batch, ended: set[int]) -> None:
+        """Add the blocks of rows that answered (prompt and answer: the conversation's
+        next prompt repeats both) to the prefix cache before they leave the batch.
+        Cancelled rows are left out. Best effort, like `_cache_prompts`."""
+        if not self.prefix_cache.enabled:
+            return
+        layers = [(layer.keys, layer.values) for layer in batch.cache.layers]
+        width = batch.mask.shape[1]
+        try:
+            for index in sorted(ended):
+                row = batch.rows[index]
+                if row.stop.is_set() or row.ended:
+                    continue
+                # The row's columns: its prompt and all its answer but the last token
+                # (not fed back yet), contiguous at the end (rows are left-padded).
+                real = int(batch.mask[index].sum())
+                tokens = (row.ids + row.output)[:real]
+                self.prefix_cache.insert(row.slot, tokens, layers, index, width - real, row.held)
+        except Exception:
+            log.exception("adding %d answer(s) to the prefix cache failed", len(ended))
 
     def _delete_unused_adapters(self) -> None:
         if not self._retired:

@@ -12,7 +12,10 @@ it again. The cache keeps the keys and values of what was read in blocks of
 - a row joining the batch looks up the longest chain of cached blocks its prompt
   starts with and reads only the rest; a prompt whose last token is cached still
   reads that one token (its logits pick the first answer token);
-- once a row's prompt is read, its full blocks that were not cached are added;
+- once a row's prompt is read, its full blocks that were not cached are added, and
+  once it has answered, the blocks of its answer too (the conversation's next prompt
+  repeats it: the chat template renders the answer's text again, which a byte-level
+  BPE tokenizer turns back into the same ids for ordinary text);
 - memory is bounded in bytes; when a new block does not fit, the least recently used
   block that no running row holds and that has no cached child is dropped (a row
   holds its prompt's chain from lookup until it ends); when nothing can be dropped

@@ -353,10 +353,10 @@ async def test_eviction_under_a_tiny_budget_while_rows_run(
     assert stats.bytes <= stats.capacity_bytes
     long_answer = await running
 
-    # The running row's blocks survived; the last short chat's are there too.
+    # The running row's blocks survived (its answer's, added as it ended, evicted
+    # the short chats' instead).
     again = await answers(tiny, [long_job, shorts[-1]])
     assert again[0][1].cached_tokens == min(blocks[0] * 16, lengths[0] - 1)
-    assert again[1][1].cached_tokens == min(blocks[-1] * 16, lengths[-1] - 1)
     assert [t for t, _ in again] == [long_answer[0], short_answers[-1][0]]
     reference = [await answer(cold, j) for j in (long_job, *shorts)]
     assert [long_answer[0], *(t for t, _ in short_answers)] == [t for t, _ in reference]
@@ -425,4 +425,36 @@ async def test_the_uncached_rest_of_a_prompt_is_still_read_in_chunks(
     assert decoded_meanwhile >= uncached // 16 - 1
     assert text == (await answer(cold, job(question)))[0]
     await running
+    await warm.close()
+
+
+async def test_the_next_turn_finds_the_previous_answer_cached(
+    demo_model: Path, cold: TransformersBackend
+) -> None:
+    """The answer's blocks are kept too: the next turn repeats the prompt and the
+    answer (as text, which the tokenizer turns back into the same ids)."""
+    warm = await started(demo_model, 64 << 20)
+    first = job("What is the four-tier handoff system?", max_tokens=48)
+    text, finished = await answer(warm, first)
+    assert finished.completion_tokens > 32
+    history = [
+        *first.messages,
+        ChatMessage(role="assistant", content=text),
+        ChatMessage(role="user", content="And what does the phone do?"),
+    ]
+    second = first.model_copy(update={"job_id": uuid.uuid4().hex, "messages": history})
+    ids = warm.encode_prompt(second)
+    assert ids[: finished.prompt_tokens] == warm.encode_prompt(first)
+    next_text, next_finished = await answer(warm, second)
+    # Cached: the first prompt and the answer's full blocks, not only the prompt's.
+    through_answer = finished.prompt_tokens + finished.completion_tokens - 1
+    assert next_finished.cached_tokens >= through_answer // 16 * 16 > finished.prompt_tokens
+    assert next_text == (await answer(cold, second))[0]
+    # A cancelled answer adds nothing.
+    blocks = len(warm.scheduler.prefix_cache)  # type: ignore[union-attr]
+    stream = warm.generate(job("Something new entirely, to be cut short.", max_tokens=200))
+    await anext(stream)
+    await stream.aclose()
+    await answer(warm, job("Hello"))  # a step after the cancellation
+    assert len(warm.scheduler.prefix_cache) - blocks <= 16  # type: ignore[union-attr]
     await warm.close()
