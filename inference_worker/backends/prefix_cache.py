@@ -37,6 +37,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -323,10 +324,37 @@ def default_capacity(device: str) -> int:
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free * DEFAULT_SHARE)
-    return int(_available_ram() * DEFAULT_SHARE)
+    return int(available_ram() * DEFAULT_SHARE)
 
 
-def _available_ram() -> int:
+# A container's memory limit and use (cgroup v2, then v1): /proc/meminfo shows the
+# host's, so a worker in a pod limited to 8 GiB on a 64 GiB node would size its cache
+# for the node and be killed.
+CGROUP_FILES = (
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (
+        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ),
+)
+
+
+def available_ram(cgroup_files: tuple[tuple[Path, Path], ...] = CGROUP_FILES) -> int:
+    """Bytes this process may still take: the host's available memory, or what is left
+    under its container's limit when that is less."""
+    available = _host_available_ram()
+    for limit_file, usage_file in cgroup_files:
+        try:
+            limit, usage = limit_file.read_text().strip(), usage_file.read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():  # "max" (v2) or a huge v1 value: none
+            available = min(available, max(int(limit) - int(usage), 0))
+        break
+    return available
+
+
+def _host_available_ram() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

@@ -458,3 +458,16 @@ async def test_the_next_turn_finds_the_previous_answer_cached(
     await answer(warm, job("Hello"))  # a step after the cancellation
     assert len(warm.scheduler.prefix_cache) - blocks <= 16  # type: ignore[union-attr]
     await warm.close()
+
+
+def test_the_default_size_respects_a_containers_memory_limit(tmp_path: Path) -> None:
+    from inference_worker.backends.prefix_cache import available_ram
+
+    host = available_ram(())
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{2 << 30}\n")
+    usage.write_text(f"{1 << 30}\n")
+    assert available_ram(((limit, usage),)) == min(host, 1 << 30)
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    assert available_ram(((limit, usage),)) == host
+    assert available_ram(((tmp_path / "absent", usage), (limit, usage))) == host
