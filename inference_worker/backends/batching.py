@@ -622,9 +622,9 @@ class BatchScheduler:
                     continue
                 # The row's columns: its prompt and all its answer but the last token
                 # (not fed back yet), contiguous at the end (rows are left-padded).
-                real = int(batch.mask[index].sum())
-                tokens = (row.ids + row.output)[:real]
-                self.prefix_cache.insert(row.slot, tokens, layers, index, width - real, row.held)
+                tokens = row.ids + row.output[:-1]
+                first_column = width - len(tokens)
+                self.prefix_cache.insert(row.slot, tokens, layers, index, first_column, row.held)
         except Exception:
             log.exception("adding %d answer(s) to the prefix cache failed", len(ended))
 
