@@ -1,15 +1,24 @@
 """What the mesh costs on top of the model: the same prompts in-process and through
 HTTP → gateway → RabbitMQ → worker → gateway, at concurrency 1 and 32.
 
-    python bench/mesh_overhead.py            # (make bench) table + bench/results/*.json
-    python bench/mesh_overhead.py --quick    # fewer requests
+    python bench/mesh_overhead.py              # (make bench) table + bench/results/*.json
+    python bench/mesh_overhead.py --quick      # fewer requests
+    python bench/mesh_overhead.py --only echo  # the mesh's own cost, without the model
 
-Three paths, measured in this one run:
+Measured in this one run:
 - rpc:        a bare aio-pika request/reply round trip (the floor any bus-based mesh pays);
 - in-process: the worker's backend called directly (`backend.generate(job)`);
-- mesh:       POST /chat through the real gateway and worker processes.
+- mesh:       POST /chat through the real gateway and worker processes;
+- mesh x2:    the same with two gateway processes behind the same broker, the load
+              split between them (echo only): does the mesh scale out?
+- stages:     what each step of a /chat costs the gateway, in-process against the real
+              Redis, as the gateway did it before (key lookup and rate limit apart, the
+              tiers assembled on every chat) and as it does now (one round trip; the
+              tiers kept behind the store's stamp).
 Two backends: `echo` (zero work: what the mesh itself costs) and the demo model
-(greedy, 32 tokens). Ratios are against the in-process run of the same backend.
+(greedy, 32 tokens). Ratios are against the in-process run of the same backend, and
+for echo also against the rpc floor (the goals: within +3 ms of it at concurrency 1,
+at least 35 % of its requests/s at 32).
 """
 
 from __future__ import annotations
@@ -245,6 +254,30 @@ async def _stream_events(self_: KeepAliveClient, path: str, body: dict) -> Async
     self_.idle.append((reader, writer))
 
 
+def split_call(clients: list[KeepAliveClient]) -> Callable[[int], Awaitable[None]]:
+    """POST /chat to each gateway in turn."""
+    calls = [mesh_call(client) for client in clients]
+
+    async def call(index: int) -> None:
+        await calls[index % len(calls)](index)
+
+    return call
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready within {timeout_s} s")
+
+
 def mesh_call(client: KeepAliveClient) -> Callable[[int], Awaitable[None]]:
     async def call(index: int) -> None:
         prompt = PROMPTS[index % len(PROMPTS)]
@@ -302,8 +335,10 @@ def free_port() -> int:
 
 
 async def through_mesh(
-    backend_name: str, capacity: int, runs: list[tuple[int, int]]
-) -> tuple[list[dict], list[dict]]:
+    backend_name: str, capacity: int, runs: list[tuple[int, int]], scale_out: int = 0
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Plain and streamed rows through one gateway; with `scale_out` requests, also
+    rows for the largest concurrency through one and then two gateways."""
     port, key = free_port(), secrets.token_urlsafe(16)
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
@@ -325,7 +360,17 @@ async def through_mesh(
         plain = [await measure(mesh_call(client), n, c) for n, c in runs]
         model = "echo" if backend_name == "echo" else "demo-model"
         streams = [await measure_streams(openai_stream(client, model), n, c) for n, c in runs]
-        return plain, streams
+        scaling: list[dict] = []
+        if scale_out:
+            concurrency = max(c for _, c in runs)
+            one = await measure(mesh_call(client), scale_out, concurrency)
+            second = free_port()
+            mesh.start_process("gateway-2", "gateway", extra_env={"MESH_HTTP_PORT": str(second)})
+            await asyncio.to_thread(_wait_ready, f"http://127.0.0.1:{second}/ready", 60)
+            both = [client, KeepAliveClient("127.0.0.1", second, key)]
+            two = await measure(split_call(both), scale_out, concurrency)
+            scaling = [{"gateways": 1, **one}, {"gateways": 2, **two}]
+        return plain, streams, scaling
     finally:
         await asyncio.to_thread(mesh.stop)
         await _remove_namespace(MeshSettings(namespace=namespace))
@@ -357,20 +402,24 @@ def make_backend(name: str, capacity: int) -> Backend:
     return TransformersBackend(str(ensure_demo_model()), device="cpu")
 
 
-async def main(quick: bool) -> dict:
+async def main(quick: bool, only: str) -> dict:
     scale = 0.25 if quick else 1.0
     plans = {
         "echo": {"capacity": 32, "runs": [(int(400 * scale), 1), (int(3000 * scale), 32)]},
         "demo": {"capacity": 8, "runs": [(int(40 * scale), 1), (int(128 * scale), 32)]},
     }
+    if only != "all":
+        plans = {only: plans[only]}
     settings = MeshSettings()
     results: dict = {
         "machine": {"cpus": os.cpu_count()},
         "max_tokens": MAX_TOKENS,
         "rows": [],
         "streams": [],
+        "scale_out": [],
+        "stages": await stage_costs(settings, int(400 * scale)),
     }
-    for n, c in plans["echo"]["runs"]:
+    for n, c in plans[next(iter(plans))]["runs"]:
         results["rows"].append({"backend": "-", "path": "rpc", **await bare_rpc(settings, n, c)})
     for name, plan in plans.items():
         backend = make_backend(name, plan["capacity"])
@@ -381,12 +430,131 @@ async def main(quick: bool) -> dict:
             row = await measure_streams(in_process_stream(backend), n, c)
             results["streams"].append({"backend": name, "path": "in-process", **row})
         await backend.close()
-        plain, streams = await through_mesh(name, plan["capacity"], plan["runs"])
+        scale_out = int(3000 * scale) if name == "echo" else 0
+        plain, streams, scaling = await through_mesh(
+            name, plan["capacity"], plan["runs"], scale_out
+        )
         results["rows"] += [{"backend": name, "path": "mesh", **row} for row in plain]
         results["streams"] += [{"backend": name, "path": "mesh-openai", **r} for r in streams]
+        results["scale_out"] += scaling
     add_ratios(results["rows"])
     add_stream_ratios(results["streams"])
+    results["goals"] = goals(results)
     return results
+
+
+def goals(results: dict) -> dict:
+    """The issue's targets for echo through the mesh against the rpc floor."""
+    rows = {(r["backend"], r["path"], r["concurrency"]): r for r in results["rows"]}
+    out: dict = {}
+    if ("echo", "mesh", 1) in rows:
+        added = rows[("echo", "mesh", 1)]["p50_ms"] - rows[("-", "rpc", 1)]["p50_ms"]
+        out["c1_added_p50_ms_vs_rpc"] = {
+            "value": round(added, 3),
+            "goal": "<= 3",
+            "met": added <= 3,
+        }
+    if ("echo", "mesh", 32) in rows:
+        share = rows[("echo", "mesh", 32)]["req_per_s"] / rows[("-", "rpc", 32)]["req_per_s"]
+        out["c32_req_per_s_share_of_rpc"] = {
+            "value": round(share, 3),
+            "goal": ">= 0.35",
+            "met": share >= 0.35,
+        }
+    if len(results["scale_out"]) == 2:
+        one, two = results["scale_out"]
+        out["two_gateways_req_per_s_ratio"] = {
+            "value": round(two["req_per_s"] / one["req_per_s"], 3)
+        }
+    return out
+
+
+async def stage_costs(settings: MeshSettings, requests: int) -> list[dict]:
+    """Each stage of a /chat in the gateway, before and now: mean ms per request,
+    one request at a time against the real Redis (no worker, no HTTP)."""
+    from context_store.__main__ import STARTER
+    from context_store.assembly import assemble
+    from context_store.markdown import import_dir
+    from context_store.store import ContextStore
+    from gateway.keys import KeyStore
+    from gateway.ratelimit import WINDOW_TTL_MS, RateLimiter
+    from gateway.tiers import TierCache
+    from services.conversations import ConversationStore
+    from services.redis_client import Keys, connect
+
+    stage_settings = MeshSettings(namespace=f"bench{uuid.uuid4().hex[:6]}")
+    keys = Keys(stage_settings.namespace)
+    client = connect(settings.redis_url)
+    try:
+        key_store = KeyStore(client, keys)
+        api_key = secrets.token_urlsafe(16)
+        record = await key_store.add(api_key, "bench", ["chat"])
+        limiter = RateLimiter(keys, 10**9)
+        context = ContextStore(client, stage_settings.namespace, "bench")
+        await import_dir(context, STARTER)  # the starter documents, as `make run` seeds them
+        for index in range(20):
+            await context.append_log(f"entry {index}: worked on the gateway's hot path")
+        count = lambda text: len(text.encode()) // 3 + 1  # noqa: E731  # the gateway without a tokenizer
+        tiers = TierCache(context, count, 1024, None)
+        conversations = ConversationStore(client, keys)
+        for _ in range(10):
+            await conversations.append_turn(
+                record.key_id, "c1", "a question " * 10, "an answer " * 40
+            )
+        legacy_limit = client.register_script(
+            "local c = redis.call('INCR', KEYS[1]) "
+            "if c == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end "
+            "return {c, redis.call('PTTL', KEYS[1])}"
+        )
+
+        async def key_then_limit() -> None:  # before: HGET, then the rate-limit script
+            await key_store.lookup(api_key)
+            await legacy_limit(keys=[limiter.window(record.key_id).key], args=[WINDOW_TTL_MS])
+
+        async def key_and_limit() -> None:
+            await key_store.lookup_counting(api_key, lambda k: limiter.window(k).key, WINDOW_TTL_MS)
+
+        async def assembled() -> None:  # before: on every chat
+            await assemble(context, count, 1024, None)
+
+        async def kept() -> None:
+            await tiers.get(None)
+
+        async def history() -> None:
+            await conversations.history(record.key_id, "c1", 20)
+
+        async def record_turn() -> None:
+            await conversations.append_turn(record.key_id, "c2", "q", "a")
+
+        stages = [
+            ("auth + rate limit", key_then_limit, key_and_limit),
+            ("tiers (~1,000 tokens)", assembled, kept),
+            ("history (20 messages)", history, history),
+            ("record the turn", record_turn, record_turn),
+        ]
+        rows = []
+        for name, before, now in stages:
+            rows.append(
+                {
+                    "stage": name,
+                    "before_ms": round(await _mean_ms(before, requests), 3),
+                    "now_ms": round(await _mean_ms(now, requests), 3),
+                }
+            )
+        return rows
+    finally:
+        names = [n async for n in client.scan_iter(match=f"{stage_settings.namespace}:*")]
+        if names:
+            await client.delete(*names)
+        await client.aclose()
+
+
+async def _mean_ms(call: Callable[[], Awaitable[None]], requests: int) -> float:
+    await call()  # warm-up
+    started = time.perf_counter()
+    for _ in range(requests):
+        await call()
+    return (time.perf_counter() - started) / requests * 1000
 
 
 def add_stream_ratios(rows: list[dict]) -> None:
@@ -427,6 +595,22 @@ def print_table(results: dict) -> None:
         )
 
 
+def print_extra(results: dict) -> None:
+    print("\nper-request stages in the gateway (ms, mean, one at a time)")
+    for r in results["stages"]:
+        print(f"  {r['stage']:24} before {r['before_ms']:7.3f}   now {r['now_ms']:7.3f}")
+    if results["scale_out"]:
+        print("\nscale-out (echo, /chat)")
+        for r in results["scale_out"]:
+            print(
+                f"  {r['gateways']} gateway(s): {r['req_per_s']:8.1f} req/s, "
+                f"p50 {r['p50_ms']:.2f} ms"
+            )
+    print("\ngoals")
+    for name, goal in results["goals"].items():
+        print(f"  {name}: {goal}")
+
+
 def print_streams(results: dict) -> None:
     header = (
         f"{'backend':8} {'path':11} {'conc':>4} {'ttft p50':>9} {'ttft p99':>9} "
@@ -448,13 +632,15 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a quarter of the requests")
+    parser.add_argument("--only", choices=["all", "echo", "demo"], default="all")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "mesh_overhead.json"
     )
     args = parser.parse_args()
-    outcome = asyncio.run(main(args.quick))
+    outcome = asyncio.run(main(args.quick, args.only))
     print_table(outcome)
     print_streams(outcome)
+    print_extra(outcome)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(outcome, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from context_store.store import ContextStore
-from proto.context import ContextReport, Document, LogEntry, SectionReport
+from proto.context import ContextReport, Document, LogEntry, SectionReport, Tier
 
 TokenCounter = Callable[[str], int]
 LAYOUT = ("portfolio", "project", "briefing", "log")  # the order in the text
@@ -58,11 +58,15 @@ async def assemble(
     project: str | None,
     log_entries: int = 50,
 ) -> Assembly:
-    names = {"briefing": "briefing", "project": f"project/{project}", "portfolio": "portfolio"}
+    names: dict[Tier, str] = {
+        "briefing": "briefing",
+        "project": f"project/{project}",
+        "portfolio": "portfolio",
+    }
     if not project:
         del names["project"]
     found = await store.get_many(list(names.values()))
-    docs: list[tuple[str, Document | None]] = [(tier, found[doc]) for tier, doc in names.items()]
+    docs: list[tuple[Tier, Document | None]] = [(tier, found[doc]) for tier, doc in names.items()]
     parts: dict[str, str] = {}  # tier -> its text, in order of importance
     reports: list[SectionReport] = []
     remaining = budget
@@ -78,7 +82,7 @@ async def assemble(
                 SectionReport(
                     tier=tier,
                     doc=doc.doc,
-                    version=doc.version,  # type: ignore[arg-type]
+                    version=doc.version,
                     tokens=tokens,
                     included=True,
                     cut=None,
@@ -103,7 +107,7 @@ async def assemble(
                 SectionReport(
                     tier=tier,
                     doc=doc.doc,
-                    version=doc.version,  # type: ignore[arg-type]
+                    version=doc.version,
                     tokens=0,
                     included=False,
                     cut=f"whole section ({tokens} tokens)",

@@ -8,12 +8,19 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import cast
 
 import redis.asyncio as redis
 
 from context_store import scripts
 from proto.context import Conflict, ContextChanged, Document, DocVersion, LogEntry, VersionInfo
 from services.errors import PermanentError
+
+# The client decodes replies (`decode_responses=True`, services.redis_client), so every
+# key, field and value read back is a str; redis-py types them as `bytes | str` whatever
+# the client. These name what the replies are.
+_Fields = dict[str, str]  # a hash, or a stream entry's fields
+_Entries = list[tuple[str, _Fields]]  # a stream range: (entry id, fields)
 
 
 class VersionConflict(PermanentError):
@@ -53,10 +60,15 @@ class ContextStore:
     def outbox(self) -> str:
         return self._key("outbox")
 
+    async def stamp(self) -> str | None:
+        """Moves with every change of a document or the log, local or synced in (the
+        site's hybrid logical clock): equal stamps, same content. None: no change yet."""
+        return cast("str | None", await self.client.get(self._key("hlc")))
+
     # -- documents ----------------------------------------------------------------------
 
     async def get(self, doc: str) -> Document | None:
-        fields = await self.client.hgetall(self._key("doc", doc))
+        fields = cast(_Fields, await self.client.hgetall(self._key("doc", doc)))
         return _document(doc, fields) if fields else None
 
     async def get_many(self, docs: list[str]) -> dict[str, Document | None]:
@@ -102,10 +114,10 @@ class ContextStore:
         return await self.write(doc, content, current.version if current else 0)
 
     async def docs(self) -> list[str]:
-        return sorted(await self.client.smembers(self._key("docs")))
+        return sorted(cast("set[str]", await self.client.smembers(self._key("docs"))))
 
     async def history(self, doc: str) -> list[VersionInfo]:
-        entries = await self.client.xrange(self._key("hist", doc))
+        entries = cast(_Entries, await self.client.xrange(self._key("hist", doc)))
         return [
             VersionInfo(
                 version=int(f["version"]),
@@ -119,7 +131,7 @@ class ContextStore:
         ]
 
     async def version(self, doc: str, number: int) -> Document | None:
-        for _, fields in await self.client.xrange(self._key("hist", doc)):
+        for _, fields in cast(_Entries, await self.client.xrange(self._key("hist", doc))):
             if int(fields["version"]) == number:
                 return _document(doc, fields)
         return None
@@ -140,7 +152,9 @@ class ContextStore:
     async def log(self, limit: int = 50, before: str | None = None) -> list[LogEntry]:
         """Entries newest first, ordered by (hlc, site, entry id); `before` is a cursor."""
         upper = f"({before}" if before else "+"
-        members = await self.client.zrevrangebylex(self._key("log"), upper, "-", 0, limit)
+        members = cast(
+            "list[str]", await self.client.zrevrangebylex(self._key("log"), upper, "-", 0, limit)
+        )
         return await self._entries(members)
 
     async def log_cursor(self, entry: LogEntry) -> str:
@@ -163,7 +177,7 @@ class ContextStore:
     # -- conflicts ----------------------------------------------------------------------
 
     async def conflicts(self) -> list[Conflict]:
-        records = await self.client.hgetall(self._key("conflicts"))
+        records = cast(_Fields, await self.client.hgetall(self._key("conflicts")))
         return sorted(
             (Conflict(conflict_id=cid, **json.loads(raw)) for cid, raw in records.items()),
             key=lambda c: (c.doc, int(c.hlc)),
@@ -220,17 +234,18 @@ class ContextStore:
 
     async def seen(self) -> dict[str, str]:
         """Origin site -> newest hlc applied from it."""
-        return dict(await self.client.hgetall(self._key("seen")))
+        return dict(cast(_Fields, await self.client.hgetall(self._key("seen"))))
 
     async def changes_since(self, since_hlc: int) -> list[ContextChanged]:
         """This site's own changes newer than `since_hlc`, oldest first (catch-up)."""
         changes: list[tuple[int, ContextChanged]] = []
         for doc in await self.docs():
-            for _, f in await self.client.xrange(self._key("hist", doc)):
+            for _, f in cast(_Entries, await self.client.xrange(self._key("hist", doc))):
                 if f["site"] == self.site and int(f["hlc"]) > since_hlc:
                     changes.append((int(f["hlc"]), _doc_event(self.site, doc, f)))
         start = f"({since_hlc:019d}|~"
-        for member in await self.client.zrangebylex(self._key("log"), start, "+"):
+        members = cast("list[str]", await self.client.zrangebylex(self._key("log"), start, "+"))
+        for member in members:
             hlc, site, _ = member.split("|", 2)
             if site == self.site:
                 [entry] = await self._entries([member])
@@ -239,11 +254,13 @@ class ContextStore:
 
     async def read_outbox(self, after: str, count: int = 100) -> list[tuple[str, ContextChanged]]:
         """Local changes not yet published, after the stream id `after`."""
-        entries = await self.client.xrange(self.outbox, f"({after}", "+", count=count)
+        entries = cast(
+            _Entries, await self.client.xrange(self.outbox, f"({after}", "+", count=count)
+        )
         return [(entry_id, _outbox_event(self.site, f)) for entry_id, f in entries]
 
     async def sent_marker(self) -> str:
-        return await self.client.get(self._key("outbox-sent")) or "0-0"
+        return cast("str | None", await self.client.get(self._key("outbox-sent"))) or "0-0"
 
     async def mark_sent(self, entry_id: str) -> None:
         await self.client.set(self._key("outbox-sent"), entry_id)

@@ -1,1 +1,4 @@
-"""The public HTTP API (FastAPI): auth, chat, streaming, health."""
+"""The public HTTP API (FastAPI): the original chat API, OpenAI's, context and adapter
+admin, metrics and the phone's web client. Routes talk to an `Engine`
+(`gateway.engine`) through the chat service; errors reach clients through one map
+(`gateway.errors`)."""

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from context_store.assembly import TokenCounter, cached
 from context_store.store import ContextStore
 from gateway import adapter_routes, context_routes, errors, openai_routes, routes, web_routes
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.chat import ChatService
-from gateway.conversations import ConversationStore
-from gateway.generation import Generation, PromptCounter, WorkerDirectory
+from gateway.deps import MeshApp, Services
+from gateway.engine import BusEngine, Engine
 from gateway.keys import SCOPES, KeyStore
 from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.prompts import PromptCounter, token_counter
 from gateway.ratelimit import RateLimiter
 from gateway.response_cache import ResponseCache
 from gateway.settings import GatewaySettings
-from services.bus import JobClient, Topology
-from services.paths import demo_model_dir
+from gateway.tiers import TierCache
+from services.adapters import AdapterRegistry, Adapters, CurrentVersions
+from services.conversations import ConversationStore
+from services.paths import adapter_registry, demo_model_dir
 from services.redis_client import Keys, connect
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,20 @@ def tokenizer_ref(settings: GatewaySettings) -> str | None:
     return settings.tokenizer or settings.model or str(demo_model_dir())
 
 
-def token_counter(prompts: PromptCounter | None) -> TokenCounter:
-    """Tokens of a piece of text with the model's tokenizer (about 3 bytes each without)."""
-    if prompts is None:
-        return lambda text: len(text.encode()) // 3 + 1
-    tokenizer = prompts.tokenizer
-    return cached(lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
+async def _bootstrap_keys(settings: GatewaySettings, keys: KeyStore) -> None:
+    if settings.api_key:
+        await keys.add(settings.api_key, "bootstrap (MESH_API_KEY)", list(SCOPES))
+    if settings.api_key_sha256:
+        await keys.add_hash(
+            settings.api_key_sha256, "bootstrap (MESH_API_KEY_SHA256)", list(SCOPES)
+        )
+    if settings.metrics_api_key:
+        await keys.add(settings.metrics_api_key, "metrics (MESH_METRICS_API_KEY)", ["metrics"])
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings, engine: Engine | None = None) -> MeshApp:
+    """The gateway. `engine`: what answers (default: jobs over RabbitMQ to the workers;
+    tests of the HTTP layer pass a `MemoryEngine`)."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -53,77 +59,66 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         keys = Keys(settings.namespace)
         redis = connect(settings.redis_url)
         key_store = KeyStore(redis, keys)
-        if settings.api_key:
-            await key_store.add(settings.api_key, "bootstrap (MESH_API_KEY)", list(SCOPES))
-        if settings.api_key_sha256:
-            await key_store.add_hash(
-                settings.api_key_sha256, "bootstrap (MESH_API_KEY_SHA256)", list(SCOPES)
-            )
-        if settings.metrics_api_key:
-            await key_store.add(
-                settings.metrics_api_key, "metrics (MESH_METRICS_API_KEY)", ["metrics"]
-            )
+        await _bootstrap_keys(settings, key_store)
         ref = tokenizer_ref(settings)
         prompts = (
             await asyncio.to_thread(PromptCounter.load, ref, settings.max_context) if ref else None
         )
-        jobs = JobClient(
-            Topology(settings.namespace, settings.model_family),
-            client_id=f"gateway-{uuid.uuid4().hex[:12]}",
-        )
-        await jobs.start(settings.amqp_url)
-        workers = WorkerDirectory(redis, keys, settings.model_family, settings.workers_cache_s)
+        engine_ = engine or await BusEngine.connect(settings, redis, metrics)
         responses = None
         if settings.response_cache_ttl_s > 0:
             render = prompts.render if prompts is not None else None
             responses = ResponseCache(
                 redis, settings.namespace, settings.response_cache_ttl_s, render
             )
-        generation = Generation(settings, jobs, workers, metrics, prompts, responses)
-        app.state.settings = settings
-        app.state.redis = redis
-        app.state.jobs = jobs
-        app.state.workers = workers
-        app.state.metrics = metrics
-        app.state.key_store = key_store
-        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_per_minute)
-        app.state.generation = generation
-        app.state.context = ContextStore(redis, settings.namespace, settings.site)
-        app.state.count_tokens = token_counter(prompts)
-        app.state.chat = ChatService(
-            settings,
-            generation,
-            ConversationStore(redis, keys),
-            app.state.context,
-            app.state.count_tokens,
+        count_tokens = token_counter(prompts)
+        context = ContextStore(redis, settings.namespace, settings.site)
+        conversations = ConversationStore(redis, keys)
+        tiers = TierCache(context, count_tokens, settings.context_budget, settings.default_project)
+        mesh.services = Services(
+            settings=settings,
+            engine=engine_,
+            chat=ChatService(settings, engine_, conversations, tiers, metrics, prompts, responses),
+            context=context,
+            conversations=conversations,
+            keys=key_store,
+            limiter=RateLimiter(keys, settings.rate_limit_per_minute),
+            metrics=metrics,
+            count_tokens=count_tokens,
+            adapters=Adapters(
+                AdapterRegistry(settings.adapter_registry or adapter_registry()),
+                CurrentVersions(settings, redis),
+            ),
+            redis=redis,
         )
         log.info("gateway ready on %s:%d", settings.http_host, settings.http_port)
         try:
             yield
         finally:
-            await jobs.close()
+            mesh.services = None
+            await engine_.close()
             await redis.aclose()
 
-    app = FastAPI(
+    mesh = MeshApp(
         title="Continuity mesh",
         version=routes.VERSION,
         description="Chat with the owner's continuity assistant across desktop, VPS and phone. "
         "Every route but /health and /ready needs `Authorization: Bearer <key>`.",
         lifespan=lifespan,
     )
-    errors.install(app)
-    app.include_router(routes.router)
-    app.include_router(openai_routes.router)
-    app.include_router(context_routes.router)
-    app.include_router(adapter_routes.router)
-    app.include_router(web_routes.router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    errors.install(mesh)
+    mesh.include_router(routes.router)
+    mesh.include_router(openai_routes.router)
+    mesh.include_router(context_routes.router)
+    mesh.include_router(adapter_routes.router)
+    mesh.include_router(web_routes.router)
+    mesh.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    mesh.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
-        app.add_middleware(
+        mesh.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    return app
+    return mesh

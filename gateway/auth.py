@@ -5,43 +5,53 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway.deps import Mesh
 from gateway.errors import ApiError
 from gateway.keys import ApiKey, Scope
+from gateway.ratelimit import WINDOW_TTL_MS, Window
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `python -m gateway keys`.")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-
-
-async def authenticate(request: Request, credentials: Credentials) -> ApiKey:
-    """The caller's key record, or a 401 with the standard error body."""
-    unauthorized = {"WWW-Authenticate": "Bearer"}
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise ApiError(
-            401, "authentication_error", "missing bearer API key", "missing_api_key", unauthorized
-        )
-    record = await request.app.state.key_store.lookup(credentials.credentials)
-    if record is None:
-        raise ApiError(
-            401, "authentication_error", "invalid API key", "invalid_api_key", unauthorized
-        )
-    return record
+UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
 def require(scope: Scope, rate_limited: bool = False) -> Callable[..., Awaitable[ApiKey]]:
-    """A dependency: a valid key with `scope` (403 otherwise), within its rate limit."""
+    """A dependency: a valid key (401) with `scope` (403), within its rate limit (429).
+    Looking the key up and counting the request are one Redis round trip."""
 
-    async def dependency(
-        request: Request, record: Annotated[ApiKey, Depends(authenticate)]
-    ) -> ApiKey:
+    async def dependency(mesh: Mesh, credentials: Credentials) -> ApiKey:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise ApiError(
+                401,
+                "authentication_error",
+                "missing bearer API key",
+                "missing_api_key",
+                UNAUTHORIZED,
+            )
+        limiter = mesh.limiter
+        windows: dict[str, Window] = {}
+
+        def window_key(key_id: str) -> str:
+            windows[key_id] = limiter.window(key_id)
+            return windows[key_id].key
+
+        counting = rate_limited and limiter.enabled
+        record, count = await mesh.keys.lookup_counting(
+            credentials.credentials, window_key if counting else None, WINDOW_TTL_MS
+        )
+        if record is None:
+            raise ApiError(
+                401, "authentication_error", "invalid API key", "invalid_api_key", UNAUTHORIZED
+            )
         if not record.allows(scope):
             raise ApiError(
                 403, "permission_error", f"this key lacks the '{scope}' scope", "missing_scope"
             )
-        if rate_limited:
-            await request.app.state.rate_limiter.check(record.key_id)
+        if counting:
+            limiter.check(windows[record.key_id], count)
         return record
 
     return dependency

@@ -1,103 +1,157 @@
-"""The original chat API's logic: system prompt, conversation history, recording turns."""
+"""What the routes ask for: an answer to each public request, through the engine.
+
+On the way: the model named is resolved against what live workers serve, the tiers
+and the conversation's history are added (`gateway.translate` makes the job), the
+prompt's length is checked, the response cache may answer, and a chat turn is
+recorded once its answer is complete.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from context_store.assembly import Assembly, TokenCounter, assemble
-from context_store.store import ContextStore
-from gateway.conversations import ConversationStore
-from gateway.generation import Generation, Outcome, Relay, Restart
+from context_store.assembly import Assembly
+from gateway.engine import Engine, Item, Outcome, Relay, Restart, served_adapters, served_models
+from gateway.metrics import Metrics
+from gateway.prompts import PromptCounter
+from gateway.response_cache import ResponseCache
 from gateway.settings import GatewaySettings
-from proto.api import ChatRequest
+from gateway.tiers import TierCache
+from gateway.translate import JobBuilder
+from proto.api import ChatRequest, GenerateRequest
 from proto.context import ContextReport
-from proto.messages import ChatJob, ChatMessage
+from proto.messages import ChatJob
+from proto.openai import ChatCompletionRequest, CompletionRequest
+from services.conversations import ConversationStore
+from services.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A reply under way, and what the context tiers contributed to its prompt."""
+
+    relay: Relay
+    context: ContextReport | None = None
 
 
 class ChatService:
     def __init__(
         self,
         settings: GatewaySettings,
-        generation: Generation,
+        engine: Engine,
         conversations: ConversationStore,
-        context: ContextStore,
-        count_tokens: TokenCounter,
+        tiers: TierCache,
+        metrics: Metrics,
+        prompts: PromptCounter | None = None,
+        responses: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
-        self.generation = generation
+        self.engine = engine
         self.conversations = conversations
-        self.context = context
-        self.count_tokens = count_tokens
+        self.tiers = tiers
+        self.metrics = metrics
+        self.prompts = prompts  # None: the gateway-side length check is off
+        self.responses = responses  # whole answers of determined requests (off: None)
+        self.jobs = JobBuilder(settings)
 
-    async def tiers(self, project: str | None) -> Assembly | None:
-        """The context tiers for a prompt, or None when there is nothing to add."""
-        if self.settings.context_budget <= 0:
-            return None
-        project = project or self.settings.default_project or None
-        assembly = await assemble(
-            self.context, self.count_tokens, self.settings.context_budget, project
-        )
-        return assembly if assembly.text else None
+    # -- the public requests ------------------------------------------------------------
 
-    @staticmethod
-    def with_tiers(messages: list[ChatMessage], assembly: Assembly | None) -> list[ChatMessage]:
-        """`messages` with the tiers added to the system prompt (one is made if absent)."""
-        if assembly is None:
-            return messages
-        if messages and messages[0].role == "system":
-            system = f"{messages[0].content}\n\n{assembly.text}"
-            return [ChatMessage(role="system", content=system), *messages[1:]]
-        return [ChatMessage(role="system", content=assembly.text), *messages]
-
-    async def build_job(
+    async def chat(
         self, owner: str, request: ChatRequest, conversation_id: str, stream: bool
-    ) -> tuple[ChatJob, ContextReport | None]:
-        assembly = await self.tiers(request.project)
-        system = self.settings.system_prompt
-        if assembly is not None:
-            system = f"{system}\n\n{assembly.text}" if system else assembly.text
-        if request.context:
-            system = f"{system}\n\n{request.context}" if system else request.context
-        messages = [ChatMessage(role="system", content=system)] if system else []
+    ) -> Answer:
+        """A chat turn; it is recorded in the conversation once its answer is complete.
+        `stream`: whether the caller forwards the pieces as they come (else they arrive
+        in larger groups)."""
+        tiers = await self.tiers.get(request.project)
+        history = []
         if request.conversation_id:  # a new conversation has no history: skip the round trip
-            messages += await self.conversations.history(
+            history = await self.conversations.history(
                 owner, conversation_id, self.settings.history_messages
             )
-        messages.append(ChatMessage(role="user", content=request.message))
-        job = self.generation.new_job(
-            self.generation.sampling(request),
-            messages=messages,
-            model=await self.generation.resolve_model(request.model),
-            conversation_id=conversation_id,
-            stream=stream,
+        job = self.jobs.chat(
+            request, tiers=tiers, history=history, conversation_id=conversation_id, stream=stream
         )
-        return job, assembly.report if assembly else None
+        relay = await self.run(await self.for_model(job, request.model), scope=owner)
+        recorded = self._record(owner, request.message, conversation_id, relay)
+        return Answer(relay.wrap(recorded), _report(tiers))
 
-    async def start(
-        self, owner: str, request: ChatRequest, conversation_id: str, stream: bool
-    ) -> tuple[Relay, ContextReport | None]:
-        """Text pieces, then one Outcome; the turn is recorded once it is complete.
-        Also what the context tiers contributed to the prompt. `stream`: whether the
-        caller forwards the pieces as they come (else they arrive in larger groups)."""
-        job, report = await self.build_job(owner, request, conversation_id, stream)
-        relay = await self.generation.start(job, scope=owner)
-        return relay.wrap(self._record(owner, request, conversation_id, relay)), report
+    async def chat_completion(self, owner: str, request: ChatCompletionRequest) -> Answer:
+        tiers = await self.tiers.get(None)
+        job = self.jobs.chat_completion(request, tiers=tiers)
+        relay = await self.run(await self.for_model(job, request.model), scope=owner)
+        return Answer(relay, _report(tiers))
+
+    async def generate(self, owner: str, request: GenerateRequest) -> Relay:
+        job = await self.for_model(self.jobs.generate(request), request.model)
+        return await self.run(job, scope=owner)
+
+    async def completion(self, owner: str, request: CompletionRequest) -> Relay:
+        job = await self.for_model(self.jobs.completion(request), request.model)
+        return await self.run(job, scope=owner)
+
+    # -- the parts ----------------------------------------------------------------------
+
+    async def for_model(self, job: ChatJob, requested: str | None) -> ChatJob:
+        """`job` for the model the request named (base or adapter)."""
+        adapter = await self.resolve_model(requested)
+        return job if adapter is None else job.model_copy(update={"model": adapter})
+
+    async def resolve_model(self, requested: str | None) -> str | None:
+        """None for the base model, the name for an adapter; NotFound when nobody serves it."""
+        if requested is None:
+            return None
+        workers = await self.engine.workers()
+        if requested in served_models(workers):
+            return None
+        if requested in served_adapters(workers):
+            return requested
+        raise NotFound(f"model {requested!r} is not served; see GET /v1/models", "model_not_found")
+
+    async def run(self, job: ChatJob, scope: str | None = None) -> Relay:
+        """Check and submit `job`; its relay (text pieces, then one Outcome).
+
+        Raises before anything is sent, so a route can still answer with an HTTP
+        error. Closing the relay early cancels the job on its worker. `scope` (the API
+        key's id) lets the response cache serve the key's own earlier answer.
+        """
+        if self.prompts is not None:
+            self.prompts.check(job)
+        key = None
+        if self.responses is not None:
+            key = self.responses.key_for(job, scope, await self.engine.workers())
+        if key is None:
+            return await self.engine.generate(job)
+        assert self.responses is not None
+        hit = await self.responses.get(key)
+        self.metrics.response_cache.labels("hit" if hit else "miss").inc()
+        if hit is not None:
+            log.info("job %s: answered from the response cache", job.job_id)
+            return Relay(self.responses.replay(hit), cache="hit")
+        relay = await self.engine.generate(job)
+        return relay.wrap(self.responses.keep(key, relay), cache="miss")
 
     async def _record(
-        self,
-        owner: str,
-        request: ChatRequest,
-        conversation_id: str,
-        relay: AsyncIterator[str | Outcome | Restart],
-    ) -> AsyncIterator[str | Outcome | Restart]:
+        self, owner: str, message: str, conversation_id: str, relay: Relay
+    ) -> AsyncIterator[Item]:
         pieces: list[str] = []
-        async for item in relay:
-            if isinstance(item, Outcome):
-                await self.conversations.append_turn(
-                    owner, conversation_id, request.message, "".join(pieces)
-                )
-            elif isinstance(item, Restart):
-                pieces.clear()
-            else:
-                pieces.append(item)
-            yield item
+        try:
+            async for item in relay:
+                if isinstance(item, Outcome):
+                    await self.conversations.append_turn(
+                        owner, conversation_id, message, "".join(pieces)
+                    )
+                elif isinstance(item, Restart):
+                    pieces.clear()
+                else:
+                    pieces.append(item)
+                yield item
+        finally:
+            await relay.aclose()
+
+
+def _report(tiers: Assembly | None) -> ContextReport | None:
+    return tiers.report if tiers else None

@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 
 from context_store.assembly import assemble
-from context_store.store import ContextStore, VersionConflict, doc_name
+from context_store.store import VersionConflict, doc_name
 from gateway.auth import ContextKey
+from gateway.deps import Context as Store
+from gateway.deps import CountTokens, Settings
 from gateway.errors import ApiError
 from gateway.routes import ERRORS
 from proto.context import (
@@ -37,13 +39,6 @@ CONTEXT_ERRORS = {
     412: ERRORS[400] | {"description": "If-Match names a version that is no longer current"},
     428: ERRORS[400] | {"description": "If-Match is required"},
 }
-
-
-async def context_store(request: Request) -> ContextStore:
-    return request.app.state.context
-
-
-Store = Annotated[ContextStore, Depends(context_store)]
 
 
 def _doc(tier: str, project: str | None) -> str:
@@ -135,17 +130,17 @@ async def resolve_conflict(body: ConflictResolve, key: ContextKey, store: Store)
     responses=CONTEXT_ERRORS,
 )
 async def preview(
-    request: Request,
     key: ContextKey,
     store: Store,
+    settings: Settings,
+    count_tokens: CountTokens,
     project: ProjectQuery = None,
     budget: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
 ) -> ContextPreview:
     """The context a chat would get now, and what went in."""
-    settings = request.app.state.settings
     assembly = await assemble(
         store,
-        request.app.state.count_tokens,
+        count_tokens,
         budget or settings.context_budget,
         project or settings.default_project or None,
     )

@@ -13,7 +13,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.disconnect import ClientDisconnected
 from proto.api import ErrorBody, ErrorDetail
-from services.errors import JobFailed, JobTimeout, MeshError, PermanentError, RetryableError
+from services.errors import (
+    JobFailed,
+    JobTimeout,
+    MeshError,
+    NotFound,
+    PermanentError,
+    RateLimited,
+    RetryableError,
+    StateConflict,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +57,51 @@ def from_mesh_error(exc: MeshError) -> ApiError:
     """How each mesh error reaches a client."""
     if isinstance(exc, JobTimeout):
         return ApiError(504, "timeout_error", exc.message, exc.code)
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return ApiError(429, "rate_limit_error", exc.message, exc.code, headers)
     if isinstance(exc, RetryableError):
         return ApiError(
             503, "service_unavailable", exc.message, exc.code, {"Retry-After": RETRY_AFTER_S}
         )
+    if isinstance(exc, NotFound):
+        return ApiError(404, "invalid_request_error", exc.message, exc.code)
+    if isinstance(exc, StateConflict):
+        return ApiError(409, "invalid_request_error", exc.message, exc.code)
     if isinstance(exc, PermanentError) or (isinstance(exc, JobFailed) and not exc.retryable):
         return ApiError(400, "invalid_request_error", exc.message, exc.code)
     # A worker failed in a way that may not happen again.
     return ApiError(502, "worker_error", exc.message, exc.code, {"Retry-After": RETRY_AFTER_S})
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """The one map from anything raised while serving a request to its HTTP error.
+    Routes raise domain errors (services.errors) or ApiError; the rest is ours to log."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, MeshError):
+        return from_mesh_error(exc)
+    if isinstance(exc, RedisError):
+        log.error("redis error: %s", exc)
+        return from_mesh_error(StoreUnavailable("Redis is unavailable"))
+    if isinstance(exc, ClientDisconnected):
+        # Nobody reads this; 499 (nginx's "client closed request") marks it in metrics.
+        return ApiError(499, "client_closed", "client closed the request", "client_closed")
+    if isinstance(exc, ValidationError):
+        # Input that passed the request schema but not an internal model built from it.
+        details = exc.errors()
+        where = ".".join(str(part) for part in details[0]["loc"]) if details else ""
+        what = details[0]["msg"] if details else "invalid"
+        message = f"{where}: {what}" if where else what
+        return ApiError(400, "invalid_request_error", message, "invalid_request")
+    log.error("unhandled error", exc_info=exc)
+    return ApiError(500, "server_error", "internal error", "internal_error")
+
+
+def stream_error(exc: BaseException) -> ErrorBody:
+    """The body of the `error` event that ends a stream already under way: the same
+    map as a plain response (a stream cannot change its status any more)."""
+    return to_api_error(exc).body()
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -66,45 +113,24 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+    async def _error(_: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response()
 
-    @app.exception_handler(MeshError)
-    async def _mesh_error(_: Request, exc: MeshError) -> JSONResponse:
-        return from_mesh_error(exc).response()
-
-    @app.exception_handler(RedisError)
-    async def _redis_error(_: Request, exc: RedisError) -> JSONResponse:
-        log.error("redis error: %s", exc)
-        return ApiError(
-            503,
-            "service_unavailable",
-            "Redis is unavailable",
-            "redis_unavailable",
-            {"Retry-After": RETRY_AFTER_S},
-        ).response()
-
-    @app.exception_handler(ClientDisconnected)
-    async def _gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
-        # Nobody reads this; 499 (nginx's "client closed request") marks it in metrics.
-        return ApiError(
-            499, "client_closed", "client closed the request", "client_closed"
-        ).response()
+    for raised in (
+        ApiError,
+        MeshError,
+        RedisError,
+        ClientDisconnected,
+        ValidationError,
+        Exception,
+    ):
+        app.add_exception_handler(raised, _error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return ApiError(
             422, "invalid_request_error", _validation_message(exc), "invalid_body"
         ).response()
-
-    @app.exception_handler(ValidationError)
-    async def _inconsistent(_: Request, exc: ValidationError) -> JSONResponse:
-        # Input that passed the request schema but not an internal model built from it.
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
-        return ApiError(400, "invalid_request_error", message, "invalid_request").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -114,8 +140,3 @@ def install(app: FastAPI) -> None:
         return ApiError(
             exc.status_code, "invalid_request_error", str(exc.detail), code, dict(exc.headers or {})
         ).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return ApiError(500, "server_error", "internal error", "internal_error").response()

@@ -11,6 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proto.messages import WorkerStatus
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -82,7 +84,7 @@ class Metrics:
         self.prefix_caches = PrefixCacheCollector()
         r.register(self.prefix_caches)
 
-    def observe_fleet(self, workers: list, queue_depth: int | None) -> None:
+    def observe_fleet(self, workers: list[WorkerStatus], queue_depth: int | None) -> None:
         """Replace the fleet gauges with what the liveness records say now."""
         for gauge in (
             self.workers,
@@ -169,16 +171,14 @@ class PrefixCacheCollector(Collector):
         self.workers: list[Any] = []
 
     def collect(self) -> list[Metric]:
-        families: list[Metric] = []
-        for field, text in self.COUNTERS:
-            family = CounterMetricFamily(
-                f"mesh_worker_prefix_cache_{field}", text, labels=self.LABELS
-            )
-            families.append(family)
-        for field, text in self.GAUGES:
-            families.append(
-                GaugeMetricFamily(f"mesh_worker_prefix_cache_{field}", text, labels=self.LABELS)
-            )
+        families: list[CounterMetricFamily | GaugeMetricFamily] = [
+            CounterMetricFamily(f"mesh_worker_prefix_cache_{field}", text, labels=self.LABELS)
+            for field, text in self.COUNTERS
+        ]
+        families += [
+            GaugeMetricFamily(f"mesh_worker_prefix_cache_{field}", text, labels=self.LABELS)
+            for field, text in self.GAUGES
+        ]
         fields = [f for f, _ in self.COUNTERS + self.GAUGES]
         for worker in self.workers:
             stats = getattr(worker, "prefix_cache", None)
@@ -187,4 +187,4 @@ class PrefixCacheCollector(Collector):
             labels = [worker.worker_id, worker.site, worker.device]
             for family, name in zip(families, fields, strict=True):
                 family.add_metric(labels, getattr(stats, name))
-        return families
+        return list(families)

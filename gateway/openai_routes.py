@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from gateway.auth import ChatKey, ReadKey
-from gateway.chat import ChatService
+from gateway.deps import Chat, EngineDep
 from gateway.disconnect import unless_disconnected
-from gateway.errors import ApiError, from_mesh_error
-from gateway.generation import Generation, Outcome, Relay, Restart, collect
-from gateway.routes import ERRORS, SSE_HEADERS, WORKER_LOST, generation
-from proto.api import SamplingOptions, Usage
-from proto.messages import ChatMessage
+from gateway.engine import Outcome, Relay, collect, served_adapters, served_models
+from gateway.errors import stream_error
+from gateway.routes import ERRORS, SSE_HEADERS, sse_items
+from proto.api import Usage
 from proto.openai import (
     AssistantMessage,
     ChatChoice,
@@ -33,33 +31,13 @@ from proto.openai import (
     Delta,
     Model,
     ModelList,
-    SamplingFields,
 )
-from services.errors import MeshError
 
 router = APIRouter(prefix="/v1")
-Gen = Annotated[Generation, Depends(generation)]
 STARTED = int(time.time())
 
 
-def _options(body: SamplingFields, max_tokens: int | None) -> SamplingOptions:
-    if body.n not in (None, 1):
-        raise ApiError(400, "invalid_request_error", "only n=1 is supported", "unsupported_n")
-    stops = body.stop_list()
-    if len(stops) > 4:
-        raise ApiError(400, "invalid_request_error", "at most 4 stop strings", "too_many_stops")
-    return SamplingOptions(
-        max_tokens=max_tokens,
-        min_tokens=body.min_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        repetition_penalty=body.repetition_penalty,
-        stop=stops or None,
-        seed=body.seed,
-    )
-
-
-def _finish(reason: str) -> str:
+def _finish(reason: str) -> Literal["stop", "length"]:
     return "length" if reason == "length" else "stop"
 
 
@@ -83,19 +61,16 @@ def _stream(
         return _data(frame([choice(text, finish)], None).model_dump_json(exclude_none=True))
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            async for item in relay:
-                if isinstance(item, Restart):
-                    raise WORKER_LOST
-                if isinstance(item, Outcome):
-                    yield chunk(None, _finish(item.finish_reason))
-                    if include_usage:
-                        usage = frame([], item.usage)
-                        yield _data(usage.model_dump_json(exclude_none=True))
-                else:
-                    yield chunk(item, None)
-        except MeshError as exc:
-            yield _data(json.dumps(from_mesh_error(exc).body().model_dump()))
+        async for item in sse_items(relay):
+            if isinstance(item, BaseException):
+                yield _data(stream_error(item).model_dump_json())
+            elif isinstance(item, Outcome):
+                yield chunk(None, _finish(item.finish_reason))
+                if include_usage:
+                    usage = frame([], item.usage)
+                    yield _data(usage.model_dump_json(exclude_none=True))
+            elif isinstance(item, str):
+                yield chunk(item, None)
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(
@@ -110,24 +85,11 @@ def _stream(
     responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
 )
 async def chat_completions(
-    body: ChatCompletionRequest, key: ChatKey, gen: Gen, request: Request, response: Response
+    body: ChatCompletionRequest, key: ChatKey, service: Chat, request: Request, response: Response
 ) -> ChatCompletion | StreamingResponse:
     """OpenAI chat completions, streaming (`stream: true`) or not."""
-    options = _options(body, body.max_completion_tokens or body.max_tokens)
-    messages = [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
-        for m in body.messages
-    ]
-    assembly = await request.app.state.chat.tiers(None)
-    messages = ChatService.with_tiers(messages, assembly)
-    report = assembly.report if assembly else None
-    job = gen.new_job(
-        gen.sampling(options),
-        messages=messages,
-        model=await gen.resolve_model(body.model),
-        stream=bool(body.stream),
-    )
-    relay = await gen.start(job, scope=key.key_id)
+    answer = await service.chat_completion(key.key_id, body)
+    relay, report = answer.relay, answer.context
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -165,7 +127,7 @@ async def chat_completions(
             ChatChoice(
                 message=AssistantMessage(content=text), finish_reason=_finish(outcome.finish_reason)
             )
-        ],  # type: ignore[arg-type]
+        ],
     )
 
 
@@ -176,17 +138,10 @@ async def chat_completions(
     responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
 )
 async def completions(
-    body: CompletionRequest, key: ChatKey, gen: Gen, request: Request, response: Response
+    body: CompletionRequest, key: ChatKey, service: Chat, request: Request, response: Response
 ) -> Completion | StreamingResponse:
     """OpenAI (legacy) completions: the prompt is taken verbatim."""
-    options = _options(body, body.max_tokens)
-    job = gen.new_job(
-        gen.sampling(options),
-        prompt=body.prompt,
-        model=await gen.resolve_model(body.model),
-        stream=bool(body.stream),
-    )
-    relay = await gen.start(job, scope=key.key_id)
+    relay = await service.completion(key.key_id, body)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -209,14 +164,15 @@ async def completions(
         created=created,
         model=body.model,
         usage=outcome.usage,
-        choices=[CompletionChoice(text=text, finish_reason=_finish(outcome.finish_reason))],  # type: ignore[arg-type]
+        choices=[CompletionChoice(text=text, finish_reason=_finish(outcome.finish_reason))],
     )
 
 
 @router.get("/models", operation_id="list_models", response_model=ModelList, responses=ERRORS)
-async def list_models(key: ReadKey, gen: Gen) -> ModelList:
+async def list_models(key: ReadKey, engine: EngineDep) -> ModelList:
     """The base models live workers serve, and each adapter with its parent."""
-    models = [Model(id=name, created=STARTED) for name in await gen.models()]
-    adapters = await gen.adapters()
+    live = await engine.workers()
+    models = [Model(id=name, created=STARTED) for name in served_models(live)]
+    adapters = served_adapters(live)
     models += [Model(id=name, created=STARTED, parent=adapters[name]) for name in sorted(adapters)]
     return ModelList(data=models)

@@ -1,44 +1,47 @@
-"""Per-key rate limit in Redis, shared by every gateway replica."""
+"""Per-key rate limit in Redis, shared by every gateway replica.
+
+At most `per_minute` generation requests per key in each fixed minute window. The
+count is kept in Redis, and taken in the same round trip as the key's lookup
+(`KeyStore.lookup`), so a rate-limited request costs one Redis call before its job.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
-import redis.asyncio as redis
-
-from gateway.errors import ApiError
+from services.errors import RateLimited
 from services.redis_client import Keys
 
-# One round trip: count this request in the current window, set the window's
-# expiry on its first request, and return the count and the time left.
-_COUNT = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return {count, redis.call('PTTL', KEYS[1])}
-"""
+WINDOW_TTL_MS = 61_000  # a little over a window: the count outlives no window by much
+
+
+@dataclass(frozen=True)
+class Window:
+    key: str  # the Redis counter of this key's current window
+    index: int  # minutes since the epoch
+    now: float
 
 
 class RateLimiter:
-    """At most `per_minute` generation requests per key in each fixed minute window."""
-
-    def __init__(self, client: redis.Redis, keys: Keys, per_minute: int) -> None:
+    def __init__(self, keys: Keys, per_minute: int) -> None:
         self.keys = keys
         self.per_minute = per_minute
-        self._count = client.register_script(_COUNT)
 
-    async def check(self, key_id: str) -> None:
-        if self.per_minute <= 0:
-            return
+    @property
+    def enabled(self) -> bool:
+        return self.per_minute > 0
+
+    def window(self, key_id: str) -> Window:
         now = time.time()
-        window = int(now // 60)
-        count, _ = await self._count(keys=[self.keys.rate_window(key_id, window)], args=[61000])
-        if int(count) > self.per_minute:
-            retry_after = max(1, math.ceil((window + 1) * 60 - now))
-            raise ApiError(
-                429,
-                "rate_limit_error",
-                f"rate limit of {self.per_minute} requests per minute reached",
-                "rate_limit_exceeded",
-                {"Retry-After": str(retry_after)},
+        index = int(now // 60)
+        return Window(self.keys.rate_window(key_id, index), index, now)
+
+    def check(self, window: Window, count: int) -> None:
+        """RateLimited when `count` requests in `window` are more than allowed."""
+        if count > self.per_minute:
+            retry_after = max(1, math.ceil((window.index + 1) * 60 - window.now))
+            raise RateLimited(
+                f"rate limit of {self.per_minute} requests per minute reached", retry_after
             )

@@ -18,14 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
 
-from proto.api import Usage
-from proto.messages import ChatJob
+from gateway.engine import Item, Outcome, Restart
+from proto.api import PromptTokensDetails, Usage
+from proto.messages import ChatJob, WorkerStatus
 
 log = logging.getLogger(__name__)
 SAMPLING_EPS = 1e-5
@@ -57,8 +58,26 @@ class ResponseCache:
     def determined(job: ChatJob) -> bool:
         return job.sampling.temperature <= SAMPLING_EPS or job.sampling.seed is not None
 
+    def key_for(self, job: ChatJob, scope: str | None, workers: list[WorkerStatus]) -> str | None:
+        """The key for `job` asked with the API key `scope`, or None when the cache does
+        not apply: no key, a sampled answer, or `workers` (the live ones) disagreeing on
+        the model or on the adapter's version."""
+        if scope is None or not self.determined(job):
+            return None
+        bases = sorted({w.base_model for w in workers})
+        if len(bases) != 1:
+            return None
+        model: dict[str, Any] = {"base": bases[0]}
+        if job.model is not None:
+            versions = {w.adapters.get(job.model) for w in workers}
+            if len(versions) != 1 or None in versions:  # a rollout, or not everywhere
+                return None
+            model |= {"adapter": job.model, "version": versions.pop()}
+        return self.key(job, scope, model)
+
     def key(self, job: ChatJob, scope: str, model: dict[str, Any]) -> str:
         """`model`: the base model's and adapter's identity (names and version)."""
+        prompt: dict[str, Any]
         if job.prompt is not None:
             prompt = {"raw": job.prompt}
         elif self.render is not None:
@@ -100,3 +119,31 @@ class ResponseCache:
             await self.client.set(key, value, ex=max(1, round(self.ttl_s)))
         except redis.RedisError as exc:
             log.warning("response cache: keeping an answer failed (%s)", exc)
+
+    async def keep(self, key: str, items: AsyncIterator[Item]) -> AsyncIterator[Item]:
+        """Pass `items` on, and keep the answer once it is complete."""
+        pieces: list[str] = []
+        try:
+            async for item in items:
+                if isinstance(item, Outcome) and item.finish_reason in ("stop", "length"):
+                    answer = CachedAnswer("".join(pieces), item.finish_reason, item.usage)
+                    await self.put(key, answer)
+                elif isinstance(item, Restart):
+                    pieces.clear()
+                elif isinstance(item, str):
+                    pieces.append(item)
+                yield item
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    @staticmethod
+    async def replay(answer: CachedAnswer) -> AsyncIterator[Item]:
+        """A kept answer as a reply: no worker read any of the prompt this time."""
+        if answer.text:
+            yield answer.text
+        details = PromptTokensDetails(cached_tokens=answer.usage.prompt_tokens)
+        yield Outcome(
+            answer.finish_reason, answer.usage.model_copy(update={"prompt_tokens_details": details})
+        )

@@ -3,26 +3,24 @@ generate, health, ready, info; plus metrics."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.auth import ChatKey, MetricsKey, ReadKey
-from gateway.chat import ChatService
+from gateway.deps import Chat, Conversations, EngineDep, MetricsDep, Redis, Settings
 from gateway.disconnect import unless_disconnected
-from gateway.errors import ApiError, from_mesh_error
-from gateway.generation import Generation, Outcome, Restart, collect
+from gateway.engine import Item, Outcome, Restart, collect, served_adapters, served_models
+from gateway.errors import stream_error
 from proto.api import (
     ChatRequest,
     ChatResponse,
     Conversation,
     ConversationDeleted,
     ConversationList,
-    ConversationMessage,
     ConversationTraining,
     ErrorBody,
     GenerateRequest,
@@ -36,12 +34,13 @@ from proto.api import (
     WorkerInfo,
 )
 from proto.messages import PrefixCacheStats
-from services.errors import MeshError, WorkerLost
+from services.conversations import ConversationStore
+from services.errors import NotFound, WorkerLost
 
 router = APIRouter()
 VERSION = "0.1.0"
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "Bad request (e.g. prompt too long, max_tokens above the cap)",
@@ -64,18 +63,6 @@ WORKER_LOST = WorkerLost(
 )
 
 
-async def chat_service(request: Request) -> ChatService:
-    return request.app.state.chat
-
-
-async def generation(request: Request) -> Generation:
-    return request.app.state.generation
-
-
-Chat = Annotated[ChatService, Depends(chat_service)]
-Gen = Annotated[Generation, Depends(generation)]
-
-
 @router.get("/health", operation_id="health", response_model=Health)
 async def health() -> Health:
     """The process is alive."""
@@ -88,20 +75,18 @@ async def health() -> Health:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready"}},
 )
-async def ready(request: Request) -> JSONResponse:
+async def ready(engine: EngineDep, redis: Redis) -> JSONResponse:
     """Broker and Redis connected, and at least one live worker."""
-    state = request.app.state
-    broker = state.jobs.connected
     try:
-        redis_ok = bool(await state.redis.ping())
-        workers = len(await state.workers.live())
+        redis_ok = bool(await redis.ping())
     except Exception:
-        redis_ok, workers = False, 0
+        redis_ok = False
+    health = await engine.health()
     body = Readiness(
-        ready=broker and redis_ok and workers > 0,
-        broker=broker,
+        ready=health.broker and redis_ok and health.live_workers > 0,
+        broker=health.broker,
         redis=redis_ok,
-        live_workers=workers,
+        live_workers=health.live_workers,
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
@@ -112,20 +97,40 @@ async def chat(
 ) -> ChatResponse:
     """Send a message and get the whole answer."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
-    relay, report = await service.start(key.key_id, body, conversation_id, stream=False)
-    response.headers.update(relay.headers)
-    text, outcome = await unless_disconnected(request, collect(relay))
+    answer = await service.chat(key.key_id, body, conversation_id, stream=False)
+    response.headers.update(answer.relay.headers)
+    text, outcome = await unless_disconnected(request, collect(answer.relay))
     return ChatResponse(
         response=text,
         conversation_id=conversation_id,
         finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
         usage=outcome.usage,
-        context=report,
+        context=answer.context,
     )
 
 
 def sse_event(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+async def sse_items(items: AsyncIterator[Item]) -> AsyncIterator[Item | BaseException]:
+    """The items of a reply being streamed, then the error that ended it, if one did
+    (a worker lost midway counts as one): the response has started, so an error can
+    only be a last event. The items are closed either way (the job is aborted when
+    the client left early)."""
+    try:
+        async for item in items:
+            if isinstance(item, Restart):
+                # The part already sent is not resent from another worker's fresh
+                # start (that could mix two different texts).
+                raise WORKER_LOST
+            yield item
+    except Exception as exc:
+        yield exc
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @router.post(
@@ -144,28 +149,25 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
     """Send a message and receive the answer as server-sent events."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
     # Started before the response: no worker or no broker is still a plain HTTP error.
-    relay, report = await service.start(key.key_id, body, conversation_id, stream=True)
+    answer = await service.chat(key.key_id, body, conversation_id, stream=True)
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            async for item in relay:
-                if isinstance(item, Restart):
-                    raise WORKER_LOST
-                if isinstance(item, Outcome):
-                    done = StreamDone(
-                        conversation_id=conversation_id,
-                        finish_reason=item.finish_reason,  # type: ignore[arg-type]
-                        usage=item.usage,
-                        context=report,
-                    )
-                    yield sse_event("done", done.model_dump_json())
-                else:
-                    yield sse_event("chunk", StreamChunk(text=item).model_dump_json())
-        except MeshError as exc:
-            yield sse_event("error", json.dumps(from_mesh_error(exc).body().model_dump()))
+        async for item in sse_items(answer.relay):
+            if isinstance(item, BaseException):
+                yield sse_event("error", stream_error(item).model_dump_json())
+            elif isinstance(item, Outcome):
+                done = StreamDone(
+                    conversation_id=conversation_id,
+                    finish_reason=item.finish_reason,  # type: ignore[arg-type]
+                    usage=item.usage,
+                    context=answer.context,
+                )
+                yield sse_event("done", done.model_dump_json())
+            elif isinstance(item, str):
+                yield sse_event("chunk", StreamChunk(text=item).model_dump_json())
 
     return StreamingResponse(
-        events(), media_type="text/event-stream", headers=SSE_HEADERS | relay.headers
+        events(), media_type="text/event-stream", headers=SSE_HEADERS | answer.relay.headers
     )
 
 
@@ -180,10 +182,12 @@ ConversationQuery = Annotated[
 ]
 
 
-async def _pick_conversation(service: ChatService, owner: str, wanted: str | None) -> str:
-    conversation_id = wanted or await service.conversations.latest(owner)
+async def _pick_conversation(
+    conversations: ConversationStore, owner: str, wanted: str | None
+) -> str:
+    conversation_id = wanted or await conversations.latest(owner)
     if conversation_id is None:
-        raise ApiError(404, "invalid_request_error", "no conversation yet", "not_found")
+        raise NotFound("no conversation yet")
     return conversation_id
 
 
@@ -194,16 +198,14 @@ async def _pick_conversation(service: ChatService, owner: str, wanted: str | Non
     responses=ERRORS,
 )
 async def get_conversation(
-    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+    key: ReadKey, conversations: Conversations, conversation_id: ConversationQuery = None
 ) -> Conversation:
     """A conversation's history (this key's most recent one without `conversation_id`)."""
-    chosen = await _pick_conversation(service, key.key_id, conversation_id)
-    messages = await service.conversations.messages(key.key_id, chosen)
+    chosen = await _pick_conversation(conversations, key.key_id, conversation_id)
+    messages = await conversations.messages(key.key_id, chosen)
     if not messages and conversation_id:
-        raise ApiError(404, "invalid_request_error", "no such conversation", "not_found")
-    return Conversation(
-        conversation_id=chosen, messages=[ConversationMessage(**m) for m in messages]
-    )
+        raise NotFound("no such conversation")
+    return Conversation(conversation_id=chosen, messages=messages)
 
 
 @router.get(
@@ -213,10 +215,10 @@ async def get_conversation(
     responses=ERRORS,
 )
 async def list_conversations(
-    key: ReadKey, service: Chat, limit: Annotated[int, Query(ge=1, le=200)] = 50
+    key: ReadKey, conversations: Conversations, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> ConversationList:
     """This key's conversations, the most recently active first."""
-    return ConversationList(conversations=await service.conversations.list(key.key_id, limit))
+    return ConversationList(conversations=await conversations.list(key.key_id, limit))
 
 
 @router.delete(
@@ -226,11 +228,11 @@ async def list_conversations(
     responses=ERRORS,
 )
 async def delete_conversation(
-    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+    key: ReadKey, conversations: Conversations, conversation_id: ConversationQuery = None
 ) -> ConversationDeleted:
     """Forget a conversation (this key's most recent one without `conversation_id`)."""
-    chosen = await _pick_conversation(service, key.key_id, conversation_id)
-    deleted = await service.conversations.delete(key.key_id, chosen)
+    chosen = await _pick_conversation(conversations, key.key_id, conversation_id)
+    deleted = await conversations.delete(key.key_id, chosen)
     return ConversationDeleted(conversation_id=chosen, deleted=deleted)
 
 
@@ -241,11 +243,11 @@ async def delete_conversation(
     responses=ERRORS,
 )
 async def mark_for_training(
-    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+    key: ReadKey, conversations: Conversations, conversation_id: ConversationQuery = None
 ) -> ConversationTraining:
     """Include a conversation in the next training run's dataset (this key's most
     recent one without `conversation_id`)."""
-    return await _mark_for_training(key.key_id, service, conversation_id, True)
+    return await _mark_for_training(key.key_id, conversations, conversation_id, True)
 
 
 @router.delete(
@@ -255,19 +257,19 @@ async def mark_for_training(
     responses=ERRORS,
 )
 async def unmark_for_training(
-    key: ReadKey, service: Chat, conversation_id: ConversationQuery = None
+    key: ReadKey, conversations: Conversations, conversation_id: ConversationQuery = None
 ) -> ConversationTraining:
     """Leave a conversation out of training again."""
-    return await _mark_for_training(key.key_id, service, conversation_id, False)
+    return await _mark_for_training(key.key_id, conversations, conversation_id, False)
 
 
 async def _mark_for_training(
-    owner: str, service: ChatService, conversation_id: str | None, marked: bool
+    owner: str, conversations: ConversationStore, conversation_id: str | None, marked: bool
 ) -> ConversationTraining:
-    chosen = await _pick_conversation(service, owner, conversation_id)
-    if marked and not await service.conversations.messages(owner, chosen):
-        raise ApiError(404, "invalid_request_error", "no such conversation", "not_found")
-    await service.conversations.mark_for_training(owner, chosen, marked)
+    chosen = await _pick_conversation(conversations, owner, conversation_id)
+    if marked and not await conversations.messages(owner, chosen):
+        raise NotFound("no such conversation")
+    await conversations.mark_for_training(owner, chosen, marked)
     return ConversationTraining(conversation_id=chosen, marked=marked)
 
 
@@ -275,16 +277,10 @@ async def _mark_for_training(
     "/generate", operation_id="generate", response_model=GenerateResponse, responses=ERRORS
 )
 async def generate(
-    body: GenerateRequest, key: ChatKey, gen: Gen, request: Request, response: Response
+    body: GenerateRequest, key: ChatKey, service: Chat, request: Request, response: Response
 ) -> GenerateResponse:
     """Continue a raw prompt, taken verbatim (e.g. `[INST] … [/INST]`)."""
-    job = gen.new_job(
-        gen.sampling(body),
-        prompt=body.prompt,
-        model=await gen.resolve_model(body.model),
-        stream=False,
-    )
-    relay = await gen.start(job, scope=key.key_id)
+    relay = await service.generate(key.key_id, body)
     response.headers.update(relay.headers)
     text, outcome = await unless_disconnected(request, collect(relay))
     return GenerateResponse(
@@ -302,10 +298,11 @@ def _prefix_cache_info(stats: PrefixCacheStats | None) -> PrefixCacheInfo | None
 
 
 @router.get("/info", operation_id="info", response_model=Info, responses=ERRORS)
-async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
+async def info(key: ReadKey, engine: EngineDep, settings: Settings) -> Info:
     """Served models, live workers by site and device, and the queue's depth."""
+    live = await engine.workers()
     workers: dict[str, dict[str, list[WorkerInfo]]] = {}
-    for w in sorted(await gen.workers.live(), key=lambda w: w.worker_id):
+    for w in sorted(live, key=lambda w: w.worker_id):
         workers.setdefault(w.site, {}).setdefault(w.device, []).append(
             WorkerInfo(
                 worker_id=w.worker_id,
@@ -316,17 +313,13 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
                 prefix_cache=_prefix_cache_info(w.prefix_cache),
             )
         )
-    try:
-        depth: int | None = await gen.jobs.queue_depth()
-    except MeshError:
-        depth = None
     return Info(
-        adapters=await gen.adapters(),
+        adapters=served_adapters(live),
         version=VERSION,
-        model_family=gen.settings.model_family,
-        models=await gen.models(),
+        model_family=settings.model_family,
+        models=served_models(live),
         workers=workers,
-        queue_depth=depth,
+        queue_depth=await engine.queue_depth(),
     )
 
 
@@ -339,14 +332,8 @@ async def info(key: ReadKey, gen: Gen, request: Request) -> Info:
         **ERRORS,
     },
 )
-async def metrics(key: MetricsKey, gen: Gen, request: Request) -> Response:
+async def metrics(key: MetricsKey, engine: EngineDep, metrics: MetricsDep) -> Response:
     """Prometheus metrics of this gateway process and of the live workers it sees
     (needs the `metrics` or `admin` scope)."""
-    try:
-        depth: int | None = await gen.jobs.queue_depth()
-    except MeshError:
-        depth = None
-    gen.metrics.observe_fleet(await gen.workers.live(), depth)
-    return Response(
-        request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    metrics.observe_fleet(await engine.workers(), await engine.queue_depth())
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

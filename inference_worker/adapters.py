@@ -1,18 +1,30 @@
-"""Checking an adapter version before it is loaded: nothing but safetensors, every
-file's sha256 as the manifest says, a valid name, no path or symlink escaping the
-registry, and the base model this worker serves. Nothing is unpickled, ever."""
+"""An adapter version's way onto a worker, through the states of
+`services.adapters.AdapterState`: fetch (only without the shared registry) → verify →
+load → serve, and retire when another version of the same name takes its place.
+
+Verifying: nothing but safetensors, every file's sha256 as the manifest says, a valid
+name, no path or symlink escaping the registry, and the base model this worker
+serves. Nothing is unpickled, ever.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from inference_worker.backends.base import Backend
+from inference_worker.fetch import fetch
 from proto.adapters import ADAPTER_NAME, GGUF_FILE, MANIFEST, AdapterManifest, adapter_files
-from services.adapters import file_sha256
-from services.errors import PermanentError
+from services.adapters import AdapterState, file_sha256
+from services.errors import MeshError, PermanentError
+
+log = logging.getLogger(__name__)
 
 
 class AdapterRefused(PermanentError):
@@ -67,3 +79,55 @@ def verify(registry: Path, name: str, version: int, base_model: str) -> Path:
     if config.get("peft_type") != "LORA":
         raise AdapterRefused(f"{name} v{version}: not a LoRA adapter")
     return folder
+
+
+class AdapterLoader:
+    """Installs adapter versions into a backend, one at a time, and knows where each
+    version it was asked for stands (`states`)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Path,
+        source: str = "",
+        api_key: str = "",
+    ) -> None:
+        self.backend = backend
+        self.registry = registry
+        self.source = source  # a gateway to fetch from ("" : the registry is shared)
+        self.api_key = api_key
+        self.states: dict[tuple[str, int], AdapterState] = {}
+
+    def _enter(self, name: str, version: int, state: AdapterState) -> None:
+        self.states[(name, version)] = state
+
+    async def install(self, name: str, version: int) -> bool:
+        """Bring `name` v`version` to SERVING; False (and REFUSED, the version served
+        before staying) when a check or the load failed."""
+        started = time.perf_counter()
+        previous = self.backend.adapters.get(name)
+        try:
+            if self.source:
+                self._enter(name, version, AdapterState.FETCHING)
+                await fetch(self.source, self.api_key, self.registry, name, version)
+            self._enter(name, version, AdapterState.VERIFYING)
+            folder = await asyncio.to_thread(
+                verify, self.registry, name, version, self.backend.base_model
+            )
+            self._enter(name, version, AdapterState.LOADING)
+            await self.backend.load_adapter(name, version, folder)
+        except MeshError as exc:
+            self._enter(name, version, AdapterState.REFUSED)
+            log.error("adapter %s v%s refused: %s", name, version, exc.message)
+            return False
+        self._enter(name, version, AdapterState.SERVING)
+        if previous is not None and previous != version:
+            self._enter(name, previous, AdapterState.RETIRED)
+        log.info(
+            "adapter %s v%s serving (%.2f s%s)",
+            name,
+            version,
+            time.perf_counter() - started,
+            f"; v{previous} retired" if previous not in (None, version) else "",
+        )
+        return True

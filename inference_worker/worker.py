@@ -11,6 +11,7 @@ import signal
 import socket
 import uuid
 from datetime import UTC, datetime
+from typing import cast
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -165,7 +166,9 @@ class Worker:
         await self.install_adapter(event.name, event.version)
 
     async def load_current_adapters(self) -> None:
-        for name, raw in (await self.redis.hgetall(self.keys.adapters())).items():
+        # The client decodes replies (decode_responses): names and values are str.
+        adapters = cast("dict[str, str]", await self.redis.hgetall(self.keys.adapters()))
+        for name, raw in adapters.items():
             current = json.loads(raw)
             if current.get("base_model") == self.backend.base_model:
                 await self.install_adapter(name, int(current["version"]))

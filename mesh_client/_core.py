@@ -137,7 +137,7 @@ def tier_path(tier: str, project: str | None) -> tuple[str, dict[str, str]]:
     return f"/context/{tier}", ({"project": project} if project else {})
 
 
-def read_context_file(path: str | Path) -> tuple[str | None, str | None]:
+def read_context_file(path: str | Path) -> tuple[str, None] | tuple[None, str]:
     """(text, None) when the file exists; (None, tier) for a tier file name that is
     not here (the client then reads the tier from the gateway)."""
     path = Path(path)

@@ -202,8 +202,10 @@ class AsyncMeshClient:
         """A context file's text; for a tier's file name that is not here
         (SESSION_BRIEFING.md, PROJECT_CONTEXT.md, PORTFOLIO_CONTEXT.md), the tier as
         the gateway has it."""
-        text, tier = _core.read_context_file(path)
-        return text if text is not None else (await self.get_tier(tier, project)).content
+        found = _core.read_context_file(path)  # (text, None) or (None, tier)
+        if found[0] is not None:
+            return found[0]
+        return (await self.get_tier(found[1], project)).content
 
     async def save_conversation(self, path: str | Path) -> Path:
         """Write this client's conversation as JSON (the gateway's record of it when

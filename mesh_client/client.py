@@ -204,8 +204,8 @@ class MeshClient:
         """A context file's text; for a tier's file name that is not here
         (SESSION_BRIEFING.md, PROJECT_CONTEXT.md, PORTFOLIO_CONTEXT.md), the tier as
         the gateway has it."""
-        text, tier = _core.read_context_file(path)
-        return text if text is not None else self.get_tier(tier, project).content
+        found = _core.read_context_file(path)  # (text, None) or (None, tier)
+        return found[0] if found[0] is not None else self.get_tier(found[1], project).content
 
     def save_conversation(self, path: str | Path) -> Path:
         """Write this client's conversation as JSON (the gateway's record of it when

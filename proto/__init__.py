@@ -1,1 +1,2 @@
-"""Wire contracts: bus messages and public REST bodies (pydantic v2)."""
+"""Wire contracts: bus messages, public REST bodies, adapter manifests and what one
+service hands another (pydantic v2)."""

@@ -60,6 +60,13 @@ class AdapterManifest(BaseModel):
     created_at: str = Field(description="When it was made (ISO 8601, UTC).")
 
 
+class CurrentVersion(BaseModel):
+    """The version of one adapter every worker must serve (a field of a Redis hash)."""
+
+    version: int = Field(ge=1, description="The version to serve.")
+    base_model: str = Field(description="Name of the base model it applies to.")
+
+
 class AdapterPublished(BusMessage):
     """Event: `name` now points at `version`; every worker loads it in place."""
 

@@ -1,1 +1,2 @@
-"""Plumbing every service shares: settings, bus, Redis, liveness, errors, launcher."""
+"""Plumbing every service shares: settings, bus, Redis, liveness, errors, the adapter
+lifecycle, conversations, the launcher and doctor."""

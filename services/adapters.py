@@ -1,28 +1,68 @@
-"""The adapter registry and the "current version" of each adapter, shared by the
-trainer (publish), the gateway (rollback, file serving) and the workers.
+"""The adapter lifecycle, in one place, for the trainer, the gateway and the workers.
 
-Registry layout: `<registry>/<name>/<version>/{adapter_config.json,
-adapter_model.safetensors, manifest.json}`. The current version of each name is a
-field of one Redis hash (state: a worker started later reads it) and every change
-is also announced on the adapters fanout exchange (event: running workers switch now).
+- **Where versions live** (`AdapterRegistry`): `<registry>/<name>/<version>/`
+  holds `adapter_config.json`, `adapter_model.safetensors`, `manifest.json` (the
+  sha256 of every file) and GGUF exports the manifest lists;
+  `<registry>/_base/<base model>/` holds GGUF exports of base models. A version
+  appears whole or not at all.
+- **Which version is current** (`CurrentVersions`): a field of one Redis hash per
+  name (state: a worker started later reads it), and every change is also announced
+  on the adapters fanout exchange (event: running workers switch now).
+- **What a worker does to serve one** (`AdapterState`, `AdapterLoader` in
+  `inference_worker.adapters`): fetch → verify → load → serve → retire, as LoRAX's
+  loader does.
+- **Admin** (`Adapters`): list versions with the current one, roll back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
+from typing import Any, cast
 
-import aio_pika
 import redis.asyncio as redis
 from pydantic import ValidationError
 
-from proto.adapters import ADAPTER_NAME, MANIFEST, AdapterManifest, AdapterPublished
-from services.bus import Topology, connect, encode
+from proto.adapters import (
+    ADAPTER_FILES,
+    ADAPTER_NAME,
+    BASE_FOLDER,
+    GGUF_FILE,
+    MANIFEST,
+    AdapterInfo,
+    AdapterManifest,
+    AdapterPublished,
+    AdapterVersionInfo,
+    CurrentVersion,
+    Probe,
+)
+from services.bus import Topology, announce_adapter
+from services.errors import NotFound, StateConflict
 from services.redis_client import Keys
 from services.redis_client import connect as connect_redis
 from services.settings import MeshSettings
+
+BASE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+SERVED_FILES = (*ADAPTER_FILES, MANIFEST)
+
+
+class AdapterState(StrEnum):
+    """Where one adapter version is on a worker."""
+
+    FETCHING = "fetching"  # copying it from a gateway (a worker without the shared registry)
+    VERIFYING = "verifying"  # names, paths and every file's sha256 against the manifest
+    LOADING = "loading"  # into the backend, beside the versions it serves
+    SERVING = "serving"  # jobs naming the adapter get this version
+    RETIRED = "retired"  # another version took its place (it stays in the registry)
+    REFUSED = "refused"  # a check or the load failed; the version served before stays
 
 
 def file_sha256(path: Path) -> str:
@@ -34,67 +74,240 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def versions(registry: Path, name: str) -> list[int]:
-    """Version numbers present for `name`, ascending (empty for an unknown name)."""
-    if not re.fullmatch(ADAPTER_NAME, name):
-        return []
-    folder = registry / name
-    if not folder.is_dir() or folder.is_symlink():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+class AdapterRegistry:
+    """The registry's files (see the module's docstring for the layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if re.fullmatch(ADAPTER_NAME, p.name))
+
+    def versions(self, name: str) -> list[int]:
+        """Version numbers present for `name`, ascending (empty for an unknown name)."""
+        if not re.fullmatch(ADAPTER_NAME, name):
+            return []
+        folder = self.root / name
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def folder(self, name: str, version: int) -> Path:
+        return self.root / name / str(version)
+
+    def manifest(self, name: str, version: int) -> AdapterManifest | None:
+        try:
+            return AdapterManifest.model_validate_json(
+                (self.folder(name, version) / MANIFEST).read_text()
+            )
+        except (OSError, ValidationError, ValueError):
+            return None
+
+    def served_file(self, name: str, version: int, file_name: str) -> Path | None:
+        """One file of a version, as the gateway serves it to workers on other sites:
+        only the adapter's own files, its manifest and GGUF forms, never a link or a
+        path outside the registry."""
+        if file_name not in SERVED_FILES and not re.fullmatch(GGUF_FILE, file_name):
+            return None
+        path = self.folder(name, version) / file_name
+        if (
+            version not in self.versions(name)
+            or path.is_symlink()
+            or not path.is_file()
+            or not path.resolve().is_relative_to(self.root.resolve())
+        ):
+            return None
+        return path
+
+    def base_folder(self, base_model: str) -> Path:
+        return self.root / BASE_FOLDER / base_model
+
+    def base_gguf(self, base_model: str, kind: str) -> Path:
+        """Where the GGUF export of `base_model` in `kind` (f16, q8_0, …) lives."""
+        return self.base_folder(base_model) / f"model-{kind}.gguf"
+
+    def base_file(self, base_model: str, file_name: str) -> Path | None:
+        """A file of a base model's GGUF exports, when its manifest lists it."""
+        if not re.fullmatch(BASE_NAME, base_model):
+            return None
+        folder = self.base_folder(base_model)
+        try:
+            listed = json.loads((folder / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = {}
+        if file_name != MANIFEST and file_name not in listed:
+            return None
+        path = folder / file_name
+        return None if path.is_symlink() or not path.is_file() else path
+
+    def write_version(
+        self,
+        source: Path,
+        name: str,
+        base_model: str,
+        evaluation: dict[str, Any] | None = None,
+    ) -> AdapterManifest:
+        """Copy a peft output folder into the registry as the next version of `name`."""
+        if not re.fullmatch(ADAPTER_NAME, name):
+            raise ValueError(f"adapter names match {ADAPTER_NAME}")
+        missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{source}: missing {', '.join(missing)} (safetensors only)")
+        evaluation = evaluation or {}
+        folder = self.root / name
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a symbolic link; adapters live in the registry itself")
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
+        try:
+            for file_name in ADAPTER_FILES:
+                shutil.copyfile(source / file_name, staging / file_name)
+            files = {f: file_sha256(staging / f) for f in ADAPTER_FILES}
+            for _attempt in range(100):
+                version = max(self.versions(name), default=0) + 1
+                manifest = AdapterManifest(
+                    name=name,
+                    version=version,
+                    base_model=base_model,
+                    files=files,
+                    eval=evaluation.get("eval", {}),
+                    probes=[Probe(**p) for p in evaluation.get("probes", [])],
+                    dataset_sha256=evaluation.get("dataset_sha256", ""),
+                    created_at=datetime.now(UTC).isoformat(),
+                )
+                (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+                try:
+                    # A version appears whole or not at all; rename fails if another
+                    # publisher took this number first, and we take the next one.
+                    os.rename(staging, folder / str(version))
+                    return manifest
+                except OSError:
+                    if not (folder / str(version)).exists():
+                        raise
+            raise RuntimeError(f"{name}: could not take a version number after 100 tries")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def names(registry: Path) -> list[str]:
-    if not registry.is_dir():
-        return []
-    return sorted(p.name for p in registry.iterdir() if re.fullmatch(ADAPTER_NAME, p.name))
+class CurrentVersions:
+    """Which version of each adapter every worker must serve."""
+
+    def __init__(self, settings: MeshSettings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.client = client
+        self.key = Keys(settings.namespace).adapters()
+
+    async def all(self) -> dict[str, CurrentVersion]:
+        raw = cast("dict[str, str]", await self.client.hgetall(self.key))
+        return {name: CurrentVersion.model_validate_json(value) for name, value in raw.items()}
+
+    async def get(self, name: str) -> CurrentVersion | None:
+        raw = cast("str | None", await self.client.hget(self.key, name))
+        return CurrentVersion.model_validate_json(raw) if raw else None
+
+    async def set(self, manifest: AdapterManifest) -> None:
+        """Point `manifest.name` at its version: state in Redis first, then the event,
+        so a worker that misses the event still finds the version when it (re)starts."""
+        record = CurrentVersion(version=manifest.version, base_model=manifest.base_model)
+        await self.client.hset(self.key, manifest.name, record.model_dump_json())
+        event = AdapterPublished(
+            name=manifest.name, version=manifest.version, base_model=manifest.base_model
+        )
+        topology = Topology(self.settings.namespace, self.settings.model_family)
+        await announce_adapter(self.settings.amqp_url, topology, event)
 
 
-def read_manifest(registry: Path, name: str, version: int) -> AdapterManifest | None:
-    path = registry / name / str(version) / MANIFEST
-    try:
-        return AdapterManifest.model_validate_json(path.read_text())
-    except (OSError, ValidationError, ValueError):
-        return None
+@dataclass
+class Adapters:
+    """The admin's view: versions with the current one, and rollback."""
+
+    registry: AdapterRegistry
+    current: CurrentVersions
+
+    async def list(self) -> list[AdapterInfo]:
+        current = await self.current.all()
+        names = sorted(set(self.registry.names()) | set(current))
+        return [self._info(name, current.get(name)) for name in names]
+
+    async def info(self, name: str) -> AdapterInfo:
+        return self._info(name, await self.current.get(name))
+
+    def _info(self, name: str, current: CurrentVersion | None) -> AdapterInfo:
+        served = current.version if current else None
+        found = []
+        for number in self.registry.versions(name):
+            manifest = self.registry.manifest(name, number)
+            if manifest is None:
+                continue
+            found.append(
+                AdapterVersionInfo(
+                    version=number,
+                    created_at=manifest.created_at,
+                    base_model=manifest.base_model,
+                    eval=manifest.eval,
+                    current=number == served,
+                )
+            )
+        return AdapterInfo(name=name, current_version=served, versions=found)
+
+    async def rollback(self, name: str, version: int | None = None) -> AdapterInfo:
+        """Serve `version` of `name` (the one before the current when None); workers
+        switch in place, through the same event as a publish."""
+        available = self.registry.versions(name)
+        if not available:
+            raise NotFound(f"no adapter named {name!r}")
+        wanted = version
+        if wanted is None:
+            current = await self.current.get(name)
+            served = current.version if current else None
+            older = [v for v in available if served is not None and v < served]
+            if not older:
+                raise StateConflict(f"{name} has no version before v{served}", "no_earlier_version")
+            wanted = older[-1]
+        manifest = self.registry.manifest(name, wanted)
+        if manifest is None:
+            raise NotFound(f"{name} has no readable v{wanted}")
+        await self.current.set(manifest)
+        return await self.info(name)
 
 
 async def current_versions(
     settings: MeshSettings, client: redis.Redis | None = None
-) -> dict[str, dict]:
-    """Adapter name -> {"version", "base_model"} as recorded in Redis."""
-    own = client is None
-    client = client or connect_redis(settings.redis_url)
+) -> dict[str, CurrentVersion]:
+    """Adapter name -> the version every worker must serve (for a process without a
+    Redis client of its own, e.g. the trainer's command line)."""
+    own = client or connect_redis(settings.redis_url)
     try:
-        raw = await client.hgetall(Keys(settings.namespace).adapters())
+        return await CurrentVersions(settings, own).all()
     finally:
-        if own:
-            await client.aclose()
-    return {name: json.loads(value) for name, value in raw.items()}
+        if client is None:
+            await own.aclose()
 
 
 async def make_current(
     settings: MeshSettings, manifest: AdapterManifest, client: redis.Redis | None = None
 ) -> None:
-    """Point `manifest.name` at its version: state in Redis first, then the event, so
-    a worker that misses the event still finds the version when it (re)starts."""
-    own = client is None
-    client = client or connect_redis(settings.redis_url)
+    """`CurrentVersions.set` for a process without a Redis client of its own."""
+    own = client or connect_redis(settings.redis_url)
     try:
-        record = {"version": manifest.version, "base_model": manifest.base_model}
-        await client.hset(Keys(settings.namespace).adapters(), manifest.name, json.dumps(record))
+        await CurrentVersions(settings, own).set(manifest)
     finally:
-        if own:
-            await client.aclose()
-    topology = Topology(settings.namespace, settings.model_family)
-    connection = await connect(settings.amqp_url, "adapter-publish")
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.declare_exchange(
-            topology.adapters_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        event = AdapterPublished(
-            name=manifest.name, version=manifest.version, base_model=manifest.base_model
-        )
-        await exchange.publish(
-            encode(event, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=""
-        )
+        if client is None:
+            await own.aclose()
+
+
+# -- to be removed once every caller uses AdapterRegistry -------------------------------
+
+
+def versions(registry: Path, name: str) -> list[int]:
+    return AdapterRegistry(registry).versions(name)
+
+
+def names(registry: Path) -> list[str]:
+    return AdapterRegistry(registry).names()
+
+
+def read_manifest(registry: Path, name: str, version: int) -> AdapterManifest | None:
+    return AdapterRegistry(registry).manifest(name, version)

@@ -107,6 +107,14 @@ class Topology:
     def adapters_exchange(self) -> str:
         return f"{self.namespace}.adapters"
 
+    @property
+    def context_exchange(self) -> str:
+        """Context changes between sites (topic: routed by the originating site)."""
+        return f"{self.namespace}.context"
+
+    def context_queue(self, site: str) -> str:
+        return f"{self.namespace}.context.{site}"
+
     def adapters_queue(self, worker_id: str) -> str:
         return f"{self.namespace}.adapters.{worker_id}"
 
@@ -169,6 +177,20 @@ def decode_reply(body: bytes) -> ReplyMessage:
 # -- gateway side ---------------------------------------------------------------------
 
 
+async def announce_adapter(url: str, topology: Topology, event: AdapterPublished) -> None:
+    """Publish `event` on the adapters fanout exchange (confirmed, persistent), from a
+    process that holds no bus connection of its own (trainer, gateway admin)."""
+    connection = await connect(url, "adapter-publish")
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            topology.adapters_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await exchange.publish(
+            encode(event, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=""
+        )
+
+
 class StreamRestarted:
     """The job's worker died and another one started the answer over (seq 0 again)."""
 
@@ -202,8 +224,11 @@ class ReplyStream:
         if self._finished:
             raise StopAsyncIteration
         try:
-            item = self._held or await _get(self._queue, self.deadline - time.monotonic())
-            self._held = None
+            item: ReplyMessage | BaseException
+            if self._held is not None:
+                item, self._held = self._held, None
+            else:
+                item = await _get(self._queue, self.deadline - time.monotonic())
         except TimeoutError:
             self._finished = True
             raise JobTimeout(f"job {self.job_id}: no answer before the deadline") from None
@@ -310,7 +335,11 @@ class JobClient:
         if self._exchange is None or not self.connected:
             raise BusUnavailable("not connected to RabbitMQ")
         deadline = time.monotonic() + timeout_s
-        stream = ReplyStream(job.job_id, deadline, lambda: self._streams.pop(job.job_id, None))
+
+        def forget() -> None:
+            self._streams.pop(job.job_id, None)
+
+        stream = ReplyStream(job.job_id, deadline, forget)
         self._streams[job.job_id] = stream
         # A caller that never reads its stream must not leak it.
         asyncio.get_running_loop().call_later(timeout_s + 30, stream.close)
@@ -505,5 +534,6 @@ async def coalesce(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        if hasattr(items, "aclose"):
-            await items.aclose()  # type: ignore[attr-defined]
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()

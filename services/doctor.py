@@ -86,8 +86,8 @@ async def broker_line(settings: MeshSettings) -> Line:
         return Line(
             "broker", False, f"{_redacted(url)} unreachable: {exc.__class__.__name__}: {exc}"
         )
-    version = connection.server_properties.get("version", "?")
-    product = connection.server_properties.get("product", "broker")
+    version = str(connection.server_properties.get("version", "?"))
+    product = str(connection.server_properties.get("product", "broker"))
     await connection.close()
     return Line("broker", True, f"{_redacted(url)}: {product} {version}")
 
@@ -154,10 +154,10 @@ CHECKS: dict[str, Callable[[MeshSettings], Line | Awaitable[Line]]] = {
 
 
 async def run(names: list[str], settings: MeshSettings) -> list[Line]:
-    lines = []
+    lines: list[Line] = []
     for name in names:
         result = CHECKS[name](settings)
-        lines.append(await result if asyncio.iscoroutine(result) else result)
+        lines.append(result if isinstance(result, Line) else await result)
     return lines
 
 

@@ -33,6 +33,38 @@ class PermanentError(MeshError):
     code = "invalid_request"
 
 
+class InvalidRequest(PermanentError):
+    """The request itself is wrong (too long, an option out of range, bad messages)."""
+
+
+class NotFound(PermanentError):
+    """The request names something that does not exist (a model, a conversation)."""
+
+    code = "not_found"
+
+
+class StateConflict(PermanentError):
+    """The request cannot apply to the current state (e.g. no earlier version)."""
+
+    code = "conflict"
+
+
+class RateLimited(RetryableError):
+    """Too many requests from one key; `retry_after_s` says when it may try again."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(RetryableError):
+    """Redis (conversations, context, keys) did not answer."""
+
+    code = "redis_unavailable"
+
+
 class BusUnavailable(RetryableError):
     code = "broker_unavailable"
 

@@ -20,6 +20,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from services.bus import Topology
 
@@ -30,7 +31,9 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def definitions(user: str, password: str, namespace: str = "mesh", vhost: str = "/") -> dict:
+def definitions(
+    user: str, password: str, namespace: str = "mesh", vhost: str = "/"
+) -> dict[str, Any]:
     topology = Topology(namespace, "mistral")
     exchanges = [
         (topology.jobs_exchange, "direct"),

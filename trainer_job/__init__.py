@@ -1,1 +1,3 @@
-"""Builds models and adapters: for now, the demo model."""
+"""Adapters and models: builds the chat dataset, fine-tunes (Q)LoRA adapters with
+transformers + peft, evaluates and publishes them to every worker, exports GGUF for
+llama.cpp and the phone, and builds the small demo model for tests and `make run`."""

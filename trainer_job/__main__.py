@@ -178,7 +178,7 @@ def _export_gguf(settings: TrainerSettings, args) -> int:
     # (llamacpp) load them now: announce the current versions again.
     by_version = {(m.name, m.version): m for m in exported}  # all trained on `base`
     for name, current in asyncio.run(current_versions(settings)).items():
-        served = by_version.get((name, int(current["version"])))
+        served = by_version.get((name, current.version))
         if served is not None:
             asyncio.run(make_current(settings, served))
     return 0

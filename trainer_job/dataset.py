@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.settings import MeshSettings
 from trainer_job.examples import Chat, generated_chats
 
 ROLES = ("system", "user", "assistant")
@@ -145,7 +146,7 @@ def _qa(question: str, answer: str) -> Chat:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-async def read_context(settings) -> tuple[dict[str, str], list[str]]:
+async def read_context(settings: MeshSettings) -> tuple[dict[str, str], list[str]]:
     """The current documents and the most recent log entries of this site's store."""
     from context_store.store import ContextStore
     from services.redis_client import connect
@@ -162,23 +163,17 @@ async def read_context(settings) -> tuple[dict[str, str], list[str]]:
     return documents, log
 
 
-async def read_marked_conversations(settings) -> list[Chat]:
+async def read_marked_conversations(settings: MeshSettings) -> list[Chat]:
     """Every conversation the owner marked for training (gateway: PUT /conversation/training)."""
+    from services.conversations import ConversationStore
     from services.redis_client import Keys, connect
 
-    keys = Keys(settings.namespace)
     client = connect(settings.redis_url)
-    chats = []
     try:
-        marked = await client.hkeys(keys.training_conversations())
-        for member in sorted(marked):
-            owner, conversation_id = member.split(":", 1)
-            raw = await client.lrange(keys.conversation(owner, conversation_id), 0, -1)
-            messages = [json.loads(item) for item in raw]
-            chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        marked = await ConversationStore(client, Keys(settings.namespace)).marked_for_training()
     finally:
         await client.aclose()
-    return chats
+    return [[{"role": m.role, "content": m.content} for m in c.messages] for c in marked]
 
 
 # -- building ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from proto.adapters import ADAPTER_GGUF, BASE_FOLDER, MANIFEST, AdapterManifest, base_gguf
 from services import adapters as registry_ops
@@ -110,7 +111,9 @@ def _import_converter():
         if path not in sys.path:
             sys.path.insert(0, path)
     import gguf
-    from conversion import ModelBase, get_model_class
+
+    # llama.cpp's converter, importable only once its sdist is on sys.path (above)
+    from conversion import ModelBase, get_model_class  # type: ignore[import-not-found]
 
     if not hasattr(gguf, "LazyChunkedTensor"):
         raise ExportError("the gguf package found is not llama.cpp's own copy (PyPI's is too old)")
@@ -186,7 +189,7 @@ def export_base(model_dir: Path, registry: Path, base_model: str, types: list[st
     folder = registry / BASE_FOLDER / base_model
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST
-    manifest = (
+    manifest: dict[str, Any] = (
         json.loads(manifest_path.read_text())
         if manifest_path.is_file()
         else {"base_model": base_model, "files": {}}

@@ -12,15 +12,11 @@ model, or is worse than the version served now on the same dataset, unless force
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from proto.adapters import ADAPTER_FILES, ADAPTER_NAME, MANIFEST, AdapterManifest, Probe
-from services.adapters import file_sha256, make_current, read_manifest, versions
+from proto.adapters import AdapterManifest
+from services.adapters import AdapterRegistry, current_versions, make_current
 from services.settings import MeshSettings
 
 
@@ -28,7 +24,7 @@ class PublishRefused(ValueError):
     """The evaluation gate said no; the message says why."""
 
 
-def read_run(source: Path) -> tuple[Path, dict]:
+def read_run(source: Path) -> tuple[Path, dict[str, Any]]:
     """(folder holding the adapter files, evaluation record or {})."""
     folder = source / "adapter" if (source / "adapter").is_dir() else source
     evaluation_file = source / "evaluation.json"
@@ -36,7 +32,7 @@ def read_run(source: Path) -> tuple[Path, dict]:
     return folder, evaluation
 
 
-def gate(evaluation: dict, current: AdapterManifest | None) -> str | None:
+def gate(evaluation: dict[str, Any], current: AdapterManifest | None) -> str | None:
     """Why this run must not be published, or None when it may be."""
     numbers = evaluation.get("eval", {})
     before, after = numbers.get("eval_loss_before"), numbers.get("eval_loss_after")
@@ -63,48 +59,10 @@ def write_version(
     registry: Path,
     name: str,
     base_model: str,
-    evaluation: dict | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> AdapterManifest:
-    """Copy a peft output folder into the registry as the next version of `name`."""
-    if not re.fullmatch(ADAPTER_NAME, name):
-        raise ValueError(f"adapter names match {ADAPTER_NAME}")
-    missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{source}: missing {', '.join(missing)} (safetensors only)")
-    evaluation = evaluation or {}
-    folder = registry / name
-    if folder.is_symlink():
-        raise ValueError(f"{folder} is a symbolic link; adapters live in the registry itself")
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
-    try:
-        for file_name in ADAPTER_FILES:
-            shutil.copyfile(source / file_name, staging / file_name)
-        files = {f: file_sha256(staging / f) for f in ADAPTER_FILES}
-        for _attempt in range(100):
-            version = max(versions(registry, name), default=0) + 1
-            manifest = AdapterManifest(
-                name=name,
-                version=version,
-                base_model=base_model,
-                files=files,
-                eval=evaluation.get("eval", {}),
-                probes=[Probe(**p) for p in evaluation.get("probes", [])],
-                dataset_sha256=evaluation.get("dataset_sha256", ""),
-                created_at=datetime.now(UTC).isoformat(),
-            )
-            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-            try:
-                # A version appears whole or not at all; rename fails if another
-                # publisher took this number first, and we take the next one.
-                os.rename(staging, folder / str(version))
-                return manifest
-            except OSError:
-                if not (folder / str(version)).exists():
-                    raise
-        raise RuntimeError(f"{name}: could not take a version number after 100 tries")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Copy a peft output folder into `registry` as the next version of `name`."""
+    return AdapterRegistry(registry).write_version(source, name, base_model, evaluation)
 
 
 async def publish(
@@ -116,11 +74,9 @@ async def publish(
     force: bool = False,
 ) -> AdapterManifest:
     """Gate, write, make current and announce; PublishRefused when the gate says no."""
-    from services.adapters import current_versions
-
     folder, evaluation = read_run(source)
     current = (await current_versions(settings)).get(name)
-    served = read_manifest(registry, name, int(current["version"])) if current else None
+    served = AdapterRegistry(registry).manifest(name, current.version) if current else None
     reason = gate(evaluation, served)
     if reason and not force:
         raise PublishRefused(f"not published: {reason}")

@@ -20,15 +20,17 @@ Output folder:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from trainer_job.dataset import EVAL_FILE, REPORT_FILE, TRAIN_FILE, Chat, read_jsonl
+from trainer_job.dataset import EVAL_FILE, REPORT_FILE, TRAIN_FILE, read_jsonl
+from trainer_job.examples import Chat
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +227,11 @@ def load_model(config: TrainConfig, device: str):
 def progress_callback():
     """A tqdm bar over optimizer steps with the latest loss and learning rate; ETA is
     tqdm's own."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs (types-tqdm)
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        bar = None
+        bar: Any = None  # the tqdm bar (untyped), from on_train_begin on
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.bar = tqdm(
@@ -302,7 +304,7 @@ def run_training(config: TrainConfig) -> TrainResult:
             )
     if config.use_wandb:
         try:
-            import wandb  # noqa: F401
+            importlib.import_module("wandb")  # only a check that it is installed
         except ImportError as exc:
             raise TrainingError("--use_wandb needs the wandb package: pip install wandb") from exc
     device = resolve_device(config.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from proto.messages import ChatJob
 from services.errors import PermanentError
 
@@ -28,7 +28,7 @@ class EchoBackend:
         for index, word in enumerate(words):
             self.tokens_generated += 1
             yield TextDelta(word if index == 0 else " " + word, 1)
-        reason = "length" if len(words) == job.sampling.max_tokens else "stop"
+        reason: FinishReason = "length" if len(words) == job.sampling.max_tokens else "stop"
         yield Finished(reason, len(words), len(words))
 
     adapters: dict[str, int] = {}  # noqa: RUF012 - never changes

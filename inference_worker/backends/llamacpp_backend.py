@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.prompts import check_context
 from inference_worker.backends.stops import StopMatcher
 from proto.adapters import ADAPTER_GGUF, BASE_FOLDER
@@ -214,7 +214,7 @@ class LlamaCppBackend:
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
             greedy = s.temperature <= SAMPLING_EPS
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            reason = "length"
+            reason: FinishReason = "length"
             tokens = llm.generate(
                 ids,
                 temp=0.0 if greedy else s.temperature,
@@ -242,7 +242,7 @@ class LlamaCppBackend:
             tail = decoder.decode(b"", final=True)
             if tail:
                 emit(TextDelta(tail, 0))
-            emit(Finished(reason, len(ids), generated, cached))  # type: ignore[arg-type]
+            emit(Finished(reason, len(ids), generated, cached))
 
     def _release(self, slot: Slot) -> None:
         self._free.append(slot)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.batching import BatchScheduler, Row
 from inference_worker.backends.detokenizer import IncrementalDetokenizer
 from inference_worker.backends.prefix_cache import (
@@ -234,7 +234,7 @@ class TransformersBackend:
                 if tail or pending:
                     yield TextDelta(tail, pending)
             if stops.stopped or last_token == self.tokenizer.eos_token_id:
-                reason = "stop"
+                reason: FinishReason = "stop"
             else:
                 reason = "length" if generated >= job.sampling.max_tokens else "stop"
             yield Finished(reason, len(ids), generated, row.cached)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from inference_worker.backends.base import Finished, GenerationEvent, TextDelta
+from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.prompts import encode_prompt
 from proto.messages import ChatJob
 from services.errors import PermanentError
@@ -118,7 +118,9 @@ class VllmBackend:
                     yield TextDelta(completion.text, new)
                 if output.finished:
                     finished = True
-                    reason = "length" if completion.finish_reason == "length" else "stop"
+                    reason: FinishReason = (
+                        "length" if completion.finish_reason == "length" else "stop"
+                    )
                     yield Finished(reason, len(ids), generated, cached)
         finally:
             if not finished:  # the consumer went away: free the engine's slot

@@ -86,7 +86,7 @@ async def test_preview_reports_every_tier_including_the_log(client: httpx.AsyncC
 
 
 async def test_the_chat_scope_cannot_touch_the_context(client: httpx.AsyncClient) -> None:
-    store = client.app.state.key_store  # type: ignore[attr-defined]
+    store = client.app.services.keys  # type: ignore[attr-defined]
     chat_key, _ = await store.create("chat-only", ["chat"])
     response = await client.get(
         "/context/briefing", headers={"Authorization": f"Bearer {chat_key}"}

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis.asyncio as redis
 
-from gateway.conversations import ConversationStore
+from services.conversations import ConversationStore
 from services.redis_client import Keys
 
 pytestmark = pytest.mark.integration

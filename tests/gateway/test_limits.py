@@ -241,7 +241,7 @@ async def test_openapi_json_is_committed_and_current(client: httpx.AsyncClient) 
 def test_the_prompt_bound_never_undercounts(
     demo_model: object, messages: list[tuple[str, str]]
 ) -> None:
-    from gateway.generation import PromptCounter
+    from gateway.prompts import PromptCounter
     from proto.messages import ChatJob, ChatMessage, SamplingParams
 
     counter = PromptCounter.load(str(demo_model), 0)

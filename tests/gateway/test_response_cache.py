@@ -7,10 +7,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from gateway.generation import Generation
-from gateway.metrics import Metrics
 from gateway.response_cache import ResponseCache
-from gateway.settings import GatewaySettings
 from proto.messages import ChatJob, ChatMessage, SamplingParams
 
 
@@ -18,10 +15,7 @@ class Workers:
     """What live workers serve: (base model, {adapter: version}) each."""
 
     def __init__(self, *served: tuple[str, dict[str, int]]) -> None:
-        self.records = [SimpleNamespace(base_model=b, adapters=a) for b, a in served]
-
-    async def live(self) -> list[Any]:
-        return self.records
+        self.records: list[Any] = [SimpleNamespace(base_model=b, adapters=a) for b, a in served]
 
 
 def job(model: str | None = None, **sampling: Any) -> ChatJob:
@@ -35,9 +29,19 @@ def job(model: str | None = None, **sampling: Any) -> ChatJob:
     )
 
 
-def generation(workers: Workers) -> Generation:
-    cache = ResponseCache(None, "ns", 60)  # type: ignore[arg-type]  # keys only: no Redis
-    return Generation(GatewaySettings(), None, workers, Metrics(), None, cache)  # type: ignore[arg-type]
+class Keys:
+    """The cache's key for a job, as the chat service asks it with these live workers."""
+
+    def __init__(self, workers: Workers) -> None:
+        self.cache = ResponseCache(None, "ns", 60)  # type: ignore[arg-type]  # keys only: no Redis
+        self.workers = workers
+
+    async def _response_key(self, job: ChatJob, scope: str | None) -> str | None:
+        return self.cache.key_for(job, scope, self.workers.records)
+
+
+def generation(workers: Workers) -> Keys:
+    return Keys(workers)
 
 
 async def test_only_determined_answers_of_one_model_have_a_key() -> None:

@@ -240,3 +240,32 @@ async def test_a_rollback_to_a_version_in_use_keeps_it_served(
     assert await answer(backend, chat(None)) == reference_greedy(question, 24)[0]
     assert len(backend.model.peft_config) == 1
     await backend.close()
+
+
+async def test_the_loader_walks_each_version_through_its_states(
+    registry: Path, demo_model: Path, tmp_path: Path
+) -> None:
+    """verify → load → serve; the version before is retired; a refused version changes
+    nothing that is served."""
+    import shutil
+
+    from inference_worker.adapters import AdapterLoader
+    from services.adapters import AdapterState
+
+    registry = Path(shutil.copytree(registry, tmp_path / "registry"))
+    backend = TransformersBackend(str(demo_model), device="cpu", max_batch=8)
+    await backend.start()
+    loader = AdapterLoader(backend, registry)
+    assert await loader.install("continuity", 1)
+    assert loader.states == {("continuity", 1): AdapterState.SERVING}
+    assert await loader.install("continuity", 2)
+    assert loader.states == {
+        ("continuity", 1): AdapterState.RETIRED,
+        ("continuity", 2): AdapterState.SERVING,
+    }
+    copy_version(registry, "continuity", "3")
+    (registry / "continuity" / "3" / "adapter_model.safetensors").write_bytes(b"changed")
+    assert not await loader.install("continuity", 3)
+    assert loader.states[("continuity", 3)] == AdapterState.REFUSED
+    assert backend.adapters == {"continuity": 2}
+    await backend.close()

@@ -1,14 +1,19 @@
-"""Conversation history in Redis, keyed by API key and conversation id."""
+"""Conversation history in Redis, keyed by API key and conversation id: recorded by
+the gateway, read back by it and (those marked for training) by the trainer. The
+one place that knows how conversations are laid out in Redis."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 import redis.asyncio as redis
 
-from proto.api import ConversationSummary
+from proto.api import ConversationMessage, ConversationSummary
+from proto.conversations import TrainingConversation
 from proto.messages import ChatMessage
 from services.redis_client import Keys
 
@@ -32,7 +37,7 @@ class ConversationStore:
         async with self.client.pipeline(transaction=True) as pipe:  # one consistent view
             pipe.llen(key)
             pipe.lrange(key, -limit, -1)
-            length, raw = await pipe.execute()
+            length, raw = cast("tuple[int, list[str]]", await pipe.execute())
         excess = length - limit
         if excess > 0:
             step = max(2, (limit // 2 + 1) // 2 * 2)  # half, even: starts on a user turn
@@ -43,13 +48,14 @@ class ConversationStore:
             messages.pop(0)
         return [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
 
-    async def messages(self, owner: str, conversation_id: str) -> list[dict[str, str]]:
+    async def messages(self, owner: str, conversation_id: str) -> list[ConversationMessage]:
         """Every recorded message, oldest first (empty when there is no such conversation)."""
-        raw = await self.client.lrange(self.keys.conversation(owner, conversation_id), 0, -1)
-        return [json.loads(item) for item in raw]
+        key = self.keys.conversation(owner, conversation_id)
+        raw = cast("list[str]", await self.client.lrange(key, 0, -1))
+        return [ConversationMessage.model_validate_json(item) for item in raw]
 
     async def latest(self, owner: str) -> str | None:
-        return await self.client.get(self.keys.latest_conversation(owner))
+        return cast("str | None", await self.client.get(self.keys.latest_conversation(owner)))
 
     async def append_turn(
         self, owner: str, conversation_id: str, user: str, assistant: str
@@ -57,8 +63,8 @@ class ConversationStore:
         """Both halves of a turn in one atomic RPUSH, and mark it the owner's latest."""
         at = datetime.now(UTC).isoformat()
         entries = [
-            json.dumps({"role": "user", "content": user, "at": at}),
-            json.dumps({"role": "assistant", "content": assistant, "at": at}),
+            ConversationMessage(role="user", content=user, at=at).model_dump_json(),
+            ConversationMessage(role="assistant", content=assistant, at=at).model_dump_json(),
         ]
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.rpush(self.keys.conversation(owner, conversation_id), *entries)
@@ -69,7 +75,10 @@ class ConversationStore:
     async def list(self, owner: str, limit: int) -> list[ConversationSummary]:
         """This owner's conversations, the most recently active first."""
         index = self.keys.conversation_index(owner)
-        recent = await self.client.zrevrange(index, 0, limit - 1, withscores=True)
+        recent = cast(
+            "list[tuple[str, float]]",
+            await self.client.zrevrange(index, 0, limit - 1, withscores=True),
+        )
         async with self.client.pipeline(transaction=False) as pipe:
             for conversation_id, _ in recent:
                 pipe.lindex(self.keys.conversation(owner, conversation_id), 0)
@@ -99,6 +108,26 @@ class ConversationStore:
             await self.client.hset(self.keys.training_conversations(), member, at)
         else:
             await self.client.hdel(self.keys.training_conversations(), member)
+
+    async def marked_for_training(self) -> builtins.list[TrainingConversation]:
+        """Every conversation marked for training, in a stable order (owner, id)."""
+        marked = cast(
+            "dict[str, str]", await self.client.hgetall(self.keys.training_conversations())
+        )
+        found = []
+        for member in sorted(marked):
+            owner, conversation_id = member.split(":", 1)
+            messages = await self.messages(owner, conversation_id)
+            if messages:  # deleted or expired since it was marked
+                found.append(
+                    TrainingConversation(
+                        owner=owner,
+                        conversation_id=conversation_id,
+                        marked_at=marked[member],
+                        messages=messages,
+                    )
+                )
+        return found
 
     async def delete(self, owner: str, conversation_id: str) -> bool:
         async with self.client.pipeline(transaction=True) as pipe:
