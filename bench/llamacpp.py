@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference_worker.backends.base import TextDelta
-from proto.adapters import base_gguf
 from proto.messages import ChatJob, ChatMessage, SamplingParams
+from services.adapters import AdapterRegistry
 from trainer_job.demo_model import ensure_demo_model
 
 TOKENS = 128
@@ -90,14 +90,14 @@ async def main() -> None:
         registry = Path(tmp)
         export_base(demo, registry, "demo-model", ["f16", "q8_0", "q4_k_m"])
         for kind in ("f16", "q8_0", "q4_k_m"):
-            path = str(base_gguf(registry, "demo-model", kind))
+            path = str(AdapterRegistry(registry).base_gguf("demo-model", kind))
             # One thread per slot, one slot per core (four requests: the rest queue).
             rows[f"llama.cpp {kind}"] = await measure(
                 lambda n, path=path: LlamaCppBackend(path, slots=min(n, cores), threads=1)
             )
         # The same single request on every core: on a model this small, syncing the
         # threads at every layer costs more than the work they share.
-        path = str(base_gguf(registry, "demo-model", "q8_0"))
+        path = str(AdapterRegistry(registry).base_gguf("demo-model", "q8_0"))
         rows[f"llama.cpp q8_0, {cores} threads"] = await measure(
             lambda n: LlamaCppBackend(path, slots=min(n, cores), threads=cores)
         )

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 
 from context_store.store import ContextStore
 from proto.context import ContextChanged, ContextSyncRequest
-from services.bus import connect, encode
+from services.bus import Topology, connect, encode
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ class SyncDaemon:
     def __init__(self, store: ContextStore, namespace: str, catch_up_s: float = 30.0) -> None:
         self.store = store
         self.site = store.site
-        self.exchange_name = f"{namespace}.context"
-        self.queue_name = f"{namespace}.context.{self.site}"
+        topology = Topology(namespace, "")  # the context names do not depend on a family
+        self.exchange_name = topology.context_exchange
+        self.queue_name = topology.context_queue(self.site)
         self.catch_up_s = catch_up_s
         self._exchange: AbstractRobustExchange | None = None
         self._channel: AbstractRobustChannel | None = None

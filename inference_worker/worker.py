@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 import uuid
 from datetime import UTC, datetime
-from typing import cast
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from inference_worker.adapters import verify
+from inference_worker.adapters import AdapterLoader
 from inference_worker.backends.base import Backend
-from inference_worker.fetch import fetch
 from inference_worker.jobs import DeliveryCounter, JobRunner, Pacing
 from inference_worker.settings import WorkerSettings
-from proto.adapters import AdapterPublished, base_gguf
+from proto.adapters import AdapterPublished
 from proto.messages import WorkerStatus
 from services import liveness
+from services.adapters import AdapterRegistry, CurrentVersions
 from services.bus import Topology, WorkerBus
-from services.errors import MeshError, PermanentError
+from services.errors import PermanentError
 from services.paths import adapter_registry, model_ref
 from services.redis_client import Keys, connect
 
@@ -79,7 +77,7 @@ def gguf_model_path(settings: WorkerSettings) -> str:
         return settings.model
     name = settings.model_name or "demo-model"
     registry = settings.adapter_registry or adapter_registry()
-    return str(base_gguf(registry, name, settings.gguf_type))
+    return str(AdapterRegistry(registry).base_gguf(name, settings.gguf_type))
 
 
 def resolve_model_ref(model: str) -> str:
@@ -119,7 +117,13 @@ class Worker:
             DeliveryCounter(self.redis, self.keys, settings.max_deliveries),
         )
         self.started_at = datetime.now(UTC)
-        self.registry = settings.adapter_registry or adapter_registry()
+        self.current = CurrentVersions(settings, self.redis)
+        self.loader = AdapterLoader(
+            backend,
+            settings.adapter_registry or adapter_registry(),
+            settings.adapter_source,
+            settings.adapter_key,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._adapter_lock = asyncio.Lock()
@@ -166,44 +170,23 @@ class Worker:
         await self.install_adapter(event.name, event.version)
 
     async def load_current_adapters(self) -> None:
-        # The client decodes replies (decode_responses): names and values are str.
-        adapters = cast("dict[str, str]", await self.redis.hgetall(self.keys.adapters()))
-        for name, raw in adapters.items():
-            current = json.loads(raw)
-            if current.get("base_model") == self.backend.base_model:
-                await self.install_adapter(name, int(current["version"]))
+        for name, current in (await self.current.all()).items():
+            if current.base_model == self.backend.base_model:
+                await self.install_adapter(name, current.version)
 
     async def install_adapter(self, name: str, version: int) -> None:
         # One install at a time, and the version recorded as current when this one's
         # turn comes wins: a slow install of v3 cannot land after a rollback to v2.
         async with self._adapter_lock:
-            raw = await self.redis.hget(self.keys.adapters(), name)
-            if raw:
-                version = int(json.loads(raw)["version"])
+            current = await self.current.get(name)
+            if current is not None:
+                version = current.version
             if self.backend.adapters.get(name) == version:
                 return
-            await self._install(name, version)
-
-    async def _install(self, name: str, version: int) -> None:
-        try:
-            if self.settings.adapter_source:
-                await fetch(
-                    self.settings.adapter_source,
-                    self.settings.adapter_key,
-                    self.registry,
-                    name,
-                    version,
+            if await self.loader.install(name, version):
+                await liveness.publish_status(
+                    self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
                 )
-            folder = await asyncio.to_thread(
-                verify, self.registry, name, version, self.backend.base_model
-            )
-            await self.backend.load_adapter(name, version, folder)
-        except MeshError as exc:
-            log.error("adapter %s v%s refused: %s", name, version, exc.message)
-            return
-        await liveness.publish_status(
-            self.redis, self.keys, self.status(), self.settings.liveness_ttl_s
-        )
 
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():

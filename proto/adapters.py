@@ -1,10 +1,10 @@
-"""Adapter versions: the manifest beside the weights, and the event that announces one."""
+"""Adapter versions: the files a version is made of, the manifest beside them, and the
+event that announces one. Where versions live is `services.adapters`' business."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,18 +16,12 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
 GGUF_FILE = r"^adapter-(f32|f16|bf16|q8_0)\.gguf$"  # llama.cpp's form, listed in the manifest
 ADAPTER_GGUF = "adapter-f16.gguf"  # the form the exporter writes and llama.cpp workers load
-BASE_FOLDER = "_base"  # <registry>/_base/<base model>/: GGUF exports; not a valid adapter name
 
 
 def adapter_files(listed: Iterable[str]) -> list[str]:
     """The files a version folder may hold: the adapter's own, and the GGUF forms among
     `listed` (its manifest's files)."""
     return [*ADAPTER_FILES, *(f for f in listed if re.fullmatch(GGUF_FILE, f))]
-
-
-def base_gguf(registry: Path, base_model: str, kind: str) -> Path:
-    """Where the GGUF export of `base_model` in `kind` (f16, q8_0, …) lives."""
-    return registry / BASE_FOLDER / base_model / f"model-{kind}.gguf"
 
 
 class Probe(BaseModel):

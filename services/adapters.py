@@ -34,7 +34,6 @@ from pydantic import ValidationError
 from proto.adapters import (
     ADAPTER_FILES,
     ADAPTER_NAME,
-    BASE_FOLDER,
     GGUF_FILE,
     MANIFEST,
     AdapterInfo,
@@ -50,6 +49,7 @@ from services.redis_client import Keys
 from services.redis_client import connect as connect_redis
 from services.settings import MeshSettings
 
+BASE_FOLDER = "_base"  # <registry>/_base/<base model>/: GGUF exports; not a valid adapter name
 BASE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 SERVED_FILES = (*ADAPTER_FILES, MANIFEST)
 
@@ -296,18 +296,3 @@ async def make_current(
     finally:
         if client is None:
             await own.aclose()
-
-
-# -- to be removed once every caller uses AdapterRegistry -------------------------------
-
-
-def versions(registry: Path, name: str) -> list[int]:
-    return AdapterRegistry(registry).versions(name)
-
-
-def names(registry: Path) -> list[str]:
-    return AdapterRegistry(registry).names()
-
-
-def read_manifest(registry: Path, name: str, version: int) -> AdapterManifest | None:
-    return AdapterRegistry(registry).manifest(name, version)

@@ -126,10 +126,11 @@ def model_line() -> Line:
 
 
 def adapters_line() -> Line:
-    from services.adapters import names, versions
+    from services.adapters import AdapterRegistry
 
     registry = adapter_registry()
-    found = {name: versions(registry, name) for name in names(registry)}
+    versions = AdapterRegistry(registry)
+    found = {name: versions.versions(name) for name in versions.names()}
     text = ", ".join(f"{n} v{max(v)} ({len(v)} versions)" for n, v in found.items() if v)
     return Line("adapters", True, f"{text or 'none yet'} in {registry}", essential=False)
 

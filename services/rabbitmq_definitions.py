@@ -39,7 +39,7 @@ def definitions(
         (topology.jobs_exchange, "direct"),
         (topology.control_exchange, "fanout"),
         (topology.adapters_exchange, "fanout"),
-        (f"{namespace}.context", "topic"),
+        (topology.context_exchange, "topic"),
     ]
     return {
         "users": [

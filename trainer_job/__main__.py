@@ -158,8 +158,8 @@ def _publish(settings: TrainerSettings, source: Path, name: str, force: bool) ->
 
 
 def _export_gguf(settings: TrainerSettings, args) -> int:
-    from proto.adapters import ADAPTER_GGUF, BASE_FOLDER
-    from services.adapters import current_versions, make_current
+    from proto.adapters import ADAPTER_GGUF
+    from services.adapters import AdapterRegistry, current_versions, make_current
     from trainer_job.gguf_export import export_adapters, export_base
 
     model_dir = Path(settings.model_ref())
@@ -170,7 +170,7 @@ def _export_gguf(settings: TrainerSettings, args) -> int:
         types = [t.strip() for t in args.types.split(",") if t.strip()]
         manifest = export_base(model_dir, registry, base, types)
         files = ", ".join(sorted(manifest["files"]))
-        print(f"base {base}: {files} in {registry / BASE_FOLDER / base}")
+        print(f"base {base}: {files} in {AdapterRegistry(registry).base_folder(base)}")
     exported = export_adapters(registry, args.adapters, model_dir, base)
     for manifest in exported:
         print(f"adapter {manifest.name} v{manifest.version}: {ADAPTER_GGUF}")

@@ -29,9 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proto.adapters import ADAPTER_GGUF, BASE_FOLDER, MANIFEST, AdapterManifest, base_gguf
-from services import adapters as registry_ops
-from services.adapters import file_sha256
+from proto.adapters import ADAPTER_GGUF, MANIFEST, AdapterManifest
+from services.adapters import AdapterRegistry, file_sha256
 from services.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -186,7 +185,7 @@ def quantize(source: Path, out: Path, kind: str) -> Path:
 
 def export_base(model_dir: Path, registry: Path, base_model: str, types: list[str]) -> dict:
     """`<registry>/_base/<base_model>/model-<type>.gguf` + a manifest of sha256s."""
-    folder = registry / BASE_FOLDER / base_model
+    folder = AdapterRegistry(registry).base_folder(base_model)
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST
     manifest: dict[str, Any] = (
@@ -196,7 +195,7 @@ def export_base(model_dir: Path, registry: Path, base_model: str, types: list[st
     )
     f16 = None
     for kind in types:
-        name = base_gguf(registry, base_model, kind).name
+        name = AdapterRegistry(registry).base_gguf(base_model, kind).name
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             partial = Path(tmp) / name
             if kind in CONVERTER_TYPES:
@@ -264,9 +263,10 @@ def export_adapter(registry: Path, name: str, version: int, base_dir: Path) -> A
 def export_adapters(registry: Path, names: list[str] | None, base_dir: Path, base_model: str):
     """Every version of the named adapters (all when None) trained on `base_model`."""
     exported = []
-    for name in names or registry_ops.names(registry):
-        for version in registry_ops.versions(registry, name):
-            manifest = registry_ops.read_manifest(registry, name, version)
+    versions = AdapterRegistry(registry)
+    for name in names or versions.names():
+        for version in versions.versions(name):
+            manifest = versions.manifest(name, version)
             if manifest is not None and manifest.base_model == base_model:
                 exported.append(export_adapter(registry, name, version, base_dir))
     return exported

@@ -31,8 +31,9 @@ from typing import Any
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.prompts import check_context
 from inference_worker.backends.stops import StopMatcher
-from proto.adapters import ADAPTER_GGUF, BASE_FOLDER
+from proto.adapters import ADAPTER_GGUF
 from proto.messages import ChatJob
+from services.adapters import BASE_FOLDER
 from services.errors import PermanentError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from inference_worker.adapters import verify
-from services.adapters import make_current, read_manifest
+from services.adapters import AdapterRegistry, make_current
 from services.launcher import MeshProcesses
 from services.settings import MeshSettings
 from tests.conftest import free_port, mesh_env, remove_namespace
@@ -81,7 +81,7 @@ def test_the_mesh_serves_gguf_models_and_adapters_with_llama_cpp(
 
     try:
         mesh.wait_ready(timeout_s=120)
-        asyncio.run(make_current(settings, read_manifest(registry, "helper", 1)))
+        asyncio.run(make_current(settings, AdapterRegistry(registry).manifest("helper", 1)))
         deadline = time.monotonic() + 30
         while "helper" not in httpx.get(f"{mesh.url}/info", headers=headers).json()["adapters"]:
             assert time.monotonic() < deadline, "the llama.cpp worker did not load the adapter"
