@@ -211,11 +211,18 @@ class KeepAliveClient:
         return await asyncio.open_connection(self.host, self.port)
 
     async def post(self, path: str, body: dict) -> bytes:
-        reader, writer = await self.open()
         payload = json.dumps(body).encode()
         request = f"POST {path} HTTP/1.1\r\n{self.head}Content-Length: {len(payload)}\r\n\r\n"
-        writer.write(request.encode() + payload)
-        status_line = await reader.readline()
+        for _attempt in range(2):  # an idle connection the server closed: once more, anew
+            reader, writer = await self.open()
+            writer.write(request.encode() + payload)
+            status_line = await reader.readline()
+            if status_line:
+                break
+            writer.close()
+            for _, stale in self.idle:  # as old as this one: closed by the server too
+                stale.close()
+            self.idle.clear()
         length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
@@ -352,6 +359,8 @@ async def through_mesh(
         MESH_RATE_LIMIT_PER_MINUTE="0",
         MESH_SYSTEM_PROMPT=SYSTEM_PROMPT,
     )
+    if backend_name == "echo":  # every chat carries the tiers, as in use (echo ignores them)
+        await seed_tiers(MeshSettings(namespace=namespace))
     mesh = MeshProcesses(env, "127.0.0.1", port, output=LOG_DIR / backend_name)
     mesh.start()
     try:
@@ -374,6 +383,23 @@ async def through_mesh(
     finally:
         await asyncio.to_thread(mesh.stop)
         await _remove_namespace(MeshSettings(namespace=namespace))
+
+
+async def seed_tiers(settings: MeshSettings) -> None:
+    """The starter documents and a log, as `make run` seeds them: ~1,000 tokens of tiers."""
+    from context_store.__main__ import STARTER
+    from context_store.markdown import import_dir
+    from context_store.store import ContextStore
+    from services.redis_client import connect
+
+    client = connect(settings.redis_url)
+    try:
+        context = ContextStore(client, settings.namespace, "bench")
+        await import_dir(context, STARTER)
+        for index in range(20):
+            await context.append_log(f"entry {index}: worked on the gateway's hot path")
+    finally:
+        await client.aclose()
 
 
 async def _remove_namespace(settings: MeshSettings) -> None:
@@ -472,9 +498,7 @@ def goals(results: dict) -> dict:
 async def stage_costs(settings: MeshSettings, requests: int) -> list[dict]:
     """Each stage of a /chat in the gateway, before and now: mean ms per request,
     one request at a time against the real Redis (no worker, no HTTP)."""
-    from context_store.__main__ import STARTER
     from context_store.assembly import assemble
-    from context_store.markdown import import_dir
     from context_store.store import ContextStore
     from gateway.keys import KeyStore
     from gateway.ratelimit import WINDOW_TTL_MS, RateLimiter
@@ -491,9 +515,7 @@ async def stage_costs(settings: MeshSettings, requests: int) -> list[dict]:
         record = await key_store.add(api_key, "bench", ["chat"])
         limiter = RateLimiter(keys, 10**9)
         context = ContextStore(client, stage_settings.namespace, "bench")
-        await import_dir(context, STARTER)  # the starter documents, as `make run` seeds them
-        for index in range(20):
-            await context.append_log(f"entry {index}: worked on the gateway's hot path")
+        await seed_tiers(stage_settings)
         count = lambda text: len(text.encode()) // 3 + 1  # noqa: E731  # the gateway without a tokenizer
         tiers = TierCache(context, count, 1024, None)
         conversations = ConversationStore(client, keys)

@@ -32,11 +32,12 @@ def require(scope: Scope, rate_limited: bool = False) -> Callable[..., Awaitable
                 UNAUTHORIZED,
             )
         limiter = mesh.limiter
-        windows: dict[str, Window] = {}
+        window: Window | None = None
 
         def window_key(key_id: str) -> str:
-            windows[key_id] = limiter.window(key_id)
-            return windows[key_id].key
+            nonlocal window
+            window = limiter.window(key_id)
+            return window.key
 
         counting = rate_limited and limiter.enabled
         record, count = await mesh.keys.lookup_counting(
@@ -50,8 +51,8 @@ def require(scope: Scope, rate_limited: bool = False) -> Callable[..., Awaitable
             raise ApiError(
                 403, "permission_error", f"this key lacks the '{scope}' scope", "missing_scope"
             )
-        if counting:
-            limiter.check(windows[record.key_id], count)
+        if window is not None:
+            limiter.check(window, count)
         return record
 
     return dependency

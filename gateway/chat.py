@@ -80,8 +80,9 @@ class ChatService:
         return Answer(relay.wrap(recorded), _report(tiers))
 
     async def chat_completion(self, owner: str, request: ChatCompletionRequest) -> Answer:
+        sampling = self.jobs.chat_completion_sampling(request)  # bad options: 400 first
         tiers = await self.tiers.get(None)
-        job = self.jobs.chat_completion(request, tiers=tiers)
+        job = self.jobs.chat_completion(request, tiers=tiers, sampling=sampling)
         relay = await self.run(await self.for_model(job, request.model), scope=owner)
         return Answer(relay, _report(tiers))
 

@@ -46,47 +46,55 @@ class MeshApp(FastAPI):
     services: Services | None = None
 
 
-def services(request: Request) -> Services:
+def _of(request: Request) -> Services:
     app: MeshApp = request.app
     if app.services is None:
         raise RuntimeError("the gateway's lifespan has not started")
     return app.services
 
 
-def _settings(request: Request) -> GatewaySettings:
-    return services(request).settings
+# The dependencies are coroutines: FastAPI runs a plain function in a thread pool,
+# a hand-off that cost more than the whole lookup on every request.
 
 
-def _engine(request: Request) -> Engine:
-    return services(request).engine
+async def services(request: Request) -> Services:
+    return _of(request)
 
 
-def _chat(request: Request) -> ChatService:
-    return services(request).chat
+async def _settings(request: Request) -> GatewaySettings:
+    return _of(request).settings
 
 
-def _context(request: Request) -> ContextStore:
-    return services(request).context
+async def _engine(request: Request) -> Engine:
+    return _of(request).engine
 
 
-def _conversations(request: Request) -> ConversationStore:
-    return services(request).conversations
+async def _chat(request: Request) -> ChatService:
+    return _of(request).chat
 
 
-def _metrics(request: Request) -> Metrics:
-    return services(request).metrics
+async def _context(request: Request) -> ContextStore:
+    return _of(request).context
 
 
-def _count_tokens(request: Request) -> TokenCounter:
-    return services(request).count_tokens
+async def _conversations(request: Request) -> ConversationStore:
+    return _of(request).conversations
 
 
-def _adapters(request: Request) -> AdapterAdmin:
-    return services(request).adapters
+async def _metrics(request: Request) -> Metrics:
+    return _of(request).metrics
 
 
-def _redis(request: Request) -> redis.Redis:
-    return services(request).redis
+async def _count_tokens(request: Request) -> TokenCounter:
+    return _of(request).count_tokens
+
+
+async def _adapters(request: Request) -> AdapterAdmin:
+    return _of(request).adapters
+
+
+async def _redis(request: Request) -> redis.Redis:
+    return _of(request).redis
 
 
 Mesh = Annotated[Services, Depends(services)]

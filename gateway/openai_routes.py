@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -61,16 +62,17 @@ def _stream(
         return _data(frame([choice(text, finish)], None).model_dump_json(exclude_none=True))
 
     async def events() -> AsyncIterator[bytes]:
-        async for item in sse_items(relay):
-            if isinstance(item, BaseException):
-                yield _data(stream_error(item).model_dump_json())
-            elif isinstance(item, Outcome):
-                yield chunk(None, _finish(item.finish_reason))
-                if include_usage:
-                    usage = frame([], item.usage)
-                    yield _data(usage.model_dump_json(exclude_none=True))
-            elif isinstance(item, str):
-                yield chunk(item, None)
+        async with aclosing(sse_items(relay)) as items:
+            async for item in items:
+                if isinstance(item, BaseException):
+                    yield _data(stream_error(item).model_dump_json())
+                elif isinstance(item, Outcome):
+                    yield chunk(None, _finish(item.finish_reason))
+                    if include_usage:
+                        usage = frame([], item.usage)
+                        yield _data(usage.model_dump_json(exclude_none=True))
+                elif isinstance(item, str):
+                    yield chunk(item, None)
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(

@@ -4,7 +4,8 @@ generate, health, ready, info; plus metrics."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -58,9 +59,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # A streamed answer whose worker died midway: the part already sent is not resent
 # from another worker's fresh start (that could mix two different texts).
-WORKER_LOST = WorkerLost(
-    "the worker generating this answer stopped after part of it was sent; ask again"
-)
+WORKER_LOST = "the worker generating this answer stopped after part of it was sent; ask again"
 
 
 @router.get("/health", operation_id="health", response_model=Health)
@@ -113,7 +112,7 @@ def sse_event(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-async def sse_items(items: AsyncIterator[Item]) -> AsyncIterator[Item | BaseException]:
+async def sse_items(items: AsyncIterator[Item]) -> AsyncGenerator[Item | BaseException, None]:
     """The items of a reply being streamed, then the error that ended it, if one did
     (a worker lost midway counts as one): the response has started, so an error can
     only be a last event. The items are closed either way (the job is aborted when
@@ -123,7 +122,7 @@ async def sse_items(items: AsyncIterator[Item]) -> AsyncIterator[Item | BaseExce
             if isinstance(item, Restart):
                 # The part already sent is not resent from another worker's fresh
                 # start (that could mix two different texts).
-                raise WORKER_LOST
+                raise WorkerLost(WORKER_LOST)
             yield item
     except Exception as exc:
         yield exc
@@ -152,19 +151,20 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
     answer = await service.chat(key.key_id, body, conversation_id, stream=True)
 
     async def events() -> AsyncIterator[bytes]:
-        async for item in sse_items(answer.relay):
-            if isinstance(item, BaseException):
-                yield sse_event("error", stream_error(item).model_dump_json())
-            elif isinstance(item, Outcome):
-                done = StreamDone(
-                    conversation_id=conversation_id,
-                    finish_reason=item.finish_reason,  # type: ignore[arg-type]
-                    usage=item.usage,
-                    context=answer.context,
-                )
-                yield sse_event("done", done.model_dump_json())
-            elif isinstance(item, str):
-                yield sse_event("chunk", StreamChunk(text=item).model_dump_json())
+        async with aclosing(sse_items(answer.relay)) as items:
+            async for item in items:
+                if isinstance(item, BaseException):
+                    yield sse_event("error", stream_error(item).model_dump_json())
+                elif isinstance(item, Outcome):
+                    done = StreamDone(
+                        conversation_id=conversation_id,
+                        finish_reason=item.finish_reason,  # type: ignore[arg-type]
+                        usage=item.usage,
+                        context=answer.context,
+                    )
+                    yield sse_event("done", done.model_dump_json())
+                elif isinstance(item, str):
+                    yield sse_event("chunk", StreamChunk(text=item).model_dump_json())
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers=SSE_HEADERS | answer.relay.headers

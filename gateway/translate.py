@@ -60,7 +60,14 @@ class JobBuilder:
             stream=stream,
         )
 
-    def chat_completion(self, request: ChatCompletionRequest, *, tiers: Assembly | None) -> ChatJob:
+    def chat_completion_sampling(self, request: ChatCompletionRequest) -> SamplingParams:
+        """The options of a `/v1/chat/completions` request, checked before anything is read."""
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        return self.sampling(self.openai_options(request, max_tokens))
+
+    def chat_completion(
+        self, request: ChatCompletionRequest, *, tiers: Assembly | None, sampling: SamplingParams
+    ) -> ChatJob:
         """`/v1/chat/completions`: the client's messages under the one rule."""
         own = [m.text() for m in request.messages if m.role in ("system", "developer")]
         turns = [
@@ -68,14 +75,11 @@ class JobBuilder:
             for m in request.messages
             if m.role not in ("system", "developer")
         ]
+        if not turns:
+            raise InvalidRequest("messages hold no user or assistant turn", "invalid_messages")
         system = system_prompt("\n\n".join(own), tiers)
         messages = [ChatMessage(role="system", content=system)] if system else []
-        max_tokens = request.max_completion_tokens or request.max_tokens
-        return self.job(
-            self.sampling(self.openai_options(request, max_tokens)),
-            messages=messages + turns,
-            stream=request.stream,
-        )
+        return self.job(sampling, messages=messages + turns, stream=request.stream)
 
     def generate(self, request: GenerateRequest) -> ChatJob:
         """`/generate`: the raw prompt, verbatim."""

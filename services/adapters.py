@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ from services.redis_client import Keys
 from services.redis_client import connect as connect_redis
 from services.settings import MeshSettings
 
+log = logging.getLogger(__name__)
 BASE_FOLDER = "_base"  # <registry>/_base/<base model>/: GGUF exports; not a valid adapter name
 BASE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 SERVED_FILES = (*ADAPTER_FILES, MANIFEST)
@@ -201,11 +203,12 @@ class CurrentVersions:
 
     async def all(self) -> dict[str, CurrentVersion]:
         raw = cast("dict[str, str]", await self.client.hgetall(self.key))
-        return {name: CurrentVersion.model_validate_json(value) for name, value in raw.items()}
+        found = {name: _current(name, value) for name, value in raw.items()}
+        return {name: record for name, record in found.items() if record is not None}
 
     async def get(self, name: str) -> CurrentVersion | None:
         raw = cast("str | None", await self.client.hget(self.key, name))
-        return CurrentVersion.model_validate_json(raw) if raw else None
+        return _current(name, raw) if raw else None
 
     async def set(self, manifest: AdapterManifest) -> None:
         """Point `manifest.name` at its version: state in Redis first, then the event,
@@ -217,6 +220,16 @@ class CurrentVersions:
         )
         topology = Topology(self.settings.namespace, self.settings.model_family)
         await announce_adapter(self.settings.amqp_url, topology, event)
+
+
+def _current(name: str, raw: str) -> CurrentVersion | None:
+    """One record of the hash; an unreadable one (another release's, or damaged) is
+    skipped with a warning rather than failing every adapter."""
+    try:
+        return CurrentVersion.model_validate_json(raw)
+    except ValidationError:
+        log.warning("adapter %s: ignoring an unreadable current-version record %r", name, raw)
+        return None
 
 
 @dataclass

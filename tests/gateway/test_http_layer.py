@@ -165,6 +165,18 @@ async def test_models_name_what_the_engine_serves(
             "too_many_stops",
         ),
         ("/generate", {"prompt": "x", "max_tokens": 100}, 400, "max_tokens_too_large"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "system", "content": "only this"}]},
+            400,
+            "invalid_messages",
+        ),
+        (  # the options are checked before anything else is read
+            "/v1/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}], "n": 3},
+            400,
+            "unsupported_n",
+        ),
     ],
 )
 async def test_bad_input_is_a_4xx_with_the_one_error_body(
