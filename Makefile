@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install run test test-vllm test-gpu llamacpp lint format proto demo-model bench doctor clean
+.PHONY: install run test test-vllm test-gpu llamacpp lint format proto demo-model bench doctor clean fuzz
 
 K8S_TOOLS := k8s/tools/node_modules/.package-lock.json
 
@@ -78,6 +78,14 @@ test-vllm: $(VLLM_STAMP) demo-model
 test-gpu: install
 	$(PY) -m trainer_job build-demo-model
 	$(PY) -m pytest -m gpu tests/gpu -p no:cacheprovider
+
+# A long random pass of the property-based API test (make test runs a short,
+# derandomized one): MESH_FUZZ_EXAMPLES examples per operation and mode.
+fuzz: install
+	$(PY) -m services.local_infra ensure
+	$(PY) -m trainer_job build-demo-model
+	MESH_FUZZ_EXAMPLES=$${MESH_FUZZ_EXAMPLES:-2000} $(PY) -m pytest -p no:cacheprovider \
+	  -o timeout=0 tests/e2e/test_schemathesis.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from proto.context import ContextReport
+from proto.messages import SEED_MAX
 
 ConversationIdField = Field(
     default=None,
@@ -46,7 +47,9 @@ class SamplingOptions(ApiModel):
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
         default=None, max_length=4, description="Stop before any of these strings."
     )
-    seed: int | None = Field(default=None, ge=0, description="Seed for reproducible sampling.")
+    seed: int | None = Field(
+        default=None, ge=0, le=SEED_MAX, description="Seed for reproducible sampling (int64)."
+    )
 
 
 class ChatRequest(SamplingOptions):

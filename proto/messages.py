@@ -26,6 +26,9 @@ JobId = Annotated[
 ]
 
 
+SEED_MAX = 2**63 - 1  # OpenAI's range (int64); every backend takes it (llama.cpp: mod 2**32)
+
+
 class BusMessage(BaseModel):
     """Base of every bus message: immutable, and unknown fields are refused."""
 
@@ -57,7 +60,10 @@ class SamplingParams(BusMessage):
         description="Generation ends before the first of these strings; it is not returned.",
     )
     seed: int | None = Field(
-        default=None, ge=0, description="Seed for sampling, for reproducible answers."
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description="Seed for sampling, for reproducible answers (within int64, as OpenAI's).",
     )
 
 

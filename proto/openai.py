@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proto.api import Usage
 from proto.context import ContextReport
+from proto.messages import SEED_MAX
 
 
 class OpenAIRequest(BaseModel):
@@ -50,7 +51,7 @@ class SamplingFields(OpenAIRequest):
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
         default=None, description="Up to 4 stop strings."
     )
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     n: int | None = Field(default=None, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -212,7 +212,8 @@ class LlamaCppBackend:
             handle = self._adapters[adapter][1][slot.index] if adapter else None
             self._apply_adapter(slot, handle)
             cached = reused[0] = _reused_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids)
-            llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
+            # llama.cpp's seed is 32 bits: the job's (up to 63) folded into them.
+            llm.set_seed(s.seed & 0xFFFFFFFF if s.seed is not None else random.getrandbits(31))
             greedy = s.temperature <= SAMPLING_EPS
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             reason: FinishReason = "length"

@@ -171,6 +171,17 @@ async def test_models_name_what_the_engine_serves(
             400,
             "invalid_messages",
         ),
+        (  # beyond int64 (OpenAI's range): refused at the edge, never a worker's 5xx
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "seed": 4471673211359695009604972838912,
+            },
+            422,
+            "invalid_body",
+        ),
+        ("/chat", {"message": "x", "seed": 2**63}, 422, "invalid_body"),
         (  # the options are checked before anything else is read
             "/v1/chat/completions",
             {"model": "nope", "messages": [{"role": "user", "content": "x"}], "n": 3},
