@@ -339,10 +339,13 @@ CGROUP_FILES = (
 )
 
 
-def available_ram(cgroup_files: tuple[tuple[Path, Path], ...] = CGROUP_FILES) -> int:
-    """Bytes this process may still take: the host's available memory, or what is left
-    under its container's limit when that is less."""
-    available = _host_available_ram()
+def available_ram(
+    cgroup_files: tuple[tuple[Path, Path], ...] = CGROUP_FILES, host: int | None = None
+) -> int:
+    """Bytes this process may still take: the host's available memory (`host`, read
+    from the system when None), or what is left under its container's limit when that
+    is less."""
+    available = _host_available_ram() if host is None else host
     for limit_file, usage_file in cgroup_files:
         try:
             limit, usage = limit_file.read_text().strip(), usage_file.read_text().strip()

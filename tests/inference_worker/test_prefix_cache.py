@@ -463,11 +463,13 @@ async def test_the_next_turn_finds_the_previous_answer_cached(
 def test_the_default_size_respects_a_containers_memory_limit(tmp_path: Path) -> None:
     from inference_worker.backends.prefix_cache import available_ram
 
-    host = available_ram(())
+    assert available_ram(()) > 0  # the host's, read from the system
+    host = 8 << 30  # fixed: the system's own figure moves between two reads
     limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
     limit.write_text(f"{2 << 30}\n")
     usage.write_text(f"{1 << 30}\n")
-    assert available_ram(((limit, usage),)) == min(host, 1 << 30)
+    assert available_ram(((limit, usage),), host) == 1 << 30
+    assert available_ram(((limit, usage),), 1 << 29) == 1 << 29  # the host has less
     limit.write_text("max\n")  # cgroup v2 without a limit
-    assert available_ram(((limit, usage),)) == host
-    assert available_ram(((tmp_path / "absent", usage), (limit, usage))) == host
+    assert available_ram(((limit, usage),), host) == host
+    assert available_ram(((tmp_path / "absent", usage), (limit, usage)), host) == host
