@@ -5,7 +5,8 @@ context tiers, then the turn's extra context, each only when present, separated 
 blank line. What "its own" means is the API's: `/chat` has the server's configured
 prompt (MESH_SYSTEM_PROMPT); an OpenAI request has what its `system` and
 `developer` messages say, joined in order (nothing when it sends none, so a client
-gets exactly the prompt it sent, plus the tiers). Raw prompts (`/generate`,
+gets exactly the prompt it sent, plus the tiers); consecutive messages of one role
+are one turn, as chat templates that insist on alternating roles need. Raw prompts (`/generate`,
 `/v1/completions`) are taken verbatim: no system prompt, no tiers.
 """
 
@@ -69,12 +70,23 @@ class JobBuilder:
         self, request: ChatCompletionRequest, *, tiers: Assembly | None, sampling: SamplingParams
     ) -> ChatJob:
         """`/v1/chat/completions`: the client's messages under the one rule."""
+        for index, message in enumerate(request.messages):
+            if unsupported := message.unsupported_parts():
+                raise InvalidRequest(
+                    f"messages[{index}].content: {', '.join(sorted(set(unsupported)))} parts "
+                    "are not supported (the mesh's models read text)",
+                    "unsupported_content",
+                )
         own = [m.text() for m in request.messages if m.role in ("system", "developer")]
-        turns = [
-            ChatMessage(role=m.role, content=m.text())  # type: ignore[arg-type]  # narrowed
-            for m in request.messages
-            if m.role not in ("system", "developer")
-        ]
+        turns: list[ChatMessage] = []
+        for m in request.messages:
+            if m.role in ("system", "developer"):
+                continue
+            if turns and turns[-1].role == m.role:  # two user turns in a row: one turn
+                merged = f"{turns[-1].content}\n\n{m.text()}"
+                turns[-1] = ChatMessage(role=m.role, content=merged)
+            else:
+                turns.append(ChatMessage(role=m.role, content=m.text()))  # type: ignore[arg-type]
         if not turns:
             raise InvalidRequest("messages hold no user or assistant turn", "invalid_messages")
         system = system_prompt("\n\n".join(own), tiers)

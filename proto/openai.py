@@ -23,19 +23,29 @@ class OpenAIResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(OpenAIRequest):
-    type: Literal["text"] = "text"
-    text: str
+class ContentPart(OpenAIRequest):
+    """One part of a message's content. Only `text` parts can be served (the mesh's
+    models read text); any other type is refused with a 400 that names it."""
+
+    type: str = Field(default="text", description="'text'; others (image_url, …) get a 400.")
+    text: str = Field(default="", description="The text of a `text` part.")
 
 
 class OpenAIMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    content: str | list[ContentPart] = Field(description="Text, or a list of text parts.")
+    name: str | None = Field(default=None, description="Accepted; not shown to the model.")
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def unsupported_parts(self) -> list[str]:
+        """The types of the content's parts that are not text."""
+        if isinstance(self.content, str):
+            return []
+        return [part.type for part in self.content if part.type != "text"]
 
 
 class StreamOptions(OpenAIRequest):

@@ -280,3 +280,37 @@ async def test_redis_failing_while_the_turn_is_recorded_ends_the_stream_with_an_
     assert events[-1][1]["error"]["code"] == "redis_unavailable"
     plain = await client.post("/chat", json={"message": "hi"}, headers=AUTH)
     assert error_of(plain, 503)["code"] == "redis_unavailable"
+
+
+async def test_openai_message_shapes_reach_the_model_as_one_turn_per_role(
+    client: httpx.AsyncClient, engine: MemoryEngine
+) -> None:
+    """Text parts, `name`, and consecutive messages of one role (what agents send):
+    the model gets alternating turns. A part it cannot read is a 400 naming it."""
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "one "}, {"type": "text", "text": "two"}],
+        },
+        {"role": "user", "content": "three", "name": "owner"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "four"},
+    ]
+    response = await client.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": messages}, headers=AUTH
+    )
+    assert response.status_code == 200, response.text
+    assert [(m.role, m.content) for m in engine.jobs[-1].messages] == [
+        ("user", "one two\n\nthree"),
+        ("assistant", "ok"),
+        ("user", "four"),
+    ]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    refused = await client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": [image]}]},
+        headers=AUTH,
+    )
+    error = error_of(refused, 400)
+    assert error["code"] == "unsupported_content" and "image_url" in error["message"]
+    assert len(engine.jobs) == 1
