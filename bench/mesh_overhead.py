@@ -534,7 +534,8 @@ async def stage_costs(settings: MeshSettings, requests: int) -> list[dict]:
             await legacy_limit(keys=[limiter.window(record.key_id).key], args=[WINDOW_TTL_MS])
 
         async def key_and_limit() -> None:
-            await key_store.lookup_counting(api_key, lambda k: limiter.window(k).key, WINDOW_TTL_MS)
+            window = limiter.window(record.key_id)
+            await key_store.lookup_counting(api_key, window.key, WINDOW_TTL_MS)
 
         async def assembled() -> None:  # before: on every chat
             await assemble(context, count, 1024, None)

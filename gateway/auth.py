@@ -10,8 +10,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.deps import Mesh
 from gateway.errors import ApiError
-from gateway.keys import ApiKey, Scope
-from gateway.ratelimit import WINDOW_TTL_MS, Window
+from gateway.keys import ApiKey, Scope, key_id
+from gateway.ratelimit import WINDOW_TTL_MS
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `python -m gateway keys`.")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -31,17 +31,12 @@ def require(scope: Scope, rate_limited: bool = False) -> Callable[..., Awaitable
                 "missing_api_key",
                 UNAUTHORIZED,
             )
-        limiter = mesh.limiter
-        window: Window | None = None
-
-        def window_key(key_id: str) -> str:
-            nonlocal window
-            window = limiter.window(key_id)
-            return window.key
-
-        counting = rate_limited and limiter.enabled
+        token = credentials.credentials
+        window = None
+        if rate_limited and mesh.limiter.enabled:
+            window = mesh.limiter.window(key_id(token))
         record, count = await mesh.keys.lookup_counting(
-            credentials.credentials, window_key if counting else None, WINDOW_TTL_MS
+            token, window.key if window else "", WINDOW_TTL_MS
         )
         if record is None:
             raise ApiError(
@@ -52,7 +47,7 @@ def require(scope: Scope, rate_limited: bool = False) -> Callable[..., Awaitable
                 403, "permission_error", f"this key lacks the '{scope}' scope", "missing_scope"
             )
         if window is not None:
-            limiter.check(window, count)
+            mesh.limiter.check(window, count)
         return record
 
     return dependency

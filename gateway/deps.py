@@ -7,8 +7,9 @@ the app's state.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio as redis
 from fastapi import Depends, FastAPI, Request
@@ -61,49 +62,22 @@ async def services(request: Request) -> Services:
     return _of(request)
 
 
-async def _settings(request: Request) -> GatewaySettings:
-    return _of(request).settings
+def _part(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency giving one of the services (typed by its `Annotated` alias below)."""
 
+    async def dependency(request: Request) -> Any:
+        return getattr(_of(request), name)
 
-async def _engine(request: Request) -> Engine:
-    return _of(request).engine
-
-
-async def _chat(request: Request) -> ChatService:
-    return _of(request).chat
-
-
-async def _context(request: Request) -> ContextStore:
-    return _of(request).context
-
-
-async def _conversations(request: Request) -> ConversationStore:
-    return _of(request).conversations
-
-
-async def _metrics(request: Request) -> Metrics:
-    return _of(request).metrics
-
-
-async def _count_tokens(request: Request) -> TokenCounter:
-    return _of(request).count_tokens
-
-
-async def _adapters(request: Request) -> AdapterAdmin:
-    return _of(request).adapters
-
-
-async def _redis(request: Request) -> redis.Redis:
-    return _of(request).redis
+    return dependency
 
 
 Mesh = Annotated[Services, Depends(services)]
-Settings = Annotated[GatewaySettings, Depends(_settings)]
-EngineDep = Annotated[Engine, Depends(_engine)]
-Chat = Annotated[ChatService, Depends(_chat)]
-Context = Annotated[ContextStore, Depends(_context)]
-Conversations = Annotated[ConversationStore, Depends(_conversations)]
-MetricsDep = Annotated[Metrics, Depends(_metrics)]
-CountTokens = Annotated[TokenCounter, Depends(_count_tokens)]
-Adapters = Annotated[AdapterAdmin, Depends(_adapters)]
-Redis = Annotated[redis.Redis, Depends(_redis)]
+Settings = Annotated[GatewaySettings, Depends(_part("settings"))]
+EngineDep = Annotated[Engine, Depends(_part("engine"))]
+Chat = Annotated[ChatService, Depends(_part("chat"))]
+Context = Annotated[ContextStore, Depends(_part("context"))]
+Conversations = Annotated[ConversationStore, Depends(_part("conversations"))]
+MetricsDep = Annotated[Metrics, Depends(_part("metrics"))]
+CountTokens = Annotated[TokenCounter, Depends(_part("count_tokens"))]
+Adapters = Annotated[AdapterAdmin, Depends(_part("adapters"))]
+Redis = Annotated[redis.Redis, Depends(_part("redis"))]

@@ -9,7 +9,6 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Literal, cast
@@ -38,6 +37,11 @@ return {record, count}
 
 def key_hash(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def key_id(api_key: str) -> str:
+    """The id stored with a key (`ApiKey.key_id`): stable, not secret."""
+    return key_hash(api_key)[:16]
 
 
 @dataclass(frozen=True)
@@ -85,14 +89,13 @@ class KeyStore:
         return record
 
     async def lookup_counting(
-        self, api_key: str, count_in: Callable[[str], str] | None = None, ttl_ms: int = 0
+        self, api_key: str, counter: str = "", ttl_ms: int = 0
     ) -> tuple[ApiKey | None, int]:
-        """The key's record (None when unknown) and, when `count_in` is given, this
-        request's number in the key's rate window `count_in(key_id)` (else 0) — one
-        Redis round trip either way."""
-        hashed = key_hash(api_key)
-        counter = count_in(hashed[:16]) if count_in else ""
-        raw, count = await self._lookup(keys=[self.index, counter], args=[hashed, ttl_ms])
+        """The key's record (None when unknown) and, when `counter` (a rate window's
+        key) is given, this request's number in it (else 0) — one Redis round trip."""
+        raw, count = await self._lookup(
+            keys=[self.index, counter], args=[key_hash(api_key), ttl_ms]
+        )
         return (_load(raw) if raw else None), int(count)
 
     async def list(self) -> builtins.list[ApiKey]:
