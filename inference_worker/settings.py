@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from services.settings import MeshSettings
 
@@ -16,11 +16,19 @@ class WorkerSettings(MeshSettings):
         description="MESH_BACKEND: transformers, vllm (GPU hosts; the gpu extra), llamacpp "
         "(CPU hosts; the llamacpp extra), or echo (benchmarks only).",
     )
-    gguf_type: str = Field(
-        default="q8_0",
+    llamacpp_quant: str = Field(
+        default="q4_k_m",
         pattern=r"^(f32|f16|bf16|q8_0|q4_k_m)$",
-        description="MESH_GGUF_TYPE: llamacpp without a MESH_MODEL .gguf serves "
-        "<registry>/_base/<MESH_MODEL_NAME>/model-<type>.gguf.",
+        # MESH_GGUF_TYPE: its name before the worker converted models itself.
+        validation_alias=AliasChoices("llamacpp_quant", "MESH_LLAMACPP_QUANT", "MESH_GGUF_TYPE"),
+        description="MESH_LLAMACPP_QUANT: llamacpp with a MESH_MODEL that is a Hugging Face "
+        "folder (or empty: the demo model) serves <registry>/_base/<model name>/model-<type>"
+        ".gguf, converted once at start when it is not there.",
+    )
+    llamacpp_batched: bool = Field(
+        default=True,
+        description="MESH_LLAMACPP_BATCHED: one llama.cpp context decodes every running "
+        "request in one batch (false: a context per slot, the old backend).",
     )
     vllm_kv_cache_bytes: int = Field(
         default=0,
@@ -28,10 +36,16 @@ class WorkerSettings(MeshSettings):
         description="MESH_VLLM_KV_CACHE_BYTES: a fixed KV cache; 0: vLLM's memory fraction.",
     )
     llamacpp_threads: int = Field(
-        default=0, ge=0, description="MESH_LLAMACPP_THREADS per slot; 0: the cores / capacity."
+        default=0,
+        ge=0,
+        description="MESH_LLAMACPP_THREADS: threads of the batched context (0: the cores); "
+        "per slot with MESH_LLAMACPP_BATCHED=false (0: the cores / capacity).",
     )
     llamacpp_context: int = Field(
-        default=0, ge=0, description="MESH_LLAMACPP_CONTEXT tokens per slot; 0: the model's."
+        default=0,
+        ge=0,
+        description="MESH_LLAMACPP_CONTEXT tokens per request (the KV cache holds this many "
+        "for each of MESH_CAPACITY); 0: the model's, at most 8192 when batched.",
     )
     model: str = Field(
         default="",

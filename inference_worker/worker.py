@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -23,7 +26,8 @@ from services import liveness
 from services.adapters import AdapterRegistry, CurrentVersions
 from services.bus import Topology, WorkerBus
 from services.errors import PermanentError
-from services.paths import adapter_registry, model_ref
+from services.gguf import ExportError
+from services.paths import adapter_registry, model_ref, served_name
 from services.redis_client import Keys, connect
 
 log = logging.getLogger(__name__)
@@ -35,15 +39,7 @@ def build_backend(settings: WorkerSettings) -> Backend:
 
         return EchoBackend()
     if settings.backend == "llamacpp":
-        from inference_worker.backends.llamacpp_backend import LlamaCppBackend
-
-        return LlamaCppBackend(
-            gguf_model_path(settings),
-            settings.model_name,
-            slots=settings.capacity,
-            threads=settings.llamacpp_threads,
-            n_ctx=settings.llamacpp_context,
-        )
+        return build_llamacpp(settings)
     if settings.backend == "vllm":
         from inference_worker.backends.vllm_backend import VllmBackend
 
@@ -70,14 +66,36 @@ def build_backend(settings: WorkerSettings) -> Backend:
     )
 
 
-def gguf_model_path(settings: WorkerSettings) -> str:
-    """MESH_MODEL when it is a .gguf file; else the registry's export of the base model
-    named MESH_MODEL_NAME (default: the demo model) in MESH_GGUF_TYPE."""
+def build_llamacpp(settings: WorkerSettings) -> Backend:
+    """MESH_MODEL a .gguf file: served as it is. Otherwise a Hugging Face folder or hub
+    id (empty: the demo model), converted at start, once, into the registry's
+    `_base/<model name>/model-<MESH_LLAMACPP_QUANT>.gguf`; that folder also lets the
+    worker export an adapter version's GGUF form when the version lacks one."""
+    from inference_worker.backends.llamacpp_backend import LlamaCppBackend
+    from inference_worker.backends.llamacpp_batched import LlamaCppBatchedBackend
+    from services.gguf import ensure_base_gguf, local_model_dir
+
+    kind = LlamaCppBatchedBackend if settings.llamacpp_batched else LlamaCppBackend
+    common: dict[str, Any] = {
+        "slots": settings.capacity,
+        "threads": settings.llamacpp_threads,
+        "n_ctx": settings.llamacpp_context,
+    }
     if settings.model.endswith(".gguf"):
-        return settings.model
-    name = settings.model_name or "demo-model"
+        return kind(settings.model, settings.model_name, **common)
+    ref = resolve_model_ref(settings.model)
+    name = served_name(ref, settings.model_name)
     registry = settings.adapter_registry or adapter_registry()
-    return str(AdapterRegistry(registry).base_gguf(name, settings.gguf_type))
+    folder = functools.cache(lambda: local_model_dir(ref))
+
+    def prepare() -> Path:
+        try:
+            return ensure_base_gguf(folder(), registry, name, settings.llamacpp_quant)
+        except ExportError as exc:
+            raise PermanentError(f"cannot make the GGUF of {ref}: {exc}") from exc
+
+    target = AdapterRegistry(registry).base_gguf(name, settings.llamacpp_quant)
+    return kind(str(target), name, prepare=prepare, adapter_base=folder, **common)
 
 
 def resolve_model_ref(model: str) -> str:
@@ -260,7 +278,34 @@ class Worker:
         self._stopping.set()
 
 
+def say_memory_fit(settings: WorkerSettings) -> None:
+    """The start line on memory: whether the model fits with this backend and precision,
+    and what to use instead when it does not (it still tries)."""
+    from services.memory_fit import check
+
+    env = {
+        "MESH_BACKEND": settings.backend,
+        "MESH_MODEL": settings.model,
+        "MESH_CAPACITY": str(settings.capacity),
+        "MESH_DEVICE": settings.device,
+        "MESH_DTYPE": settings.dtype,
+        "MESH_QUANTIZATION": settings.quantization,
+        "MESH_LLAMACPP_QUANT": settings.llamacpp_quant,
+        "MESH_LLAMACPP_CONTEXT": str(settings.llamacpp_context),
+    }
+    try:
+        result = check(env)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.info("memory: cannot tell whether the model fits: %s", exc)
+        return
+    if result is not None:
+        fits, text = result
+        log.log(logging.INFO if fits else logging.WARNING, "memory: %s", text)
+
+
 async def serve(settings: WorkerSettings) -> None:
+    if settings.backend != "echo":
+        await asyncio.to_thread(say_memory_fit, settings)
     worker = Worker(settings, build_backend(settings))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -125,6 +125,24 @@ def model_line() -> Line:
     )
 
 
+def memory_line() -> Line:
+    """Whether the worker's model fits this host with its backend and precision
+    (MESH_BACKEND, MESH_MODEL, MESH_LLAMACPP_QUANT, MESH_CAPACITY, … as the worker
+    reads them), and what to use instead."""
+    from services.memory_fit import check
+
+    try:
+        result = check()
+    except (OSError, ValueError) as exc:
+        return Line("memory", True, f"cannot tell: {exc}", essential=False, warning=True)
+    if result is None:
+        return Line(
+            "memory", True, "cannot tell: the model is not on this host yet", essential=False
+        )
+    fits, text = result
+    return Line("memory", True, text, essential=False, warning=not fits)
+
+
 def adapters_line() -> Line:
     from services.adapters import AdapterRegistry
 
@@ -149,6 +167,7 @@ CHECKS: dict[str, Callable[[MeshSettings], Line | Awaitable[Line]]] = {
     "broker": broker_line,
     "redis": redis_line,
     "model": lambda s: model_line(),
+    "memory": lambda s: memory_line(),
     "adapters": lambda s: adapters_line(),
     "disk": lambda s: disk_line(),
 }

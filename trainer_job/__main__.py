@@ -149,8 +149,13 @@ def _build_dataset(settings: TrainerSettings, args, out: Path, max_tokens: int):
 def _publish(settings: TrainerSettings, source: Path, name: str, force: bool) -> None:
     from trainer_job.publish import publish
 
+    base = None
+    if settings.export_gguf:
+        from services.gguf import local_model_dir
+
+        base = local_model_dir(settings.model_ref())
     manifest = asyncio.run(
-        publish(settings, source, settings.registry(), name, settings.served_name(), force)
+        publish(settings, source, settings.registry(), name, settings.served_name(), force, base)
     )
     loss = manifest.eval.get("eval_loss_after")
     note = f", held-out loss {loss:.4f}" if loss is not None else ""
@@ -160,7 +165,7 @@ def _publish(settings: TrainerSettings, source: Path, name: str, force: bool) ->
 def _export_gguf(settings: TrainerSettings, args) -> int:
     from proto.adapters import ADAPTER_GGUF
     from services.adapters import AdapterRegistry, current_versions, make_current
-    from trainer_job.gguf_export import export_adapters, export_base
+    from services.gguf import export_adapters, export_base
 
     model_dir = Path(settings.model_ref())
     if not (model_dir / "config.json").is_file():
@@ -168,8 +173,8 @@ def _export_gguf(settings: TrainerSettings, args) -> int:
     registry, base = settings.registry(), settings.served_name()
     if not args.no_base:
         types = [t.strip() for t in args.types.split(",") if t.strip()]
-        manifest = export_base(model_dir, registry, base, types)
-        files = ", ".join(sorted(manifest["files"]))
+        written = export_base(model_dir, registry, base, types)
+        files = ", ".join(sorted(written["files"]))
         print(f"base {base}: {files} in {AdapterRegistry(registry).base_folder(base)}")
     exported = export_adapters(registry, args.adapters, model_dir, base)
     for manifest in exported:
@@ -261,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from services.gguf import ExportError
     from trainer_job.dataset import DatasetError
-    from trainer_job.gguf_export import ExportError
     from trainer_job.publish import PublishRefused
     from trainer_job.train import TrainingError
 

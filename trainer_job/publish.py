@@ -7,17 +7,23 @@ announce it, so every worker loads it in place.
 RUN_DIR is a `train` output folder (adapter/ + evaluation.json) or a bare peft
 folder. Publishing is refused when the held-out loss did not improve on the base
 model, or is worse than the version served now on the same dataset, unless forced.
+The version's GGUF form (for llama.cpp workers) is exported before it is made
+current, unless MESH_EXPORT_GGUF=false.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from proto.adapters import AdapterManifest
 from services.adapters import AdapterRegistry, current_versions, make_current
 from services.settings import MeshSettings
+
+log = logging.getLogger(__name__)
 
 
 class PublishRefused(ValueError):
@@ -72,8 +78,10 @@ async def publish(
     name: str,
     base_model: str,
     force: bool = False,
+    gguf_base: Path | None = None,
 ) -> AdapterManifest:
-    """Gate, write, make current and announce; PublishRefused when the gate says no."""
+    """Gate, write, export its GGUF form (when `gguf_base`, the base model's folder, is
+    given), make current and announce; PublishRefused when the gate says no."""
     folder, evaluation = read_run(source)
     current = (await current_versions(settings)).get(name)
     served = AdapterRegistry(registry).manifest(name, current.version) if current else None
@@ -81,5 +89,24 @@ async def publish(
     if reason and not force:
         raise PublishRefused(f"not published: {reason}")
     manifest = write_version(folder, registry, name, base_model, evaluation)
+    if gguf_base is not None:
+        manifest = await asyncio.to_thread(export_gguf, registry, manifest, gguf_base)
     await make_current(settings, manifest)
     return manifest
+
+
+def export_gguf(registry: Path, manifest: AdapterManifest, base: Path) -> AdapterManifest:
+    """The version's GGUF form beside its weights, so llama.cpp workers serve it as soon
+    as it is current; a converter that cannot run leaves that to them (with a warning)."""
+    from services.gguf import ExportError, export_adapter
+
+    try:
+        return export_adapter(registry, manifest.name, manifest.version, base)
+    except (ExportError, OSError) as exc:
+        log.warning(
+            "%s v%d published without its GGUF form (llama.cpp workers will export it): %s",
+            manifest.name,
+            manifest.version,
+            exc,
+        )
+        return manifest

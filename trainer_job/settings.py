@@ -26,6 +26,12 @@ class TrainerSettings(MeshSettings):
     work_dir: Path | None = Field(
         default=None, description="MESH_TRAIN_WORK_DIR: datasets and runs (default .cache/train)."
     )
+    export_gguf: bool = Field(
+        default=True,
+        description="MESH_EXPORT_GGUF: write each published version's GGUF form (for llama.cpp "
+        "workers and the phone) before it is made current; when the converter cannot run, "
+        "the version is published without it and llama.cpp workers export it themselves.",
+    )
 
     def model_ref(self) -> str:
         return paths.model_ref(self.model)

@@ -1,5 +1,7 @@
-"""llama.cpp backend for CPU hosts (llama-cpp-python, the `llamacpp` extra): a GGUF
-model decodes from memory bandwidth, several times faster than transformers on CPU.
+"""llama.cpp backend with a context per slot (MESH_LLAMACPP_BATCHED=false; the
+default llamacpp backend is `llamacpp_batched.py`, which decodes every request in
+one batch of one context and shares this module's prompt helpers). A GGUF model
+decodes from memory bandwidth, several times faster than transformers on CPU.
 
 Concurrency: one llama.cpp context decodes one sequence, so the backend keeps
 `slots` contexts (each its own `Llama` over the same memory-mapped GGUF file, so the
@@ -60,14 +62,17 @@ class LlamaCppBackend:
         slots: int = 1,
         threads: int = 0,
         n_ctx: int = 0,
+        prepare: Callable[[], Path] | None = None,
+        adapter_base: Callable[[], Path] | None = None,
     ) -> None:
+        """`prepare` and `adapter_base`: as for LlamaCppBatchedBackend."""
         self.model_path = model_path
+        self._prepare = prepare
+        self._adapter_base = adapter_base
         path = Path(model_path)
         # <registry>/_base/<name>/model-<type>.gguf names its model; any other file
         # is named by its stem unless MESH_MODEL_NAME says otherwise.
-        self.base_model = name or (
-            path.parent.name if path.parent.parent.name == BASE_FOLDER else path.stem
-        )
+        self.base_model = name or base_model_name(path)
         self.device = "cpu (llama.cpp)"
         self._slot_count = slots
         self._threads = threads or max(1, (os.cpu_count() or 1) // slots)
@@ -101,9 +106,12 @@ class LlamaCppBackend:
             raise PermanentError(
                 "the llamacpp backend needs llama-cpp-python: pip install '.[llamacpp]'"
             ) from exc
+        if self._prepare is not None:
+            self.model_path = str(await asyncio.to_thread(self._prepare))
         if not await asyncio.to_thread(os.path.isfile, self.model_path):
             raise PermanentError(
-                f"no GGUF model at {self.model_path}: run `python -m trainer_job export-gguf`"
+                f"no GGUF model at {self.model_path}: set MESH_MODEL to a Hugging Face "
+                "folder (converted at start) or run `python -m trainer_job export-gguf`"
             )
         for index in range(self._slot_count):
             llm = await asyncio.to_thread(self._load)
@@ -111,7 +119,11 @@ class LlamaCppBackend:
             self._release(self._slots[-1])
         first = self._slots[0].llm
         self.max_context = first.n_ctx()
-        self._formatter = self._chat_formatter(first)
+        self._formatter = chat_formatter(
+            first.metadata.get("tokenizer.chat_template"),
+            first._model.token_get_text(first.token_bos()),
+            first._model.token_get_text(first.token_eos()),
+        )
         log.info(
             "llama.cpp serving %s: %d slot(s) x %d thread(s), context %d",
             self.model_path,
@@ -120,45 +132,12 @@ class LlamaCppBackend:
             self.max_context,
         )
 
-    @staticmethod
-    def _chat_formatter(llm: Any) -> Any:
-        """The chat template the GGUF carries (the converter copies the tokenizer's)."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            return None
-
-        def text(token: int) -> str:
-            return llm._model.token_get_text(token)
-
-        return Jinja2ChatFormatter(
-            template=template,
-            eos_token=text(llm.token_eos()),
-            bos_token=text(llm.token_bos()),
-            add_generation_prompt=True,
-        )
-
-    # -- prompts ------------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return list(self._slots[0].llm.tokenize(text.encode(), add_bos=False, special=special))
 
     def _encode(self, job: ChatJob) -> list[int]:
         llm = self._slots[0].llm
-        if job.prompt is not None:
-            text = job.prompt
-        elif self._formatter is None:
-            raise PermanentError("this GGUF has no chat template", "invalid_messages")
-        else:
-            messages = [message.model_dump() for message in job.messages]
-            try:
-                text = self._formatter(messages=messages).prompt
-            except Exception as exc:  # jinja's raise_exception: roles not alternating
-                raise PermanentError(f"cannot build the prompt: {exc}", "invalid_messages") from exc
-        # The template writes the BOS text itself; a raw prompt gets one if it lacks it.
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-        if not ids or ids[0] != llm.token_bos():
-            ids = [llm.token_bos(), *ids]
-        check_context(ids, job, self.max_context)
-        return ids
+        return encode_prompt(job, self._formatter, self.tokenize, llm.token_bos(), self.max_context)
 
     # -- generation ---------------------------------------------------------------------
 
@@ -211,7 +190,7 @@ class LlamaCppBackend:
         with slot.lock:
             handle = self._adapters[adapter][1][slot.index] if adapter else None
             self._apply_adapter(slot, handle)
-            cached = reused[0] = _reused_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids)
+            cached = reused[0] = reused_prefix(llm.input_ids[: llm.n_tokens].tolist(), ids)
             # llama.cpp's seed is 32 bits: the job's (up to 63) folded into them.
             llm.set_seed(s.seed & 0xFFFFFFFF if s.seed is not None else random.getrandbits(31))
             greedy = s.temperature <= SAMPLING_EPS
@@ -271,7 +250,7 @@ class LlamaCppBackend:
         handle = self._adapters[adapter][1][slot.index] if adapter else None
         if slot.active is not handle:
             return 0  # applying the other adapter resets the context
-        return _reused_prefix(slot.llm.input_ids[: slot.llm.n_tokens].tolist(), ids)
+        return reused_prefix(slot.llm.input_ids[: slot.llm.n_tokens].tolist(), ids)
 
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
         adapter = None if job.model in (None, self.base_model) else job.model
@@ -342,10 +321,7 @@ class LlamaCppBackend:
         path = folder / ADAPTER_GGUF
         manifest = json.loads(await asyncio.to_thread((folder / "manifest.json").read_text))
         if ADAPTER_GGUF not in manifest.get("files", {}):  # listed = hashed by verify()
-            raise PermanentError(
-                f"{name} v{version} has no GGUF form ({ADAPTER_GGUF}): run "
-                "`python -m trainer_job export-gguf` to serve it with llama.cpp"
-            )
+            await asyncio.to_thread(export_adapter_gguf, self._adapter_base, name, version, folder)
         handles = await asyncio.to_thread(self._load_everywhere, name, path)
         previous = self._adapters.get(name)
         self._adapters[name] = (version, handles)
@@ -385,7 +361,70 @@ class LlamaCppBackend:
         await asyncio.to_thread(release)
 
 
-def _reused_prefix(cached: list[int], ids: list[int]) -> int:
+def export_adapter_gguf(
+    base: Callable[[], Path] | None, name: str, version: int, folder: Path
+) -> None:
+    """A version published without its GGUF form (the converter was missing where it
+    was published, or it is an old one rolled back to): export it here, once."""
+    from services.gguf import ExportError, ensure_adapter_gguf
+
+    if base is None:
+        raise PermanentError(
+            f"{name} v{version} has no GGUF form ({ADAPTER_GGUF}) and this worker serves a "
+            "GGUF file, not the base model's folder, so it cannot export one: run "
+            "`python -m trainer_job export-gguf` to serve it with llama.cpp"
+        )
+    try:
+        ensure_adapter_gguf(folder.parent.parent, name, version, base())
+    except (ExportError, OSError) as exc:
+        raise PermanentError(f"{name} v{version}: cannot export its GGUF form: {exc}") from exc
+
+
+def base_model_name(path: Path) -> str:
+    """<registry>/_base/<name>/model-<type>.gguf names its model; any other file is
+    named by its stem (unless MESH_MODEL_NAME says otherwise)."""
+    return path.parent.name if path.parent.parent.name == BASE_FOLDER else path.stem
+
+
+def chat_formatter(template: str | None, bos_text: str, eos_text: str) -> Any:
+    """The chat template the GGUF carries (the converter copies the tokenizer's)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    if not template:
+        return None
+    return Jinja2ChatFormatter(
+        template=template, eos_token=eos_text, bos_token=bos_text, add_generation_prompt=True
+    )
+
+
+def encode_prompt(
+    job: ChatJob,
+    formatter: Any,
+    tokenize: Callable[[str], list[int]],
+    bos: int,
+    max_context: int,
+) -> list[int]:
+    """The job's prompt tokens: its messages through the chat template, or its raw
+    prompt; PermanentError when the template refuses them or they do not fit."""
+    if job.prompt is not None:
+        text = job.prompt
+    elif formatter is None:
+        raise PermanentError("this GGUF has no chat template", "invalid_messages")
+    else:
+        messages = [message.model_dump() for message in job.messages]
+        try:
+            text = formatter(messages=messages).prompt
+        except Exception as exc:  # jinja's raise_exception: roles not alternating
+            raise PermanentError(f"cannot build the prompt: {exc}", "invalid_messages") from exc
+    # The template writes the BOS text itself; a raw prompt gets one if it lacks it.
+    ids = list(tokenize(text))
+    if not ids or ids[0] != bos:
+        ids = [bos, *ids]
+    check_context(ids, job, max_context)
+    return ids
+
+
+def reused_prefix(cached: list[int], ids: list[int]) -> int:
     """How many tokens of `ids` llama-cpp-python's `generate` keeps of a context that
     holds `cached`: their common start, less one when that is the whole prompt (its
     last token is read again for fresh logits)."""

@@ -4,8 +4,14 @@ schema (vendored by check-jsonschema) and the facts that matter are checked."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import shlex
+import subprocess
+import tarfile
+import tomllib
 from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
@@ -18,6 +24,17 @@ import yaml
 from services.paths import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
+
+# What a 7B needs in a llama.cpp CPU worker (k8s/README.md, "Sizing the CPU worker").
+GiB = 1 << 30
+GGUF_BYTES_7B = {"f16": 14.5e9, "q8_0": 7.7e9, "q4_k_m": 4.4e9}  # Mistral 7B's GGUF files
+KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # K and V x 32 layers x 8 KV heads x 128 x f16
+HOST_MEMORY, HOST_CORES = 16 * GiB, 8  # the host the CPU workers are sized for
+
+
+def cpu_worker_memory_need(quant: str, context: int, capacity: int) -> float:
+    """Weights + the KV cache of every slot's context + ~1 GiB (compute buffer, Python)."""
+    return GGUF_BYTES_7B[quant] + KV_BYTES_PER_TOKEN * context * capacity + GiB
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +166,146 @@ def test_dockerfiles_copy_what_exists_and_run_unprivileged(dockerfile: str) -> N
     if dockerfile == "Dockerfile":
         # PyPI's default torch would bring gigabytes of CUDA libraries into the CPU image.
         assert "--index-url https://download.pytorch.org/whl/cpu" in text
+
+
+def interpolated_default(value: Any) -> str:
+    """`${VAR:-default}` as compose reads it with VAR unset; anything else as it is."""
+    match = re.fullmatch(r"\$\{\w+:-([^}]*)\}", str(value))
+    return match.group(1) if match else str(value)
+
+
+def compose_bytes(value: str) -> int:
+    """Compose's byte values (docker's units: binary, b/k/m/g suffixes)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)b?", value.strip().lower())
+    assert match, value
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+
+
+def compose_seconds(value: str) -> float:
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, value
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def test_the_cpu_worker_runs_llamacpp_sized_for_a_7b_on_16_gb(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker-cpu"]
+    env = {k: interpolated_default(v) for k, v in worker["environment"].items()}
+    assert (env["MESH_BACKEND"], env["MESH_LLAMACPP_QUANT"]) == ("llamacpp", "q4_k_m")
+    assert int(env["MESH_LLAMACPP_THREADS"]) == HOST_CORES
+    context, capacity = int(env["MESH_LLAMACPP_CONTEXT"]), int(env["MESH_CAPACITY"])
+    assert context >= 4096 and capacity >= 2
+    limit = compose_bytes(interpolated_default(worker["deploy"]["resources"]["limits"]["memory"]))
+    need = cpu_worker_memory_need(env["MESH_LLAMACPP_QUANT"], context, capacity)
+    # Redis, RabbitMQ, the gateway, context sync and the OS keep ~4 GiB of the host.
+    assert need <= limit <= HOST_MEMORY - 4 * GiB, (need / GiB, limit / GiB)
+    # It writes the base model's GGUF into the registry at its first start.
+    [adapters] = [v for v in worker["volumes"] if v.split(":")[1] == "/data/adapters"]
+    assert adapters.split(":")[2:] in ([], ["rw"]), adapters
+    # ... which converts a 7B for 10-20 minutes before the model loads.
+    assert compose_seconds(worker["healthcheck"]["start_period"]) >= 30 * 60
+
+
+def dockerfile_stages(text: str) -> list[tuple[str, list[str]]]:
+    """Each stage: its name and its instructions (lines joined, comments dropped, the
+    global ARGs' ${NAME}s resolved to their defaults)."""
+    instructions, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        instructions.append(pending + stripped)
+        pending = ""
+    args: dict[str, str] = {}
+    stages: list[tuple[str, list[str]]] = []
+    for instruction in instructions:
+        keyword, _, rest = instruction.partition(" ")
+        resolved = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), rest)
+        if keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif keyword == "FROM":
+            words = resolved.split()
+            stages.append((words[2] if len(words) == 3 else f"stage-{len(stages)}", []))
+        else:
+            stages[-1][1].append(f"{keyword} {resolved}")
+    return stages
+
+
+def test_the_cpu_image_builds_llamacpp_portably_and_carries_the_converter(
+    tmp_path: Path,
+) -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    [version] = re.findall(r"^LLAMACPP_VERSION := (\S+)$", makefile, re.MULTILINE)
+    [cmake_args] = re.findall(r'CMAKE_ARGS="([^"]+)"', makefile)
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["llamacpp"]
+    assert f"llama-cpp-python=={version}" in extra
+    assert any(d.startswith("sentencepiece==") for d in extra)  # Mistral's tokenizer.model
+    stages = dockerfile_stages((REPO_ROOT / "deploy/docker/Dockerfile").read_text())
+    runs = {name: " ".join(i for i in body if i.startswith("RUN ")) for name, body in stages}
+    [wheel_stage] = [name for name, run in runs.items() if "pip wheel" in run]
+    built = runs[wheel_stage]
+    # The Makefile's portable build of the extra's version, the pip cache kept between builds.
+    assert f"llama-cpp-python=={version}" in built and f'CMAKE_ARGS="{cmake_args}"' in built
+    assert "--mount=type=cache,target=/root/.cache/pip" in built
+    assert "build-essential" in built and "cmake" in built
+    final_name, final = stages[-1]
+    assert final_name != wheel_stage and "build-essential" not in runs[final_name]
+    assert "libgomp1" in runs[final_name]  # llama.cpp's OpenMP runtime
+    # The project installs with the extra from the wheel the stage built, never PyPI's sdist.
+    [(installed, install)] = [(n, i) for n, b in stages for i in b if "'.[llamacpp]'" in i]
+    [wheels] = re.findall(r"--find-links (\S+)", install)
+    assert f"COPY --from={wheel_stage} {wheels} {wheels}" in dict(stages)[installed]
+    assert f"COPY --from={installed} /opt/venv /opt/venv" in final
+    assert "--only-binary llama-cpp-python" in install
+    # The converter: copied into the image from the wheel stage, and pointed at.
+    env = dict(
+        word.split("=", 1)
+        for instruction in final
+        if instruction.startswith("ENV ")
+        for word in shlex.split(instruction)[1:]
+    )
+    source = env["MESH_LLAMACPP_SOURCE"]
+    assert f"COPY --from={wheel_stage} {source} {source}" in final
+    # The wheel stage's extraction, run on a stand-in sdist laid out as the real one.
+    [extract] = [i for i in dict(stages)[wheel_stage] if "tar -x" in i]
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp"
+    members = {
+        f"{prefix}/convert_hf_to_gguf.py": "",
+        f"{prefix}/convert_lora_to_gguf.py": "",
+        f"{prefix}/conversion/__init__.py": "",
+        f"{prefix}/gguf-py/gguf/__init__.py": "",
+        f"{prefix}/ggml/src/ggml.c": "",  # the C sources stay behind
+        f"llama_cpp_python-{version}/llama_cpp/__init__.py": "",
+    }
+    sdist_dir = tmp_path / "sdist"
+    sdist_dir.mkdir()
+    with tarfile.open(sdist_dir / f"llama_cpp_python-{version}.tar.gz", "w:gz") as sdist:
+        for name, text in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            sdist.addfile(info, io.BytesIO(text.encode()))
+    out = tmp_path / "converter"
+    command = extract.removeprefix("RUN ").replace("/sdist/", f"{sdist_dir}/")
+    ran = subprocess.run(
+        ["sh", "-ec", command.replace(source, str(out))],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "LLAMACPP_VERSION": version},
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr or command
+    extracted = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert extracted == {
+        "convert_hf_to_gguf.py",
+        "convert_lora_to_gguf.py",
+        "conversion/__init__.py",
+        "gguf-py/gguf/__init__.py",
+    }
 
 
 def test_the_dashboard_only_uses_metrics_the_gateway_exports() -> None:

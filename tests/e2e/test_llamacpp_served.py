@@ -1,10 +1,12 @@
-"""A llama.cpp worker process serving the exported demo model through the mesh: the
-greedy answers through gateway -> RabbitMQ -> worker equal llama.cpp called directly
-on the same file, for the base model and for a GGUF adapter served by name."""
+"""A llama.cpp worker process serving the demo model through the mesh, as the CPU
+deployments run it: the greedy answers through gateway -> RabbitMQ -> worker equal
+llama.cpp called directly on the same files, for the base model (converted by the
+worker at start) and for each adapter version made current while it runs."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from pathlib import Path
@@ -12,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inference_worker.adapters import verify
-from services.adapters import AdapterRegistry, make_current
+from services.adapters import AdapterRegistry, file_sha256, make_current
 from services.launcher import MeshProcesses
 from services.settings import MeshSettings
 from tests.conftest import free_port, mesh_env, remove_namespace
@@ -39,19 +40,19 @@ def prompt_ids(gguf: Path) -> list[int]:
     return asyncio.run(encode())
 
 
-def test_the_mesh_serves_gguf_models_and_adapters_with_llama_cpp(
+def test_a_llama_cpp_worker_converts_its_model_and_serves_each_new_version(
     demo_model: Path, tmp_path: Path, namespace: str
 ) -> None:
+    """The worker starts from the Hugging Face folder (MESH_MODEL), converts it to
+    Q4_K_M in the registry itself, and serves every version made current while it
+    runs without a restart or a manual export: v1 published with no GGUF form (the
+    worker exports it), v2 published by the trainer (which exports it first), and a
+    rollback. Each answer equals llama.cpp's own on the same files."""
     need_llama_cpp()
-    from trainer_job.gguf_export import export_adapter, export_base
+    from trainer_job.publish import publish
 
     registry = tmp_path / "registry"
-    export_base(demo_model, registry, "demo-model", ["q8_0"])
-    write_version(make_adapter(demo_model, tmp_path / "lora", 5), registry, "helper", "demo-model")
-    export_adapter(registry, "helper", 1, demo_model)
-    verify(registry, "helper", 1, "demo-model")
-    gguf = registry / "_base/demo-model/model-q8_0.gguf"
-
+    write_version(make_adapter(demo_model, tmp_path / "lora1", 5), registry, "helper", "demo-model")
     settings = MeshSettings(namespace=f"{namespace}-gguf")
     port, key = free_port(), secrets.token_urlsafe(16)
     env = mesh_env(settings.namespace, port, key, MESH_ADAPTER_REGISTRY=str(registry))
@@ -59,7 +60,7 @@ def test_the_mesh_serves_gguf_models_and_adapters_with_llama_cpp(
     mesh.start_process(
         "worker",
         "inference_worker",
-        extra_env={"MESH_BACKEND": "llamacpp", "MESH_GGUF_TYPE": "q8_0", "MESH_CAPACITY": "2"},
+        extra_env={"MESH_BACKEND": "llamacpp", "MESH_MODEL": str(demo_model), "MESH_CAPACITY": "2"},
     )
     mesh.start_process("gateway", "gateway")
     headers = {"Authorization": f"Bearer {key}"}
@@ -79,20 +80,56 @@ def test_the_mesh_serves_gguf_models_and_adapters_with_llama_cpp(
         assert reply.status_code == 200, reply.text
         return reply.json()["choices"][0]["message"]["content"]
 
-    try:
-        mesh.wait_ready(timeout_s=120)
-        asyncio.run(make_current(settings, AdapterRegistry(registry).manifest("helper", 1)))
-        deadline = time.monotonic() + 30
-        while "helper" not in httpx.get(f"{mesh.url}/info", headers=headers).json()["adapters"]:
-            assert time.monotonic() < deadline, "the llama.cpp worker did not load the adapter"
-            time.sleep(0.2)
-        ids = prompt_ids(gguf)
-        assert ask("demo-model") == direct(gguf, ids, 24)
-        adapter = registry / "helper/1/adapter-f16.gguf"
-        assert ask("helper") == direct(gguf, ids, 24, adapter) != ask("demo-model")
+    def served_version() -> int | None:
         info = httpx.get(f"{mesh.url}/info", headers=headers).json()
         [worker] = info["workers"]["local"]["cpu (llama.cpp)"]
-        assert worker["capacity"] == 2 and worker["adapters"] == {"helper": 1}
+        return worker["adapters"].get("helper")
+
+    def wait_for(version: int) -> None:
+        deadline = time.monotonic() + 60
+        while served_version() != version:
+            assert time.monotonic() < deadline, f"the llama.cpp worker did not serve v{version}"
+            time.sleep(0.2)
+
+    try:
+        mesh.wait_ready(timeout_s=180)
+        gguf = registry / "_base/demo-model/model-q4_k_m.gguf"
+        manifest = json.loads((gguf.parent / "manifest.json").read_text())
+        assert manifest["files"]["model-q4_k_m.gguf"] == file_sha256(gguf)
+        log = (tmp_path / "logs/worker.log").read_text()
+        assert "converted" in log and "model-q4_k_m.gguf in" in log  # and how long it took
+        ids = prompt_ids(gguf)
+        base = ask("demo-model")
+        assert base == direct(gguf, ids, 24)
+
+        asyncio.run(make_current(settings, AdapterRegistry(registry).manifest("helper", 1)))
+        wait_for(1)  # exported by the worker: v1 had no GGUF form
+        v1 = registry / "helper/1/adapter-f16.gguf"
+        assert AdapterRegistry(registry).manifest("helper", 1).files["adapter-f16.gguf"]
+        first = ask("helper")
+        assert first == direct(gguf, ids, 24, v1) != base
+
+        run = tmp_path / "run2"
+        make_adapter(demo_model, run, 6)
+        asyncio.run(
+            publish(
+                settings, run, registry, "helper", "demo-model", force=True, gguf_base=demo_model
+            )
+        )
+        wait_for(2)
+        v2 = registry / "helper/2/adapter-f16.gguf"
+        second = ask("helper")
+        assert second == direct(gguf, ids, 24, v2) != first
+
+        reply = httpx.post(
+            f"{mesh.url}/admin/adapters/helper/rollback", json={"version": 1}, headers=headers
+        )
+        assert reply.status_code == 200, reply.text
+        wait_for(1)
+        assert ask("helper") == first
+        info = httpx.get(f"{mesh.url}/info", headers=headers).json()
+        [worker] = info["workers"]["local"]["cpu (llama.cpp)"]
+        assert worker["capacity"] == 2
     finally:
         mesh.stop()
         asyncio.run(remove_namespace(settings))

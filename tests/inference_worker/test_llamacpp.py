@@ -1,7 +1,11 @@
-"""GGUF export and the llamacpp backend on the demo model: the files land in the
-registry with their sha256, the backend's greedy answers equal llama.cpp called
+"""GGUF export and the llamacpp backends on the demo model: the files land in the
+registry with their sha256, the backends' greedy answers equal llama.cpp called
 directly on the same file, the GGUF adapter changes the answer as the peft adapter
-does, concurrency over slots, stop strings, and cancellation at the next token."""
+does, concurrency (one batch of sequences, or a context per slot), stop strings,
+cancellation at the next token, and the conversion a worker does at start.
+
+Every backend test runs on both: `batched` (the default, one context decoding every
+request in one batch) and `slots` (a context per slot)."""
 
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def need_llama_cpp() -> None:
 def registry(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The demo model in three GGUF types, and one adapter version with its GGUF form."""
     need_llama_cpp()
-    from trainer_job.gguf_export import export_adapter, export_base
+    from services.gguf import export_adapter, export_base
 
     root = tmp_path_factory.mktemp("gguf-registry")
     export_base(demo_model, root, "demo-model", list(TYPES))
@@ -85,10 +89,24 @@ def direct(path: Path, prompt_ids: list[int], max_tokens: int, lora: Path | None
     return out["choices"][0]["text"]
 
 
-def backend(registry: Path, kind: str = "f16", slots: int = 1):
-    from inference_worker.backends.llamacpp_backend import LlamaCppBackend
+MODES = ("batched", "slots")
 
-    return LlamaCppBackend(str(registry / "_base/demo-model" / f"model-{kind}.gguf"), slots=slots)
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def make_backend(path: Path, mode: str, slots: int = 1, **options):
+    from inference_worker.backends.llamacpp_backend import LlamaCppBackend
+    from inference_worker.backends.llamacpp_batched import LlamaCppBatchedBackend
+
+    kind = LlamaCppBatchedBackend if mode == "batched" else LlamaCppBackend
+    return kind(str(path), slots=slots, **options)
+
+
+def backend(registry: Path, mode: str, kind: str = "f16", slots: int = 1):
+    return make_backend(registry / "_base/demo-model" / f"model-{kind}.gguf", mode, slots)
 
 
 def test_exports_are_in_the_registry_with_their_hashes(registry: Path) -> None:
@@ -124,8 +142,10 @@ def test_an_altered_gguf_is_refused_and_an_unlisted_one_never_read(
 
 
 @pytest.mark.parametrize("kind", TYPES)
-async def test_greedy_answers_equal_llama_cpp_called_directly(registry: Path, kind: str) -> None:
-    served = backend(registry, kind)
+async def test_greedy_answers_equal_llama_cpp_called_directly(
+    registry: Path, kind: str, mode: str
+) -> None:
+    served = backend(registry, mode, kind)
     await served.start()
     chat = job(max_tokens=32)
     text, finished = await answer(served, chat)
@@ -136,24 +156,23 @@ async def test_greedy_answers_equal_llama_cpp_called_directly(registry: Path, ki
 
 
 async def test_the_gguf_adapter_changes_the_answer_as_the_peft_adapter_does(
-    registry: Path, demo_model: Path
+    registry: Path, demo_model: Path, mode: str
 ) -> None:
-    served = backend(registry)
+    served = backend(registry, mode)
     await served.start()
     await served.load_adapter("continuity", 1, verify(registry, "continuity", 1, "demo-model"))
     base_text, _ = await answer(served, job(max_tokens=16))
     adapter_text, _ = await answer(served, job(model="continuity", max_tokens=16))
     again, _ = await answer(served, job(max_tokens=16))  # switching back resets the cache
     assert adapter_text != base_text == again
-    llm = served._slots[0].llm
     # peft (fp32) and llama.cpp (f16 weights and adapter) agree on the first tokens;
     # later ones may part where two logits are within f16 rounding of each other.
     peft_first = greedy_ids(demo_model, registry / "continuity/1", 8, question=QUESTION)
-    gguf_first = llm.tokenize(adapter_text.encode(), add_bos=False, special=False)[:8]
+    gguf_first = served.tokenize(adapter_text, special=False)[:8]
     assert gguf_first == peft_first
     assert (
         greedy_ids(demo_model, None, 8, question=QUESTION)
-        == llm.tokenize(base_text.encode(), add_bos=False, special=False)[:8]
+        == served.tokenize(base_text, special=False)[:8]
     )
     assert adapter_text == direct(
         Path(served.model_path),
@@ -164,8 +183,10 @@ async def test_the_gguf_adapter_changes_the_answer_as_the_peft_adapter_does(
     await served.close()
 
 
-async def test_concurrent_jobs_share_the_slots_and_match_sequential_answers(registry: Path) -> None:
-    served = backend(registry, "q8_0", slots=2)
+async def test_concurrent_jobs_share_the_slots_and_match_sequential_answers(
+    registry: Path, mode: str
+) -> None:
+    served = backend(registry, mode, "q8_0", slots=2)
     await served.start()
     questions = [
         "What is continuity?",
@@ -179,10 +200,12 @@ async def test_concurrent_jobs_share_the_slots_and_match_sequential_answers(regi
     await served.close()
 
 
-async def test_a_chat_with_the_same_tiers_reads_only_its_new_tokens(registry: Path) -> None:
+async def test_a_chat_with_the_same_tiers_reads_only_its_new_tokens(
+    registry: Path, mode: str
+) -> None:
     """Each job takes the free slot holding the longest start of its prompt, so the
     tiers stay read in one slot while another prompt is served by the other."""
-    served = backend(registry, "q8_0", slots=2)
+    served = backend(registry, mode, "q8_0", slots=2)
     await served.start()
     tiers = "Portfolio, project, briefing and log: the four tiers of the owner. " * 6
 
@@ -215,7 +238,7 @@ async def test_a_chat_with_the_same_tiers_reads_only_its_new_tokens(registry: Pa
     assert finished.reason == "stop" and finished.cached_tokens > shared
     await served.close()
 
-    fresh = backend(registry, "q8_0")
+    fresh = backend(registry, mode, "q8_0")
     await fresh.start()
     reference, cold = await answer(fresh, second)
     assert (text, cold.cached_tokens) == (reference, 0)
@@ -223,9 +246,9 @@ async def test_a_chat_with_the_same_tiers_reads_only_its_new_tokens(registry: Pa
 
 
 async def test_stop_strings_min_tokens_and_refusals(
-    registry: Path, demo_model: Path, tmp_path: Path
+    registry: Path, demo_model: Path, tmp_path: Path, mode: str
 ) -> None:
-    served = backend(registry)
+    served = backend(registry, mode)
     await served.start()
     full, _ = await answer(served, job(max_tokens=32))
     stop = full.split()[3]
@@ -247,8 +270,8 @@ async def test_stop_strings_min_tokens_and_refusals(
     await served.close()
 
 
-async def test_cancelling_stops_decoding_at_the_next_token(registry: Path) -> None:
-    served = backend(registry)
+async def test_cancelling_stops_decoding_at_the_next_token(registry: Path, mode: str) -> None:
+    served = backend(registry, mode)
     await served.start()
     stream = served.generate(job(max_tokens=2000, min_tokens=2000))
     async for event in stream:
@@ -262,3 +285,106 @@ async def test_cancelling_stops_decoding_at_the_next_token(registry: Path) -> No
     text, _ = await answer(served, job(max_tokens=4))  # the slot is free again
     assert text
     await served.close()
+
+
+async def test_requests_for_different_adapters_share_the_batch_and_keep_their_answers(
+    registry: Path,
+) -> None:
+    """In one context, requests for the base and for an adapter take turns step by step;
+    each gets the answer it gets alone, and a seeded sampled answer is reproducible."""
+    served = backend(registry, "batched", "q8_0", slots=4)
+    await served.start()
+    await served.load_adapter("continuity", 1, verify(registry, "continuity", 1, "demo-model"))
+    chats = [
+        job("What is continuity?"),
+        job("What is continuity?", model="continuity"),
+        job("What does the phone do?", model="continuity"),
+        job("What is an adapter?", temperature=0.9, top_p=0.9, seed=7),
+    ]
+    alone = [(await answer(served, chat))[0] for chat in chats]
+    together = await asyncio.gather(*(answer(served, chat) for chat in chats))
+    assert [text for text, _ in together] == alone
+    assert alone[0] != alone[1]  # the adapter was applied to its own requests only
+    # A request cancelled midway leaves the others' answers as they were.
+    long = served.generate(job("What does the gateway do?", max_tokens=500, min_tokens=500))
+
+    async def cancel_soon() -> None:
+        async for event in long:
+            if isinstance(event, TextDelta):
+                break
+        await long.aclose()
+
+    results = await asyncio.gather(cancel_soon(), *(answer(served, chat) for chat in chats))
+    assert [text for text, _ in results[1:]] == alone
+    await served.close()
+
+
+async def test_a_version_without_its_gguf_form_is_exported_once_by_the_worker(
+    registry: Path, demo_model: Path, tmp_path: Path, mode: str
+) -> None:
+    """Published where the converter could not run (or rolled back to): the first
+    llama.cpp worker that needs it exports it, lists its sha256, and serves it."""
+    from services.gguf import ensure_adapter_gguf
+
+    write_version(make_adapter(demo_model, tmp_path / "lora", 11), tmp_path, "late", "demo-model")
+    gguf = registry / "_base/demo-model/model-f16.gguf"
+    served = make_backend(gguf, mode, adapter_base=lambda: demo_model)
+    await served.start()
+    await served.load_adapter("late", 1, verify(tmp_path, "late", 1, "demo-model"))
+    exported = tmp_path / "late/1/adapter-f16.gguf"
+    manifest = json.loads((tmp_path / "late/1/manifest.json").read_text())
+    assert (
+        manifest["files"]["adapter-f16.gguf"] == hashlib.sha256(exported.read_bytes()).hexdigest()
+    )
+    assert verify(tmp_path, "late", 1, "demo-model")  # a worker elsewhere accepts it too
+    text, _ = await answer(served, job(model="late", max_tokens=16))
+    assert text == direct(gguf, served._encode(job()), 16, exported)
+    await served.close()
+    written = exported.stat().st_mtime_ns
+    ensure_adapter_gguf(tmp_path, "late", 1, demo_model)  # once: the next worker reuses it
+    assert exported.stat().st_mtime_ns == written
+
+
+def test_a_worker_converts_a_model_folder_once_and_verifies_it_after(
+    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers starting together convert once; a later start only verifies; a file
+    that does not match its manifest (a crash, a bad disk) is converted again."""
+    need_llama_cpp()
+    import threading
+
+    from services import gguf
+
+    conversions: list[list[str]] = []
+    real = gguf.export_base
+
+    def counted(model_dir: Path, registry: Path, base_model: str, types: list[str]) -> dict:
+        conversions.append(types)
+        return real(model_dir, registry, base_model, types)
+
+    monkeypatch.setattr(gguf, "export_base", counted)
+    found: list[Path] = []
+    starts = [
+        threading.Thread(
+            target=lambda: found.append(
+                gguf.ensure_base_gguf(demo_model, tmp_path, "demo-model", "q4_k_m")
+            )
+        )
+        for _ in range(2)
+    ]
+    for thread in starts:
+        thread.start()
+    for thread in starts:
+        thread.join()
+    target = tmp_path / "_base/demo-model/model-q4_k_m.gguf"
+    assert found == [target, target] and conversions == [["q4_k_m"]]
+    assert gguf.listed_gguf(tmp_path, "demo-model", "q4_k_m") == target
+    assert gguf.ensure_base_gguf(demo_model, tmp_path, "demo-model", "q4_k_m") == target
+    assert len(conversions) == 1
+    with target.open("r+b") as damaged:
+        damaged.truncate(target.stat().st_size // 2)
+    assert gguf.listed_gguf(tmp_path, "demo-model", "q4_k_m") is None
+    gguf.ensure_base_gguf(demo_model, tmp_path, "demo-model", "q4_k_m")
+    assert len(conversions) == 2 and gguf.listed_gguf(tmp_path, "demo-model", "q4_k_m") == target
+    with pytest.raises(gguf.ExportError, match="not a Hugging Face model folder"):
+        gguf.ensure_base_gguf(tmp_path / "nothing", tmp_path, "other", "q4_k_m")

@@ -461,7 +461,7 @@ async def test_the_next_turn_finds_the_previous_answer_cached(
 
 
 def test_the_default_size_respects_a_containers_memory_limit(tmp_path: Path) -> None:
-    from inference_worker.backends.prefix_cache import available_ram
+    from services.host_memory import available_ram
 
     assert available_ram(()) > 0  # the host's, read from the system
     host = 8 << 30  # fixed: the system's own figure moves between two reads

@@ -1,9 +1,16 @@
-"""GGUF export of the base model and of published adapters, with llama.cpp's own
+"""GGUF forms of the base model and of published adapters, with llama.cpp's own
 converters (they ship inside the llama-cpp-python source distribution, with the
 `gguf` package copy they need: PyPI's gguf lacks LazyChunkedTensor).
 
-    python -m trainer_job export-gguf                 # base (f16, q8_0, Q4_K_M) + every adapter
-    python -m trainer_job export-gguf --types f16 --adapters continuity
+Who makes them:
+- the trainer, when it publishes a version (`export_adapter`, before the version is
+  made current), and on request:
+      python -m trainer_job export-gguf                 # base (f16, q8_0, Q4_K_M) + every adapter
+      python -m trainer_job export-gguf --types f16 --adapters continuity
+- a llama.cpp worker whose MESH_MODEL is a Hugging Face folder: `ensure_base_gguf`
+  converts it once; and `ensure_adapter_gguf` for a version that lacks its GGUF form
+  (one published while the converter was missing, or rolled back to). A file lock
+  makes "once" hold for several workers sharing the registry.
 
 Where the files go (the adapter registry, so CPU workers and the phone can fetch and
 verify them):
@@ -18,6 +25,8 @@ converter's model class (its extension point), never by editing the converter.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -25,6 +34,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,19 @@ QUANTIZER_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 class ExportError(RuntimeError):
     """The export cannot run; the message says what is missing."""
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Held by one process at a time (an advisory lock on a file beside the output):
+    workers sharing a registry volume convert a model once, the others wait for it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -- the converter's source ---------------------------------------------------------------
@@ -104,7 +128,7 @@ def converter_dir() -> Path:
     return target
 
 
-def _import_converter():
+def _import_converter() -> tuple[Any, Any, Any]:
     source = converter_dir()
     for path in (str(source / "gguf-py"), str(source)):
         if path not in sys.path:
@@ -152,7 +176,7 @@ def convert_base(model_dir: Path, out: Path, outtype: str) -> Path:
             def set_vocab(self) -> None:
                 self._set_vocab_gpt2()  # no sentencepiece probing for a BPE tokenizer
 
-            def get_vocab_base_pre(self, tokenizer) -> str:
+            def get_vocab_base_pre(self, tokenizer: Any) -> str:
                 return "gpt-2"
 
         converter = ByteLevelBpe
@@ -183,7 +207,9 @@ def quantize(source: Path, out: Path, kind: str) -> Path:
     return out
 
 
-def export_base(model_dir: Path, registry: Path, base_model: str, types: list[str]) -> dict:
+def export_base(
+    model_dir: Path, registry: Path, base_model: str, types: list[str]
+) -> dict[str, Any]:
     """`<registry>/_base/<base_model>/model-<type>.gguf` + a manifest of sha256s."""
     folder = AdapterRegistry(registry).base_folder(base_model)
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,6 +240,48 @@ def export_base(model_dir: Path, registry: Path, base_model: str, types: list[st
     manifest["created_at"] = datetime.now(UTC).isoformat()
     _write_json_atomically(manifest_path, manifest)
     return manifest
+
+
+def local_model_dir(ref: str) -> Path:
+    """A model reference (a local folder or a hub id) as a local folder: a hub id is
+    fetched (or found in the hub's cache) with what a conversion reads."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+    return Path(snapshot_download(ref, allow_patterns=patterns))
+
+
+def listed_gguf(registry: Path, base_model: str, kind: str) -> Path | None:
+    """The base model's GGUF in `kind` when its manifest lists it with the sha256 the
+    file has (a file a crash left unlisted or half-written is not trusted)."""
+    path = AdapterRegistry(registry).base_gguf(base_model, kind)
+    try:
+        listed = json.loads((path.parent / MANIFEST).read_text())["files"].get(path.name)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    if not listed or not path.is_file() or file_sha256(path) != listed:
+        return None
+    return path
+
+
+def ensure_base_gguf(model_dir: Path, registry: Path, base_model: str, kind: str) -> Path:
+    """The GGUF of `model_dir` in `kind`: the verified file of an earlier conversion, or
+    converted now (minutes for a 7B), once however many workers ask at the same time."""
+    target = AdapterRegistry(registry).base_gguf(base_model, kind)
+    started = time.monotonic()
+    with _exclusive(target.parent / f".convert-{kind}.lock"):
+        found = listed_gguf(registry, base_model, kind)
+        if found is not None:
+            log.info("%s verified in %.1f s", found, time.monotonic() - started)
+            return found
+        if not (model_dir / "config.json").is_file():
+            raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+        log.info("converting %s to %s (once; a 7B takes minutes) ...", model_dir, target.name)
+        export_base(model_dir, registry, base_model, [kind])
+    log.info("converted %s to %s in %.1f s", model_dir, target, time.monotonic() - started)
+    return target
 
 
 # -- adapters ---------------------------------------------------------------------------------
@@ -260,7 +328,24 @@ def export_adapter(registry: Path, name: str, version: int, base_dir: Path) -> A
     return manifest
 
 
-def export_adapters(registry: Path, names: list[str] | None, base_dir: Path, base_model: str):
+def ensure_adapter_gguf(registry: Path, name: str, version: int, base_dir: Path) -> Path:
+    """A version's GGUF form, exported now if it has none (once across workers)."""
+    folder = registry / name / str(version)
+    started = time.monotonic()
+    # The lock lives beside the version folders: workers refuse unexpected files in one.
+    with _exclusive(registry / name / f".gguf-{version}.lock"):
+        exported = ADAPTER_GGUF not in json.loads((folder / MANIFEST).read_text())["files"]
+        export_adapter(registry, name, version, base_dir)
+    if exported:
+        log.info(
+            "%s v%d: exported %s in %.1f s", name, version, ADAPTER_GGUF, time.monotonic() - started
+        )
+    return folder / ADAPTER_GGUF
+
+
+def export_adapters(
+    registry: Path, names: list[str] | None, base_dir: Path, base_model: str
+) -> list[AdapterManifest]:
     """Every version of the named adapters (all when None) trained on `base_model`."""
     exported = []
     versions = AdapterRegistry(registry)
@@ -272,7 +357,7 @@ def export_adapters(registry: Path, names: list[str] | None, base_dir: Path, bas
     return exported
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     # The temporary file lives beside the version folder, not in it: workers refuse
     # a version folder holding files they do not expect.
     with tempfile.NamedTemporaryFile(
