@@ -306,6 +306,61 @@ def goals(models: dict) -> list[dict]:
     return out
 
 
+# -- the ceiling: llama.cpp's own batched decode, no backend -------------------------------
+
+
+def decode_ceiling(path: Path, levels: list[int], threads: int, steps: int = 24) -> dict:
+    """Tokens/s of bare `llama_decode` steps of k sequences (one token each) in one
+    context: what batching can give on this host at all. Where a step of 4 costs
+    about 4 steps of 1, decoding is bound by the cores, not by memory bandwidth, and
+    no backend can multiply its throughput by batching."""
+    import llama_cpp
+    from llama_cpp import _internals as internals
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+    model = internals.LlamaModel(
+        path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False
+    )
+    out: dict = {}
+    try:
+        for k in levels:
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx, params.n_seq_max, params.kv_unified = 256 * k, k, False
+            params.n_batch = params.n_ubatch = 512
+            params.n_threads = params.n_threads_batch = threads
+            ctx = internals.LlamaContext(model=model, params=params, verbose=False)
+            batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+
+            def step(position: int, ctx=ctx, batch=batch, k=k) -> None:
+                b = batch.batch
+                b.n_tokens = k
+                for i in range(k):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = 100 + i, position, 1, True
+                    b.seq_id[i][0] = i
+                if llama_cpp.llama_decode(ctx.ctx, b) != 0:
+                    raise RuntimeError("llama_decode failed")
+
+            for position in range(4):  # warm-up
+                step(position)
+            started = time.perf_counter()
+            for position in range(4, 4 + steps):
+                step(position)
+            elapsed = time.perf_counter() - started
+            out[str(k)] = {
+                "ms_per_step": round(elapsed / steps * 1000, 2),
+                "tokens_per_s": round(k * steps / elapsed, 1),
+            }
+            batch.close()
+            ctx.close()
+    finally:
+        model.close()
+    one = out[str(levels[0])]["tokens_per_s"]
+    for row in out.values():
+        row["over_one_sequence"] = round(row["tokens_per_s"] / one, 2)
+    return out
+
+
 # -- memory bandwidth -----------------------------------------------------------------------
 
 
@@ -415,6 +470,7 @@ async def main(args: argparse.Namespace) -> dict:
         info["levels"] = await measure_model(
             kinds, label, path, args.levels, tokens, args.rounds, args.n_ctx
         )
+        info["decode_ceiling"] = decode_ceiling(path, args.levels, threads)
         models[label] = info
     result = {
         "created_at": datetime.now(UTC).isoformat(),
@@ -450,6 +506,13 @@ def report(result: dict) -> None:
                 f"{'-' if batched is None else f'{batched:.1f}':>15}"
                 f"{'-' if ratio is None else f'{ratio:.2f}x':>14}"
             )
+        ceiling = info.get("decode_ceiling", {})
+        if ceiling:
+            scaling = ", ".join(
+                f"{k}: {row['tokens_per_s']} tok/s ({row['over_one_sequence']}x)"
+                for k, row in ceiling.items()
+            )
+            print(f"  llama_decode alone, k sequences a step (the ceiling): {scaling}")
     print()
     for goal in result["goals"]:
         met = {None: "not measured", True: "met", False: "NOT met"}[goal["met"]]

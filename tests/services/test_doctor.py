@@ -29,8 +29,21 @@ def test_one_line_per_check_and_exit_0_when_all_is_well() -> None:
     result = doctor()
     assert result.returncode == 0, result.stdout + result.stderr
     names = [line.split()[1] for line in result.stdout.splitlines()]
-    assert names == ["python", "torch", "packages", "broker", "redis", "model", "adapters", "disk"]
+    assert names == [
+        "python",
+        "torch",
+        "packages",
+        "broker",
+        "redis",
+        "model",
+        "memory",
+        "adapters",
+        "disk",
+    ]
     assert "RabbitMQ" in result.stdout and "Redis " in result.stdout
+    # The demo model with the worker's defaults (transformers fp32 on the CPU) fits.
+    [memory] = [line for line in result.stdout.splitlines() if line.split()[1] == "memory"]
+    assert "transformers float32: needs" in memory and memory.endswith(": fits")
     assert "transformers 5.20.2" in result.stdout
 
 
