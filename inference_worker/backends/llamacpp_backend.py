@@ -33,7 +33,7 @@ from typing import Any
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.prompts import check_context
 from inference_worker.backends.stops import StopMatcher
-from proto.adapters import ADAPTER_GGUF
+from proto.adapters import ADAPTER_GGUF, MANIFEST
 from proto.messages import ChatJob
 from services.adapters import BASE_FOLDER
 from services.errors import PermanentError
@@ -100,19 +100,7 @@ class LlamaCppBackend:
         )
 
     async def start(self) -> None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError as exc:
-            raise PermanentError(
-                "the llamacpp backend needs llama-cpp-python: pip install '.[llamacpp]'"
-            ) from exc
-        if self._prepare is not None:
-            self.model_path = str(await asyncio.to_thread(self._prepare))
-        if not await asyncio.to_thread(os.path.isfile, self.model_path):
-            raise PermanentError(
-                f"no GGUF model at {self.model_path}: set MESH_MODEL to a Hugging Face "
-                "folder (converted at start) or run `python -m trainer_job export-gguf`"
-            )
+        self.model_path = await prepared_model(self.model_path, self._prepare)
         for index in range(self._slot_count):
             llm = await asyncio.to_thread(self._load)
             self._slots.append(Slot(index, llm))
@@ -145,16 +133,7 @@ class LlamaCppBackend:
         """Make `handle` (None: the base) the only adapter of this context."""
         if slot.active is handle:
             return
-        import ctypes
-
-        import llama_cpp
-
-        if handle is None:
-            llama_cpp.llama_set_adapters_lora(slot.llm.ctx, None, 0, None)
-        else:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
-            scales = (ctypes.c_float * 1)(1.0)
-            llama_cpp.llama_set_adapters_lora(slot.llm.ctx, adapters, 1, scales)
+        set_adapter(slot.llm.ctx, handle)
         slot.llm.reset()  # the cached prefix was computed with the other weights
         slot.active = handle
 
@@ -277,29 +256,9 @@ class LlamaCppBackend:
                 events.put_nowait(task.exception())
 
         worker.add_done_callback(finished)
-        stops = StopMatcher(list(job.sampling.stop))
-        generated = 0
         try:
-            while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, TextDelta):
-                    generated += event.tokens
-                    text = stops.feed(event.text)
-                    if text or event.tokens:
-                        yield TextDelta(text, event.tokens)
-                    if stops.stopped:
-                        cancel.set()
-                        yield Finished("stop", len(ids), generated, reused[0])
-                        return
-                    continue
-                assert isinstance(event, Finished)
-                held = stops.flush()
-                if held:
-                    yield TextDelta(held, 0)
+            async for event in relay(events, job, len(ids), cancel, lambda: reused[0]):
                 yield event
-                return
         finally:
             cancel.set()  # a closed stream stops decoding at the next token
 
@@ -318,10 +277,7 @@ class LlamaCppBackend:
         return {name: version for name, (version, _) in self._adapters.items()}
 
     async def load_adapter(self, name: str, version: int, folder: Path) -> None:
-        path = folder / ADAPTER_GGUF
-        manifest = json.loads(await asyncio.to_thread((folder / "manifest.json").read_text))
-        if ADAPTER_GGUF not in manifest.get("files", {}):  # listed = hashed by verify()
-            await asyncio.to_thread(export_adapter_gguf, self._adapter_base, name, version, folder)
+        path = await asyncio.to_thread(adapter_gguf, self._adapter_base, name, version, folder)
         handles = await asyncio.to_thread(self._load_everywhere, name, path)
         previous = self._adapters.get(name)
         self._adapters[name] = (version, handles)
@@ -361,12 +317,82 @@ class LlamaCppBackend:
         await asyncio.to_thread(release)
 
 
-def export_adapter_gguf(
-    base: Callable[[], Path] | None, name: str, version: int, folder: Path
-) -> None:
-    """A version published without its GGUF form (the converter was missing where it
-    was published, or it is an old one rolled back to): export it here, once."""
+async def prepared_model(model_path: str, prepare: Callable[[], Path] | None) -> str:
+    """The GGUF file to serve, made by `prepare` when given (a model folder converted
+    once); PermanentError when llama-cpp-python or the file is missing."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        raise PermanentError(
+            "the llamacpp backend needs llama-cpp-python: pip install '.[llamacpp]'"
+        ) from exc
+    if prepare is not None:
+        model_path = str(await asyncio.to_thread(prepare))
+    if not await asyncio.to_thread(os.path.isfile, model_path):
+        raise PermanentError(
+            f"no GGUF model at {model_path}: set MESH_MODEL to a Hugging Face folder "
+            "(converted at start) or run `python -m trainer_job export-gguf`"
+        )
+    return model_path
+
+
+def set_adapter(ctx: Any, handle: Any) -> None:
+    """Make `handle` (None: the base) the only adapter of a llama.cpp context."""
+    import ctypes
+
+    import llama_cpp
+
+    if handle is None:
+        llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+    else:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
+        scales = (ctypes.c_float * 1)(1.0)
+        llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales)
+
+
+async def relay(
+    events: asyncio.Queue[object],
+    job: ChatJob,
+    prompt_tokens: int,
+    cancel: threading.Event,
+    cached: Callable[[], int],
+) -> AsyncIterator[GenerationEvent]:
+    """A decoding thread's events as the job's answer: text cut at its stop strings,
+    then one Finished; an exception from the thread is raised. A stop string sets
+    `cancel`, so the thread stops at its next token."""
+    stops = StopMatcher(list(job.sampling.stop))
+    generated = 0
+    while True:
+        event = await events.get()
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, TextDelta):
+            generated += event.tokens
+            text = stops.feed(event.text)
+            if text or event.tokens:
+                yield TextDelta(text, event.tokens)
+            if stops.stopped:
+                cancel.set()
+                yield Finished("stop", prompt_tokens, generated, cached())
+                return
+            continue
+        assert isinstance(event, Finished)
+        held = stops.flush()
+        if held:
+            yield TextDelta(held, 0)
+        yield event
+        return
+
+
+def adapter_gguf(base: Callable[[], Path] | None, name: str, version: int, folder: Path) -> Path:
+    """A verified version's GGUF form. A version published without one (the converter
+    was missing where it was published, or an old one rolled back to) has it exported
+    here, once; `base` gives the base model's folder for that."""
     from services.gguf import ExportError, ensure_adapter_gguf
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if ADAPTER_GGUF in manifest.get("files", {}):  # listed = hashed by verify()
+        return folder / ADAPTER_GGUF
 
     if base is None:
         raise PermanentError(
@@ -375,7 +401,7 @@ def export_adapter_gguf(
             "`python -m trainer_job export-gguf` to serve it with llama.cpp"
         )
     try:
-        ensure_adapter_gguf(folder.parent.parent, name, version, base())
+        return ensure_adapter_gguf(folder.parent.parent, name, version, base())
     except (ExportError, OSError) as exc:
         raise PermanentError(f"{name} v{version}: cannot export its GGUF form: {exc}") from exc
 

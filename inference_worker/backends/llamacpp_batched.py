@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import ctypes
 import functools
-import json
 import logging
 import os
 import random
@@ -44,14 +42,15 @@ from inference_worker.backends.base import Finished, FinishReason, GenerationEve
 from inference_worker.backends.llamacpp_backend import (
     MIN_REUSE,
     SAMPLING_EPS,
+    adapter_gguf,
     base_model_name,
     chat_formatter,
     encode_prompt,
-    export_adapter_gguf,
+    prepared_model,
+    relay,
     reused_prefix,
+    set_adapter,
 )
-from inference_worker.backends.stops import StopMatcher
-from proto.adapters import ADAPTER_GGUF
 from proto.messages import ChatJob
 from services.errors import PermanentError
 
@@ -141,19 +140,7 @@ class LlamaCppBatchedBackend:
     # -- loading ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError as exc:
-            raise PermanentError(
-                "the llamacpp backend needs llama-cpp-python: pip install '.[llamacpp]'"
-            ) from exc
-        if self._prepare is not None:
-            self.model_path = str(await asyncio.to_thread(self._prepare))
-        if not await asyncio.to_thread(os.path.isfile, self.model_path):
-            raise PermanentError(
-                f"no GGUF model at {self.model_path}: set MESH_MODEL to a Hugging Face "
-                "folder (converted at start) or run `python -m trainer_job export-gguf`"
-            )
+        self.model_path = await prepared_model(self.model_path, self._prepare)
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._loop, name="llama.cpp-batch", daemon=True)
         self._thread.start()
@@ -228,29 +215,9 @@ class LlamaCppBatchedBackend:
                 request = _Request(ids, job, handle, emit, cancel)
                 self._incoming.append(request)
                 self._queue.notify()
-            stops = StopMatcher(list(job.sampling.stop))
-            generated = 0
             try:
-                while True:
-                    event = await events.get()
-                    if isinstance(event, BaseException):
-                        raise event
-                    if isinstance(event, TextDelta):
-                        generated += event.tokens
-                        text = stops.feed(event.text)
-                        if text or event.tokens:
-                            yield TextDelta(text, event.tokens)
-                        if stops.stopped:
-                            cancel.set()
-                            yield Finished("stop", len(ids), generated, request.cached)
-                            return
-                        continue
-                    assert isinstance(event, Finished)
-                    held = stops.flush()
-                    if held:
-                        yield TextDelta(held, 0)
+                async for event in relay(events, job, len(ids), cancel, lambda: request.cached):
                     yield event
-                    return
             finally:
                 cancel.set()  # a closed stream leaves the batch before the next step
                 with self._queue:
@@ -448,14 +415,7 @@ class LlamaCppBatchedBackend:
     def _apply_adapter(self, handle: Any) -> None:
         if self._applied is handle:
             return
-        import llama_cpp
-
-        if handle is None:
-            llama_cpp.llama_set_adapters_lora(self._ctx.ctx, None, 0, None)
-        else:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
-            scales = (ctypes.c_float * 1)(1.0)
-            llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales)
+        set_adapter(self._ctx.ctx, handle)
         self._applied = handle
 
     def _free_retired(self) -> None:
@@ -492,10 +452,7 @@ class LlamaCppBatchedBackend:
         return {name: version for name, (version, _) in self._adapters.items()}
 
     async def load_adapter(self, name: str, version: int, folder: Path) -> None:
-        manifest = json.loads(await asyncio.to_thread((folder / "manifest.json").read_text))
-        if ADAPTER_GGUF not in manifest.get("files", {}):  # listed = hashed by verify()
-            await asyncio.to_thread(export_adapter_gguf, self._adapter_base, name, version, folder)
-        path = folder / ADAPTER_GGUF
+        path = await asyncio.to_thread(adapter_gguf, self._adapter_base, name, version, folder)
         handle = await asyncio.to_thread(self._init_adapter, path)
         if not handle:
             raise PermanentError(f"llama.cpp could not load {path} for {name}")
