@@ -326,7 +326,7 @@ def decode_ceiling(path: Path, levels: list[int], threads: int, steps: int = 24)
     try:
         for k in levels:
             params = llama_cpp.llama_context_default_params()
-            params.n_ctx, params.n_seq_max, params.kv_unified = 256 * k, k, False
+            params.n_ctx, params.n_seq_max, params.kv_unified = 256 * k, k, True  # as the backend
             params.n_batch = params.n_ubatch = 512
             params.n_threads = params.n_threads_batch = threads
             ctx = internals.LlamaContext(model=model, params=params, verbose=False)

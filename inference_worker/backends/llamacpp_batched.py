@@ -12,22 +12,29 @@ request's next token with its own sampler chain (its temperature, top-p, seed,
 repetition penalty and min_tokens), and hand text to the request's event loop.
 
 - LoRA: llama.cpp applies adapters to a whole context, so one step decodes the
-  requests of one adapter (the base counts as one); requests for different adapters
-  take turns, step by step. A sequence's cache was computed with its adapter, so a
-  switch costs nothing but the turn.
+  requests of one adapter (the base counts as one). Requests for different adapters
+  take turns of up to ADAPTER_TURN_STEPS steps: a switch makes llama.cpp plan its
+  graph again. A sequence's cache was computed with its adapter, so it stays valid.
 - Prefix reuse: each slot's sequence keeps the tokens it last read, with the adapter
   they were read with. A request takes the free slot sharing the longest start with
   its prompt and reads only the rest (the tiers, read once per slot).
 - Cancellation: a request whose stream is closed (or cut by a stop string) leaves the
   batch before the next step.
 - Context: `n_ctx` tokens per sequence (MESH_LLAMACPP_CONTEXT; 0: the model's, at most
-  8192), each sequence with its own part of the KV cache.
+  8192) in one KV cache of n_ctx x slots cells. The cache is unified (any cell for any
+  sequence), so llama.cpp reads the whole batch in one pass whatever sequences are in
+  it; none can starve another, since each holds at most n_ctx tokens.
+- Only the decoding thread touches the context (adapter loads too, between steps); the
+  event loop only hands requests over under a short lock, and never waits for a decode.
+  A request's room (one of `slots`) is given back by whoever lets it go last: the
+  thread, or `generate` for a request the thread never took.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
 import functools
 import logging
 import os
@@ -52,13 +59,14 @@ from inference_worker.backends.llamacpp_backend import (
     set_adapter,
 )
 from proto.messages import ChatJob
-from services.errors import PermanentError
+from services.errors import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_CONTEXT = 8192  # per sequence, when MESH_LLAMACPP_CONTEXT is 0
 N_BATCH = 512  # most tokens in one llama_decode (prompt chunks fill what decoding leaves)
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for the repetition penalty
-_RELEASED = object()  # the decoding thread's last event for a request: its room is free
+ADAPTER_TURN_STEPS = 8  # steps one adapter's requests run before another's get a turn
+KV_CACHE_FULL = 1  # llama_decode: no room in the KV cache for this batch (nothing changed)
 
 
 @dataclass
@@ -71,22 +79,24 @@ class _Slot:
     used: int = 0  # when it last took a request, for least-recently-used
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
-    """A request in the batch; only the decoding thread touches it once admitted."""
+    """A request in the batch; only the decoding thread touches it once taken."""
 
     ids: list[int]
     job: ChatJob
     adapter: Any
     emit: Callable[[object], None]
     cancel: threading.Event
+    give_room_back: Callable[[], None]
     slot: _Slot | None = None
     pending: list[int] = field(default_factory=list)  # tokens still to read into the cache
     cached: int = 0
     generated: int = 0
     sampler: Any = None
-    holds_eos: bool = False  # the chain's first sampler keeps EOS out (min_tokens)
+    holds_eog: bool = False  # the chain's first sampler keeps end tokens out (min_tokens)
     decoder: Any = None
+    released: bool = False
 
 
 class LlamaCppBatchedBackend:
@@ -115,25 +125,26 @@ class LlamaCppBatchedBackend:
         self._ctx: Any = None
         self._batch: Any = None
         self._formatter: Any = None
+        self._eog: list[int] = []  # the vocabulary's end-of-generation tokens
         self.max_context = 0
-        self._slots: list[_Slot] = []
-        self._free: list[_Slot] = []
-        self._room = asyncio.Semaphore(slots)  # requests admitted at once = slots
-        # Two locks, so the event loop never waits for a decode: `_queue` (held briefly,
-        # by anyone) guards the hand-over of requests and adapters; `_context` (the
-        # decoding thread, adapter loads, close) guards the llama.cpp context.
+        self._room = asyncio.Semaphore(slots)  # requests taken at once = slots
+        # Guards what the event loop and the thread hand each other (held briefly).
         self._queue = threading.Condition()
-        self._context = threading.Lock()
         self._incoming: list[_Request] = []
-        self._waiting: list[_Request] = []  # taken by the thread, not yet in a slot
-        self._running: list[_Request] = []
-        self._applied: Any = None  # the adapter handle set on the context
-        self._turn = 0  # which adapter group the next step decodes
+        self._loads: list[tuple[Path, concurrent.futures.Future[Any]]] = []
         self._adapters: dict[str, tuple[int, Any]] = {}  # name -> (version, handle)
         self._retired: list[Any] = []  # replaced handles, freed once no request uses them
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._closed = False
         self._failure: BaseException | None = None
+        # The decoding thread's own.
+        self._slots: list[_Slot] = []
+        self._free: list[_Slot] = []
+        self._taken: set[_Request] = set()  # from intake until released
+        self._waiting: list[_Request] = []  # taken, not yet in a slot
+        self._running: list[_Request] = []
+        self._applied: Any = None  # the adapter handle set on the context
+        self._turn_steps = 0  # steps the applied adapter's requests ran in a row
+        self._thread: threading.Thread | None = None
         self._tokens = 0
         self._jobs_started = 0
 
@@ -162,19 +173,22 @@ class LlamaCppBatchedBackend:
         self._model = internals.LlamaModel(
             path_model=self.model_path, params=model_params, verbose=False
         )
-        per_sequence = self._n_ctx or min(self._model.n_ctx_train(), DEFAULT_MAX_CONTEXT)
+        model = self._model
+        per_sequence = self._n_ctx or min(model.n_ctx_train(), DEFAULT_MAX_CONTEXT)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = per_sequence * self._slot_count
         params.n_seq_max = self._slot_count
-        params.kv_unified = False  # each sequence its own n_ctx cells: none can starve another
+        params.kv_unified = True
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_threads = params.n_threads_batch = self._threads
-        self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
+        self._ctx = internals.LlamaContext(model=model, params=params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        self.max_context = llama_cpp.llama_n_ctx_seq(self._ctx.ctx)
+        self.max_context = per_sequence  # each request is checked against it
         self._slots = [_Slot(seq_id) for seq_id in range(self._slot_count)]
         self._free = list(self._slots)
-        model = self._model
+        self._eog = [
+            t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)
+        ]
         self._formatter = chat_formatter(
             model.metadata().get("tokenizer.chat_template"),
             model.token_get_text(model.token_bos()),
@@ -195,6 +209,8 @@ class LlamaCppBatchedBackend:
 
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
         adapter_name = None if job.model in (None, self.base_model) else job.model
+        with self._queue:
+            self._check_serving()  # a closed backend's model is gone: no tokenizing
         ids = self._encode(job)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()
@@ -203,81 +219,117 @@ class LlamaCppBatchedBackend:
         def emit(event: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        async with self._room:
+        def give_room_back() -> None:
+            loop.call_soon_threadsafe(self._room.release)
+
+        await self._room.acquire()
+        request: _Request | None = None
+        try:
             with self._queue:
-                if self._failure is not None:
-                    raise PermanentError(f"the llama.cpp loop stopped: {self._failure!r}")
+                self._check_serving()
                 if adapter_name is not None and adapter_name not in self._adapters:
                     raise PermanentError(
                         f"model {job.model!r} is not served here", "model_not_found"
                     )
                 handle = self._adapters[adapter_name][1] if adapter_name else None
-                request = _Request(ids, job, handle, emit, cancel)
+                request = _Request(ids, job, handle, emit, cancel, give_room_back)
                 self._incoming.append(request)
                 self._queue.notify()
-            try:
-                async for event in relay(events, job, len(ids), cancel, lambda: request.cached):
-                    yield event
-            finally:
-                cancel.set()  # a closed stream leaves the batch before the next step
-                with self._queue:
-                    taken = request not in self._incoming
-                    if not taken:
-                        self._incoming.remove(request)
-                # Its room is taken until the decoding thread has let the request go.
-                while taken and (await events.get()) is not _RELEASED:
-                    pass
+            async for event in relay(events, job, len(ids), cancel, lambda: request.cached):
+                yield event
+        finally:
+            cancel.set()  # a closed stream leaves the batch before the next step
+            with self._queue:
+                never_taken = request is None or request in self._incoming
+                if request is not None and never_taken:
+                    self._incoming.remove(request)
+            if never_taken:  # else the thread gives the room back when it lets it go
+                self._room.release()
+
+    def _check_serving(self) -> None:
+        """Under `_queue`: RetryableError when this backend takes no more work."""
+        if self._closed:
+            raise RetryableError("the llama.cpp backend is closing", "backend_closing")
+        if self._failure is not None:
+            raise RetryableError(f"the llama.cpp loop stopped: {self._failure!r}", "backend_error")
 
     # -- the decoding thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        arrived: list[_Request] = []
+        loads: list[tuple[Path, concurrent.futures.Future[Any]]] = []
         try:
             while True:
                 with self._queue:
-                    while not self._stopping and not self._incoming and not self._running:
+                    while not (
+                        self._closed
+                        or self._incoming
+                        or self._loads
+                        or self._running
+                        or self._waiting
+                    ):
                         self._queue.wait()
-                    stopping = self._stopping
+                    closed = self._closed
                     arrived, self._incoming = self._incoming, []
-                with self._context:
-                    self._waiting.extend(arrived)
-                    if stopping:  # close() without a drain
-                        for request in list(self._running):
-                            self._finish(request, "cancelled")
-                        for request in self._waiting:
-                            request.emit(Finished("cancelled", len(request.ids), 0, 0))
-                            self._release(request)
-                        return
-                    self._admit()
-                    self._step()
+                    loads, self._loads = self._loads, []
+                self._taken.update(arrived)
+                self._waiting.extend(arrived)
+                arrived = []
+                self._run_loads(loads)
+                loads = []
+                if closed:  # close() without a drain
+                    for request in list(self._taken):
+                        self._finish(request, "cancelled")
+                    return
+                self._admit()
+                self._step()
         except BaseException as exc:  # the context is in an unknown state: fail everyone
             log.exception("the llama.cpp batch loop failed")
             with self._queue:
                 self._failure = exc
-                arrived, self._incoming = self._incoming, []
-            for request in self._running + self._waiting + arrived:
-                request.emit(PermanentError(f"llama.cpp failed: {exc!r}"))
+                arrived += self._incoming
+                loads += self._loads
+                self._incoming, self._loads = [], []
+            error = RetryableError(f"llama.cpp failed: {exc!r}", "backend_error")
+            for request in [*self._taken, *arrived]:
+                request.emit(error)
                 self._release(request)
+            for _, future in loads:
+                future.set_exception(error)
             self._running.clear()
             self._waiting.clear()
+
+    def _run_loads(self, loads: list[tuple[Path, concurrent.futures.Future[Any]]]) -> None:
+        """Adapter files to load, between two steps (the model is not being read)."""
+        import llama_cpp
+
+        for path, future in loads:
+            try:
+                future.set_result(
+                    llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
+                )
+            except Exception as exc:
+                future.set_exception(exc)
 
     def _admit(self) -> None:
         """Give each new request the free slot holding the longest start of its prompt."""
         while self._waiting and self._free:
             request = self._waiting.pop(0)
             if request.cancel.is_set():
-                request.emit(Finished("cancelled", len(request.ids), 0, 0))
-                self._release(request)
+                self._finish(request, "cancelled")
                 continue
-
             slot = max(self._free, key=functools.partial(self._preference, request=request))
             self._free.remove(slot)
             self._jobs_started += 1
             slot.used = self._jobs_started
+            request.slot = slot  # from here on, _release frees it
             keep = self._reusable(slot, request.adapter, request.ids)
-            self._ctx.kv_cache_seq_rm(slot.seq_id, keep, -1)
+            if not self._ctx.kv_cache_seq_rm(slot.seq_id, keep, -1):
+                # A cache that cannot drop a tail (recurrent models): read it all again.
+                self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+                keep = 0
             slot.tokens = slot.tokens[:keep]
             slot.adapter = request.adapter
-            request.slot = slot
             request.cached = keep
             request.pending = request.ids[keep:]
             request.sampler = self._sampler(request)
@@ -300,15 +352,17 @@ class LlamaCppBatchedBackend:
 
         s = request.job.sampling
         chain = internals.LlamaSampler()
-        if s.min_tokens:
-            bias = (llama_cpp.llama_logit_bias * 1)(
-                llama_cpp.llama_logit_bias(self._model.token_eos(), float("-inf"))
+        if s.min_tokens and self._eog:
+            biases = (llama_cpp.llama_logit_bias * len(self._eog))(
+                *(llama_cpp.llama_logit_bias(token, float("-inf")) for token in self._eog)
             )
             llama_cpp.llama_sampler_chain_add(
                 chain.sampler,
-                llama_cpp.llama_sampler_init_logit_bias(self._model.n_vocab(), 1, bias),
+                llama_cpp.llama_sampler_init_logit_bias(
+                    self._model.n_vocab(), len(self._eog), biases
+                ),
             )
-            request.holds_eos = True
+            request.holds_eog = True
         chain.add_penalties(
             n_vocab=self._model.n_vocab(),
             penalty_last_n=PENALTY_LAST_N,
@@ -329,22 +383,34 @@ class LlamaCppBatchedBackend:
             chain.add_dist(seed)
         return chain
 
+    def _next_adapter(self) -> Any:
+        """Whose requests the next step decodes: the applied adapter's for up to
+        ADAPTER_TURN_STEPS steps in a row, then the next one's (in order of arrival)."""
+        groups: list[Any] = []
+        for request in self._running:
+            if not any(request.adapter is group for group in groups):
+                groups.append(request.adapter)
+        current = next((i for i, g in enumerate(groups) if g is self._applied), None)
+        if current is not None and (len(groups) == 1 or self._turn_steps < ADAPTER_TURN_STEPS):
+            self._turn_steps += 1
+            return groups[current]
+        self._turn_steps = 1
+        return groups[0 if current is None else (current + 1) % len(groups)]
+
     def _step(self) -> None:
         """One llama_decode for the requests of one adapter, then their next tokens."""
+        import llama_cpp
+
         for request in [r for r in self._running if r.cancel.is_set()]:
             self._finish(request, "cancelled")
         self._free_retired()
         if not self._running:
             return
-        groups: list[Any] = []
-        for request in self._running:
-            if not any(request.adapter is g for g in groups):
-                groups.append(request.adapter)
-        self._turn = (self._turn + 1) % len(groups)
-        adapter = groups[self._turn]
+        adapter = self._next_adapter()
         self._apply_adapter(adapter)
         batch = self._batch.batch
         batch.n_tokens = 0
+        read: list[tuple[_Request, int]] = []  # (request, tokens it put in the batch)
         sampled: list[tuple[_Request, int]] = []  # (request, batch index of its logits)
         group = [r for r in self._running if r.adapter is adapter]
         # Generating requests first (one token each), then prompt chunks in the rest.
@@ -364,16 +430,26 @@ class LlamaCppBatchedBackend:
                 batch.seq_id[index][0] = request.slot.seq_id
                 batch.logits[index] = False
                 batch.n_tokens += 1
-            request.slot.tokens.extend(chunk)
-            request.pending = request.pending[len(chunk) :]
-            if not request.pending:  # its whole prompt (or last token) is read: sample
+            read.append((request, len(chunk)))
+            if len(chunk) == len(request.pending):  # its prompt (or last token) is read
                 batch.logits[batch.n_tokens - 1] = True
                 sampled.append((request, batch.n_tokens - 1))
-        import llama_cpp
-
         code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if code == KV_CACHE_FULL:  # nothing was read: these requests fail, others go on
+            for request, _ in read:
+                assert request.slot is not None
+                self._ctx.kv_cache_seq_rm(request.slot.seq_id, -1, -1)
+                request.slot.tokens = []
+                request.emit(RetryableError("llama.cpp's KV cache is full", "backend_busy"))
+                self._running.remove(request)
+                self._release(request)
+            return
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
+        for request, count in read:
+            assert request.slot is not None
+            request.slot.tokens.extend(request.pending[:count])
+            request.pending = request.pending[count:]
         for request, index in sampled:
             token = llama_cpp.llama_sampler_sample(request.sampler.sampler, self._ctx.ctx, index)
             if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
@@ -383,10 +459,10 @@ class LlamaCppBatchedBackend:
             self._tokens += 1
             piece = request.decoder.decode(self._model.detokenize([token]))
             request.emit(TextDelta(piece, 1))
-            if request.holds_eos and request.generated >= request.job.sampling.min_tokens:
+            if request.holds_eog and request.generated >= request.job.sampling.min_tokens:
                 removed = llama_cpp.llama_sampler_chain_remove(request.sampler.sampler, 0)
                 llama_cpp.llama_sampler_free(removed)
-                request.holds_eos = False
+                request.holds_eog = False
             if request.generated >= request.job.sampling.max_tokens:
                 self._finish(request, "length")
             else:
@@ -395,22 +471,30 @@ class LlamaCppBatchedBackend:
     def _finish(self, request: _Request, reason: FinishReason) -> None:
         if request.cancel.is_set():
             reason = "cancelled"
-        tail = request.decoder.decode(b"", final=True)
-        if tail:
-            request.emit(TextDelta(tail, 0))
+        if request.decoder is not None:
+            tail = request.decoder.decode(b"", final=True)
+            if tail:
+                request.emit(TextDelta(tail, 0))
         request.emit(Finished(reason, len(request.ids), request.generated, request.cached))
-        self._running.remove(request)
+        if request in self._running:
+            self._running.remove(request)
+        if request in self._waiting:
+            self._waiting.remove(request)
         self._release(request)
 
     def _release(self, request: _Request) -> None:
         """The thread lets the request go (once): its slot is free, its room too."""
+        if request.released:
+            return
+        request.released = True
         if request.slot is not None:  # what it read stays in the slot, for reuse
             self._free.append(request.slot)
             request.slot = None
         if request.sampler is not None:
             request.sampler.close()
             request.sampler = None
-        request.emit(_RELEASED)
+        self._taken.discard(request)
+        request.give_room_back()
 
     def _apply_adapter(self, handle: Any) -> None:
         if self._applied is handle:
@@ -453,7 +537,12 @@ class LlamaCppBatchedBackend:
 
     async def load_adapter(self, name: str, version: int, folder: Path) -> None:
         path = await asyncio.to_thread(adapter_gguf, self._adapter_base, name, version, folder)
-        handle = await asyncio.to_thread(self._init_adapter, path)
+        loaded: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._queue:
+            self._check_serving()
+            self._loads.append((path, loaded))  # the thread loads it between two steps
+            self._queue.notify()
+        handle = await asyncio.wrap_future(loaded)
         if not handle:
             raise PermanentError(f"llama.cpp could not load {path} for {name}")
         with self._queue:
@@ -461,12 +550,6 @@ class LlamaCppBatchedBackend:
             self._adapters[name] = (version, handle)
             if previous is not None:
                 self._retired.append(previous[1])  # running requests finish with it
-
-    def _init_adapter(self, path: Path) -> Any:
-        import llama_cpp
-
-        with self._context:  # between two steps: the model is not being read
-            return llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
 
     async def health(self) -> dict[str, object]:
         return {
@@ -479,7 +562,7 @@ class LlamaCppBatchedBackend:
 
     async def close(self) -> None:
         with self._queue:
-            self._stopping = True
+            self._closed = True
             self._queue.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -487,15 +570,14 @@ class LlamaCppBatchedBackend:
         def release() -> None:
             import llama_cpp
 
-            with self._context:
-                for _, handle in self._adapters.values():
-                    llama_cpp.llama_adapter_lora_free(handle)
-                for handle in self._retired:
-                    llama_cpp.llama_adapter_lora_free(handle)
-                self._adapters.clear()
-                self._retired.clear()
-                for part in (self._batch, self._ctx, self._model):
-                    if part is not None:
-                        part.close()
+            for _, handle in self._adapters.values():
+                llama_cpp.llama_adapter_lora_free(handle)
+            for handle in self._retired:
+                llama_cpp.llama_adapter_lora_free(handle)
+            self._adapters.clear()
+            self._retired.clear()
+            for part in (self._batch, self._ctx, self._model):
+                if part is not None:
+                    part.close()
 
         await asyncio.to_thread(release)

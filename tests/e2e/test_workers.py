@@ -99,9 +99,15 @@ def completed(status: dict[str, WorkerStatus]) -> dict[str, int]:
 
 async def test_the_gpu_class_takes_work_first_and_the_cpu_takes_the_overflow(pair: Pair) -> None:
     async with httpx.AsyncClient(base_url=pair.mesh.url, headers=pair.headers, timeout=60) as http:
-        for _ in range(4):  # one at a time: the GPU worker always has room
+        for done in range(1, 5):  # one at a time: the GPU worker always has room
             assert (await http.post("/chat", json={"message": "hi", "max_tokens": 8})).is_success
-        await pair.wait_for(lambda s: completed(s) == {"gpu": 4, "cpu": 0})
+            # The answer can arrive before the worker's ack reaches the broker; until
+            # then the GPU worker has no credit and the next job would go to the CPU.
+            await pair.wait_for(
+                lambda s, done=done: (
+                    completed(s) == {"gpu": done, "cpu": 0} and s["gpu"].in_flight == 0
+                )
+            )
 
         # The GPU worker is busy (capacity 1): the next job overflows to the CPU worker.
         first = asyncio.create_task(http.post("/chat", json=LONG))

@@ -388,3 +388,31 @@ def test_a_worker_converts_a_model_folder_once_and_verifies_it_after(
     assert len(conversions) == 2 and gguf.listed_gguf(tmp_path, "demo-model", "q4_k_m") == target
     with pytest.raises(gguf.ExportError, match="not a Hugging Face model folder"):
         gguf.ensure_base_gguf(tmp_path / "nothing", tmp_path, "other", "q4_k_m")
+
+
+async def test_a_request_cancelled_twice_gives_its_room_back(registry: Path) -> None:
+    """The worker cancels a job's task again while it is closing (a second CancelJob,
+    the drain): the one slot must still be given back, or the backend takes nothing."""
+    import contextlib
+
+    served = backend(registry, "batched", slots=1)
+    await served.start()
+
+    async def consume() -> None:
+        async for _ in served.generate(job(max_tokens=2000, min_tokens=2000)):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.5)  # decoding by now
+    task.cancel()
+    await asyncio.sleep(0)  # it is in its clean-up now
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    text, _ = await asyncio.wait_for(answer(served, job(max_tokens=4)), 30)
+    assert text
+    await served.close()
+    from services.errors import RetryableError
+
+    with pytest.raises(RetryableError, match="closing"):  # another worker may take it
+        await answer(served, job(max_tokens=4))
