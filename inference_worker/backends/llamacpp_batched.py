@@ -17,7 +17,9 @@ repetition penalty and min_tokens), and hand text to the request's event loop.
   graph again. A sequence's cache was computed with its adapter, so it stays valid.
 - Prefix reuse: each slot's sequence keeps the tokens it last read, with the adapter
   they were read with. A request takes the free slot sharing the longest start with
-  its prompt and reads only the rest (the tiers, read once per slot).
+  its prompt and reads only the rest. When another sequence (running or not) holds a
+  longer start, its cells are shared with the new one (`llama_memory_seq_cp`): the
+  tiers every chat carries are read once for all the slots.
 - Cancellation: a request whose stream is closed (or cut by a stop string) leaves the
   batch before the next step.
 - Context: `n_ctx` tokens per sequence (MESH_LLAMACPP_CONTEXT; 0: the model's, at most
@@ -126,6 +128,7 @@ class LlamaCppBatchedBackend:
         self._batch: Any = None
         self._formatter: Any = None
         self._eog: list[int] = []  # the vocabulary's end-of-generation tokens
+        self._shares_cells: bool | None = None  # sequences can share cached cells
         self.max_context = 0
         self._room = asyncio.Semaphore(slots)  # requests taken at once = slots
         # Guards what the event loop and the thread hand each other (held briefly).
@@ -186,6 +189,11 @@ class LlamaCppBatchedBackend:
         self.max_context = per_sequence  # each request is checked against it
         self._slots = [_Slot(seq_id) for seq_id in range(self._slot_count)]
         self._free = list(self._slots)
+        # A recurrent model's state is not made of cells: no sharing of prefixes.
+        self._shares_cells = not (
+            llama_cpp.llama_model_is_recurrent(model.model)
+            or llama_cpp.llama_model_is_hybrid(model.model)
+        )
         self._eog = [
             t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)
         ]
@@ -330,11 +338,34 @@ class LlamaCppBatchedBackend:
                 keep = 0
             slot.tokens = slot.tokens[:keep]
             slot.adapter = request.adapter
+            keep = self._share_prefix(slot, request, keep)
             request.cached = keep
             request.pending = request.ids[keep:]
             request.sampler = self._sampler(request)
             request.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             self._running.append(request)
+
+    def _share_prefix(self, slot: _Slot, request: _Request, keep: int) -> int:
+        """When another sequence (running or free) holds a longer start of the prompt,
+        read with the same adapter, its cells become this sequence's too: in the
+        unified cache a cell can belong to several sequences, so the tiers every chat
+        carries are read once for all the slots, not once per slot."""
+        if self._shares_cells is False:
+            return keep
+        donor = max(
+            (other for other in self._slots if other is not slot),
+            key=lambda other: self._reusable(other, request.adapter, request.ids),
+            default=None,
+        )
+        if donor is None:
+            return keep
+        shared = self._reusable(donor, request.adapter, request.ids)
+        if shared <= keep or shared < MIN_REUSE:  # the template's first tokens: not worth it
+            return keep
+        self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+        self._ctx.kv_cache_seq_cp(donor.seq_id, slot.seq_id, 0, shared)
+        slot.tokens = request.ids[:shared]
+        return shared
 
     def _preference(self, slot: _Slot, request: _Request) -> tuple[int, int, int]:
         """The longest shared start; else an empty slot, else the least recent one."""

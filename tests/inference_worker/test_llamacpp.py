@@ -416,3 +416,43 @@ async def test_a_request_cancelled_twice_gives_its_room_back(registry: Path) -> 
 
     with pytest.raises(RetryableError, match="closing"):  # another worker may take it
         await answer(served, job(max_tokens=4))
+
+
+def with_system(system: str, question: str, **sampling) -> ChatJob:
+    return job(question, **sampling).model_copy(
+        update={
+            "messages": [
+                ChatMessage(role="system", content=system),
+                ChatMessage(role="user", content=question),
+            ]
+        }
+    )
+
+
+async def test_a_prefix_one_sequence_holds_is_shared_with_the_others(registry: Path) -> None:
+    """While one chat with the tiers runs in a slot, another chat with the same tiers
+    in the other slot reads only its own tokens: the cells holding the tiers become
+    both sequences' (the unified cache), and its answer is the one it gets cold."""
+    tiers = "Portfolio, project, briefing and log: the four tiers of the owner. " * 6
+    served = backend(registry, "batched", "q8_0", slots=2)
+    await served.start()
+    running = served.generate(with_system(tiers, "What is continuity?", max_tokens=400))
+    async for event in running:
+        if isinstance(event, TextDelta):
+            break  # its prompt is read: the tiers are in its sequence's cells
+    second = with_system(tiers, "What does the phone do?")
+    text, finished = await answer(served, second)
+    await running.aclose()
+    ids, first_ids = (
+        served._encode(second),
+        served._encode(with_system(tiers, "What is continuity?")),
+    )
+    shared = next(i for i, (a, b) in enumerate(zip(ids, first_ids, strict=False)) if a != b)
+    assert shared > 100 and finished.cached_tokens == shared
+    await served.close()
+
+    fresh = backend(registry, "batched", "q8_0")
+    await fresh.start()
+    reference, cold = await answer(fresh, second)
+    assert (text, cold.cached_tokens) == (reference, 0)
+    await fresh.close()
