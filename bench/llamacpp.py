@@ -45,7 +45,6 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -59,8 +58,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inference_worker.backends.base import TextDelta
 from proto.messages import ChatJob, ChatMessage, SamplingParams
 from services.adapters import AdapterRegistry
+from services.gguf import export_base
 from services.paths import cache_dir
-from trainer_job.demo_model import ensure_demo_model
+from trainer_job.demo_model import (
+    DemoModelSpec,
+    build_random_model,
+    ensure_demo_model,
+    parameter_count,
+)
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
@@ -81,16 +86,15 @@ GOAL_SINGLE = 0.95  # batched/slot one request at a time, each model
 
 # The larger model: a random-weight Mistral with the demo tokenizer (its answers are
 # noise; min_tokens fixes their length). ~0.55B parameters, ~0.35 GB in Q4_K_M.
-LARGE_SHAPE = {
-    "hidden_size": 1536,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 22,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 2048,
-}
-LARGE_SEED = 0
-BUILD_INFO = "BENCH_MODEL.json"
+LARGE = DemoModelSpec(
+    hidden_size=1536,
+    intermediate_size=4096,
+    num_hidden_layers=22,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    seed=0,
+)
 
 _request_numbers = itertools.count()
 
@@ -116,14 +120,6 @@ async def generated(backend, request: ChatJob) -> int:
 # -- models -------------------------------------------------------------------------------
 
 
-def export_base(model_dir: Path, registry: Path, base_model: str, types: list[str]) -> dict:
-    try:  # where the GGUF export lives now; it used to be trainer_job's
-        from services.gguf import export_base as export
-    except ImportError:
-        from trainer_job.gguf_export import export_base as export
-    return export(model_dir, registry, base_model, types)
-
-
 def bench_models_dir() -> Path:
     return cache_dir() / "bench-models"
 
@@ -141,63 +137,15 @@ def gguf_of(model_dir: Path, name: str) -> Path:
 
 
 def large_model_dir() -> Path:
-    """The random Mistral of LARGE_SHAPE (fp16 safetensors), built once into the cache."""
-    shape = LARGE_SHAPE
+    """The random Mistral of LARGE's shape (fp16 safetensors), built once into the cache."""
     folder = bench_models_dir() / (
-        f"mistral-h{shape['hidden_size']}-i{shape['intermediate_size']}"
-        f"-l{shape['num_hidden_layers']}-s{LARGE_SEED}"
+        f"mistral-h{LARGE.hidden_size}-i{LARGE.intermediate_size}"
+        f"-l{LARGE.num_hidden_layers}-s{LARGE.seed}"
     )
-    if (folder / BUILD_INFO).is_file():
-        return folder
-    import torch
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-
-    print(f"building the random Mistral {folder.name} ...", flush=True)
-    demo = ensure_demo_model()
-    tokenizer = AutoTokenizer.from_pretrained(demo)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        **shape,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(LARGE_SEED)
-    model = MistralForCausalLM._from_config(config, dtype=torch.float16)  # built in fp16
-    parameters = sum(p.numel() for p in model.parameters())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bench-model-", dir=folder.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        info = {"shape": shape, "seed": LARGE_SEED, "parameters": parameters, "dtype": "float16"}
-        (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    del model
+    if not (folder / "config.json").is_file():  # written whole or not at all
+        print(f"building the random Mistral {folder.name} ...", flush=True)
+        build_random_model(folder, LARGE, ensure_demo_model(), dtype="float16")
     return folder
-
-
-def parameter_count(model_dir: Path) -> int:
-    info = model_dir / BUILD_INFO
-    if info.is_file():
-        return json.loads(info.read_text())["parameters"]
-    from safetensors import safe_open
-
-    total = 0
-    for path in model_dir.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as weights:
-            for key in weights.keys():
-                count = 1
-                for size in weights.get_slice(key).get_shape():
-                    count *= size
-                total += count
-    return total
 
 
 # -- batched against slot-per-request -------------------------------------------------------

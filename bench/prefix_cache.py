@@ -45,11 +45,12 @@ from context_store.store import ContextStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mesh_overhead import _remove_namespace, free_port
-from worker_throughput import _parameters, model_folder
+from worker_throughput import model_folder
 
 from services.launcher import MeshProcesses
 from services.redis_client import connect
 from services.settings import MeshSettings
+from trainer_job.demo_model import parameter_count
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEM_PROMPT = "You are the owner's continuity assistant. Answer from the context below."
@@ -285,7 +286,7 @@ async def bench_model(size: str, quick: bool) -> dict:
     throughput = await measure_throughput(model, 2 if quick else 4, 16 if quick else 32)
     return {
         "model": size,
-        "parameters": _parameters(model),
+        "parameters": parameter_count(model),
         "ttft": ttft,
         "session": session,
         "throughput": throughput,

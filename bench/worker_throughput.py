@@ -35,7 +35,12 @@ from inference_worker.backends.transformers_backend import TransformersBackend
 from proto.messages import ChatJob, ChatMessage, SamplingParams
 from services.launcher import MeshProcesses
 from services.settings import MeshSettings
-from trainer_job.demo_model import DemoModelSpec, build_random_model, ensure_demo_model
+from trainer_job.demo_model import (
+    DemoModelSpec,
+    build_random_model,
+    ensure_demo_model,
+    parameter_count,
+)
 
 MAX_TOKENS = 64
 RESULTS = Path(__file__).parent / "results"
@@ -226,7 +231,7 @@ async def main(quick: bool, size: str, levels: list[int], rounds: int) -> dict:
     baseline = sum(sequential.rates) / len(sequential.rates)
     return {
         "model": size,
-        "parameters": _parameters(model),
+        "parameters": parameter_count(model),
         "max_tokens": MAX_TOKENS,
         "sequential_generate_tokens_per_s": round(baseline, 1),
         "sequential_generate_range": [
@@ -237,19 +242,6 @@ async def main(quick: bool, size: str, levels: list[int], rounds: int) -> dict:
         "worker_loop_vs_generate": round(loop / loop_baseline, 2),
         "rows": rows,
     }
-
-
-def _parameters(model: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(model / "model.safetensors"), "pt") as weights:
-        for name in weights.keys():
-            count = 1
-            for size in weights.get_slice(name).get_shape():
-                count *= size
-            total += count
-    return total
 
 
 if __name__ == "__main__":

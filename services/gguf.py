@@ -242,14 +242,17 @@ def export_base(
     return manifest
 
 
-def local_model_dir(ref: str) -> Path:
+def local_model_dir(ref: str, weights: bool = True) -> Path:
     """A model reference (a local folder or a hub id) as a local folder: a hub id is
-    fetched (or found in the hub's cache) with what a conversion reads."""
+    fetched (or found in the hub's cache) with what a conversion reads. An adapter's
+    conversion reads only the base's configuration: `weights=False` skips the weights."""
     if Path(ref).is_dir():
         return Path(ref)
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+    patterns = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]
+    if weights:
+        patterns.append("*.safetensors")
     return Path(snapshot_download(ref, allow_patterns=patterns))
 
 

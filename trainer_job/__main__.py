@@ -153,7 +153,7 @@ def _publish(settings: TrainerSettings, source: Path, name: str, force: bool) ->
     if settings.export_gguf:
         from services.gguf import local_model_dir
 
-        base = local_model_dir(settings.model_ref())
+        base = local_model_dir(settings.model_ref(), weights=False)  # the config is enough
     manifest = asyncio.run(
         publish(settings, source, settings.registry(), name, settings.served_name(), force, base)
     )

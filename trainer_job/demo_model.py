@@ -123,17 +123,54 @@ def _model_config(spec: DemoModelSpec, tokenizer):
     )
 
 
-def build_random_model(folder: Path, spec: DemoModelSpec, tokenizer_from: Path) -> Path:
-    """A Mistral of `spec`'s shape with the demo tokenizer and untrained weights: for
-    benchmarks that need a bigger model than the demo and no readable answers."""
+def build_random_model(
+    folder: Path, spec: DemoModelSpec, tokenizer_from: Path, dtype: str | None = None
+) -> Path:
+    """A Mistral of `spec`'s shape with the demo tokenizer and untrained weights
+    (seeded with `spec.seed`; built in `dtype`, e.g. "float16", to halve the memory a
+    large one needs): for benchmarks that need a bigger model than the demo and no
+    readable answers. Written whole or not at all, like the demo model."""
+    import torch
     from transformers import AutoTokenizer, MistralForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    MistralForCausalLM(_model_config(spec, tokenizer)).save_pretrained(
-        folder, safe_serialization=True
-    )
-    tokenizer.save_pretrained(folder)
+    torch.manual_seed(spec.seed)
+    config = _model_config(spec, tokenizer)
+    model = MistralForCausalLM._from_config(config, dtype=getattr(torch, dtype or "float32"))
+    save_model_folder(model, tokenizer, folder)
     return folder
+
+
+def save_model_folder(model, tokenizer, path: Path, info: dict | None = None) -> None:
+    """Save into a temporary folder beside `path`, then rename it into place: an
+    interrupted save never leaves a half-written model behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if info is not None:
+            (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def parameter_count(model: Path) -> int:
+    """Parameters in a model folder's safetensors files (read from their headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(model.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as weights:
+            for name in weights.keys():
+                count = 1
+                for size in weights.get_slice(name).get_shape():
+                    count *= size
+                total += count
+    return total
 
 
 def _packed_blocks(token_lists: list[list[int]], block_size: int):
@@ -238,17 +275,7 @@ def ensure_demo_model(
         return path
     spec = spec or DemoModelSpec()
     model, tokenizer, stats = train_demo_model(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=path.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        info = {"builder_version": BUILDER_VERSION, "spec": asdict(spec), **stats}
-        (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    info = {"builder_version": BUILDER_VERSION, "spec": asdict(spec), **stats}
+    save_model_folder(model, tokenizer, path, info)
     log.info("demo model built at %s (%s)", path, stats)
     return path

@@ -213,9 +213,7 @@ class LlamaCppBackend:
         await self._free_count.acquire()
 
         def preference(slot: Slot) -> tuple[int, int, int]:
-            reuse = self._reusable(slot, ids, adapter)
-            # The longest shared start; else an empty slot, else the least recent one.
-            return (reuse if reuse >= MIN_REUSE else 0, -slot.llm.n_tokens, -slot.used)
+            return slot_order(self._reusable(slot, ids, adapter), slot.llm.n_tokens, slot.used)
 
         slot = max(self._free, key=preference)
         self._free.remove(slot)
@@ -448,6 +446,13 @@ def encode_prompt(
         ids = [bos, *ids]
     check_context(ids, job, max_context)
     return ids
+
+
+def slot_order(reuse: int, held: int, used: int) -> tuple[int, int, int]:
+    """Which free slot a job takes (the largest wins): the longest shared start of its
+    prompt (one shorter than MIN_REUSE counts as none); else an empty slot (fewest
+    tokens `held`); else the least recently `used`."""
+    return (reuse if reuse >= MIN_REUSE else 0, -held, -used)
 
 
 def reused_prefix(cached: list[int], ids: list[int]) -> int:

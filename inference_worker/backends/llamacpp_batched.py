@@ -59,6 +59,7 @@ from inference_worker.backends.llamacpp_backend import (
     relay,
     reused_prefix,
     set_adapter,
+    slot_order,
 )
 from proto.messages import ChatJob
 from services.errors import PermanentError, RetryableError
@@ -368,9 +369,8 @@ class LlamaCppBatchedBackend:
         return shared
 
     def _preference(self, slot: _Slot, request: _Request) -> tuple[int, int, int]:
-        """The longest shared start; else an empty slot, else the least recent one."""
         reuse = self._reusable(slot, request.adapter, request.ids)
-        return (reuse if reuse >= MIN_REUSE else 0, -len(slot.tokens), -slot.used)
+        return slot_order(reuse, len(slot.tokens), slot.used)
 
     @staticmethod
     def _reusable(slot: _Slot, adapter: Any, ids: list[int]) -> int:
@@ -534,6 +534,8 @@ class LlamaCppBatchedBackend:
         self._applied = handle
 
     def _free_retired(self) -> None:
+        if not self._retired:  # every step asks: nothing to lock for the usual answer
+            return
         import llama_cpp
 
         with self._queue:

@@ -66,6 +66,17 @@ def job(content: str = QUESTION, model: str | None = None, **sampling) -> ChatJo
     )
 
 
+def with_system(system: str, question: str, **sampling) -> ChatJob:
+    return job(question, **sampling).model_copy(
+        update={
+            "messages": [
+                ChatMessage(role="system", content=system),
+                ChatMessage(role="user", content=question),
+            ]
+        }
+    )
+
+
 async def answer(backend, chat: ChatJob) -> tuple[str, Finished]:
     events = [event async for event in backend.generate(chat)]
     assert isinstance(events[-1], Finished)
@@ -209,19 +220,9 @@ async def test_a_chat_with_the_same_tiers_reads_only_its_new_tokens(
     await served.start()
     tiers = "Portfolio, project, briefing and log: the four tiers of the owner. " * 6
 
-    def chat(system: str, question: str) -> ChatJob:
-        return job(question).model_copy(
-            update={
-                "messages": [
-                    ChatMessage(role="system", content=system),
-                    ChatMessage(role="user", content=question),
-                ]
-            }
-        )
-
-    first = chat(tiers, "What is continuity?")
-    other = chat("Another system prompt entirely, for another chat.", "Hello")
-    second = chat(tiers, "What does the phone do?")
+    first = with_system(tiers, "What is continuity?")
+    other = with_system("Another system prompt entirely, for another chat.", "Hello")
+    second = with_system(tiers, "What does the phone do?")
     assert (await answer(served, first))[1].cached_tokens == 0
     assert (await answer(served, other))[1].cached_tokens == 0  # took the empty slot
     text, finished = await answer(served, second)
@@ -416,17 +417,6 @@ async def test_a_request_cancelled_twice_gives_its_room_back(registry: Path) -> 
 
     with pytest.raises(RetryableError, match="closing"):  # another worker may take it
         await answer(served, job(max_tokens=4))
-
-
-def with_system(system: str, question: str, **sampling) -> ChatJob:
-    return job(question, **sampling).model_copy(
-        update={
-            "messages": [
-                ChatMessage(role="system", content=system),
-                ChatMessage(role="user", content=question),
-            ]
-        }
-    )
 
 
 async def test_a_prefix_one_sequence_holds_is_shared_with_the_others(registry: Path) -> None:
