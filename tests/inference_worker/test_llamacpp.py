@@ -291,8 +291,14 @@ async def test_cancelling_stops_decoding_at_the_next_token(registry: Path, mode:
 async def test_requests_for_different_adapters_share_the_batch_and_keep_their_answers(
     registry: Path,
 ) -> None:
-    """In one context, requests for the base and for an adapter take turns step by step;
-    each gets the answer it gets alone, and a seeded sampled answer is reproducible."""
+    """In one context, requests for the base and for an adapter take turns; each gets
+    the answer it gets alone, and a seeded sampled answer is reproducible.
+
+    llama.cpp's arithmetic depends on a batch's make-up (its matrix kernels change with
+    the number of rows), and which requests share a step depends on timing. The base
+    model's answers are far from any tie and must match whole; the random adapter's
+    are near-ties after a few tokens (" holds holds"), so those must match on their
+    first tokens, as the peft comparison above does."""
     served = backend(registry, "batched", "q8_0", slots=4)
     await served.start()
     await served.load_adapter("continuity", 1, verify(registry, "continuity", 1, "demo-model"))
@@ -303,8 +309,15 @@ async def test_requests_for_different_adapters_share_the_batch_and_keep_their_an
         job("What is an adapter?", temperature=0.9, top_p=0.9, seed=7),
     ]
     alone = [(await answer(served, chat))[0] for chat in chats]
+
+    def same_answers(texts: list[str]) -> bool:
+        def start(text: str) -> list[int]:
+            return served.tokenize(text, special=False)[:8]
+
+        return texts[0] == alone[0] and [start(t) for t in texts] == [start(t) for t in alone]
+
     together = await asyncio.gather(*(answer(served, chat) for chat in chats))
-    assert [text for text, _ in together] == alone
+    assert same_answers([text for text, _ in together])
     assert alone[0] != alone[1]  # the adapter was applied to its own requests only
     # A request cancelled midway leaves the others' answers as they were.
     long = served.generate(job("What does the gateway do?", max_tokens=500, min_tokens=500))
@@ -316,7 +329,7 @@ async def test_requests_for_different_adapters_share_the_batch_and_keep_their_an
         await long.aclose()
 
     results = await asyncio.gather(cancel_soon(), *(answer(served, chat) for chat in chats))
-    assert [text for text, _ in results[1:]] == alone
+    assert same_answers([text for text, _ in results[1:]])
     await served.close()
 
 
