@@ -91,12 +91,16 @@ def create_app(settings: GatewaySettings, engine: Engine | None = None) -> MeshA
             ),
             redis=redis,
         )
+        chat = mesh.services.chat
+        held_turns = asyncio.create_task(chat.turns.run())
         log.info("gateway ready on %s:%d", settings.http_host, settings.http_port)
         try:
             yield
         finally:
             mesh.services = None
+            held_turns.cancel()
             await engine_.close()
+            await chat.turns.close()
             await redis.aclose()
 
     mesh = MeshApp(

@@ -20,6 +20,7 @@ from gateway.response_cache import ResponseCache
 from gateway.settings import GatewaySettings
 from gateway.tiers import TierCache
 from gateway.translate import JobBuilder
+from gateway.turns import TurnOutbox
 from proto.api import ChatRequest, GenerateRequest
 from proto.context import ContextReport
 from proto.messages import ChatJob
@@ -57,6 +58,7 @@ class ChatService:
         self.prompts = prompts  # None: the gateway-side length check is off
         self.responses = responses  # whole answers of determined requests (off: None)
         self.jobs = JobBuilder(settings)
+        self.turns = TurnOutbox(conversations)  # turns Redis could not take yet
 
     # -- the public requests ------------------------------------------------------------
 
@@ -69,6 +71,7 @@ class ChatService:
         tiers = await self.tiers.get(request.project)
         history = []
         if request.conversation_id:  # a new conversation has no history: skip the round trip
+            await self.turns.flush(owner, conversation_id)  # its held turns come first
             history = await self.conversations.history(
                 owner, conversation_id, self.settings.history_messages
             )
@@ -142,9 +145,7 @@ class ChatService:
         try:
             async for item in relay:
                 if isinstance(item, Outcome):
-                    await self.conversations.append_turn(
-                        owner, conversation_id, message, "".join(pieces)
-                    )
+                    await self.turns.record(owner, conversation_id, message, "".join(pieces))
                 elif isinstance(item, Restart):
                     pieces.clear()
                 else:

@@ -191,6 +191,7 @@ class BusEngine:
         jobs = JobClient(
             Topology(settings.namespace, settings.model_family),
             client_id=f"gateway-{uuid.uuid4().hex[:12]}",
+            outage_grace_s=settings.broker_outage_grace_s,
         )
         await jobs.start(settings.amqp_url)
         directory = WorkerDirectory(
@@ -271,7 +272,7 @@ class BusEngine:
             if not finished:
                 # The client left, the deadline passed, or the broker went away.
                 self.metrics.jobs.labels("abandoned").inc()
-                self._in_background(self.abort(job.job_id, "abandoned"))
+                self._in_background(self.abort(replies.job_id, "abandoned"))
 
     def _finish(self, result: JobResult) -> Outcome:
         usage = result.usage

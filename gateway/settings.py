@@ -39,6 +39,12 @@ class GatewaySettings(MeshSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens_cap: int = Field(default=2048, ge=1, description="Larger max_tokens get a 400.")
     request_timeout_s: float = Field(default=120.0, gt=0, description="Then 504.")
+    broker_outage_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long requests in flight wait for a lost RabbitMQ connection to come "
+        "back (then 503); they are published again when it does.",
+    )
     history_messages: int = Field(
         default=20, ge=0, description="Most earlier messages of a conversation sent to the model."
     )

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from inference_worker.backends.base import Backend, Finished, GenerationEvent, TextDelta
 from proto.messages import CancelJob, ChatJob, JobError, JobResult, TokenChunk, Usage
 from services.bus import WorkerBus, coalesce
-from services.errors import MeshError
+from services.errors import MeshError, RequesterGone
 from services.redis_client import Keys
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,16 @@ class JobRunner:
             self.cancelled += 1  # CancelJob: nobody waits for it; done with it
             await message.ack()
             return
+        except RequesterGone:
+            # Its gateway is gone (the broker returned a reply): generation has
+            # stopped with the relay; one line, and the job is done with.
+            log.info(
+                "job %s: nobody waits for it any more (its reply queue is gone); stopped",
+                job.job_id,
+            )
+            self.cancelled += 1
+            await message.ack()
+            return
         except Exception:
             # The replies could not be published (connection lost mid-stream): hand
             # the job back rather than sit on it. If the channel is gone the broker
@@ -159,7 +169,11 @@ class JobRunner:
         dead-letter queue instead of taking down the next one."""
         if self.deliveries is None or not message.redelivered:
             return False
-        count = await self.deliveries.count(job.job_id)
+        try:
+            count = await self.deliveries.count(job.job_id)
+        except Exception as exc:  # Redis unreachable: serve it rather than hold it
+            log.warning("job %s: redelivered; its delivery count is unknown: %s", job.job_id, exc)
+            return False
         if count <= self.deliveries.limit:
             return False
         reason = f"delivered {count} times; its workers never finished it"
@@ -226,6 +240,8 @@ class JobRunner:
                 "job %s: done, %d tokens (%s)", job.job_id, usage.completion_tokens, finished.reason
             )
             return seq
+        except RequesterGone:
+            raise
         except MeshError as exc:
             log.warning("job %s: failed: %s", job.job_id, exc.message)
             await self._reply_error(reply_to, job.job_id, seq, exc.code, exc.message, exc.retryable)
@@ -244,8 +260,12 @@ class JobRunner:
     async def _reply_error(
         self, reply_to: str, job_id: str, seq: int, code: str, text: str, retryable: bool
     ) -> None:
+        """Tell the requester the job failed (nobody to tell when it is gone)."""
         error = JobError(job_id=job_id, seq=seq, code=code, message=text, retryable=retryable)
-        await self.bus.reply(reply_to, error)
+        try:
+            await self.bus.reply(reply_to, error)
+        except RequesterGone:
+            log.info("job %s: its requester is gone; the error was not delivered", job_id)
 
 
 def _merge(

@@ -118,7 +118,10 @@ class WorkerSettings(MeshSettings):
         default=256, ge=1, description="The same for a job whose client does not stream."
     )
     unstreamed_coalesce_ms: float = Field(
-        default=1000.0, ge=0, description="The same for a job whose client does not stream."
+        default=500.0,
+        ge=0,
+        description="The same for a job whose client does not stream (also how soon, at "
+        "most, a job whose gateway died is noticed: at its next reply).",
     )
     cancel_memory_s: float = Field(
         default=600.0, gt=0, description="How long a cancel is remembered for a job not yet seen."

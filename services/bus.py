@@ -6,6 +6,19 @@ are transient, unconfirmed and coalesced several tokens to a message. They go
 to one exclusive reply queue per gateway process, which the robust channel
 re-declares after a broker restart (the plain `amq.rabbitmq.reply-to` consumer
 does not recover).
+
+Faults (DESIGN.md, "When something fails"):
+- the reply queue is the requesting gateway's liveness: it is exclusive, so the
+  broker deletes it when the gateway's connection ends. Workers publish replies
+  `mandatory` with confirms; a reply the broker returns means nobody waits for
+  the job, and the worker stops it (RequesterGone).
+- a lost broker connection does not fail the jobs in flight: their messages are
+  durable and were confirmed. When the connection is back, every job whose
+  caller can take a fresh start (a plain request, or a stream that has received
+  nothing yet) is published again as a new attempt, and the attempt before it is
+  cancelled; a stream already partly received ends with a clear error instead.
+  A reply for a job nobody here waits for any more is answered with a cancel, so
+  no worker keeps generating a superseded or abandoned attempt.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from proto.messages import (
     JobResult,
     TokenChunk,
 )
-from services.errors import BusUnavailable, JobTimeout
+from services.errors import BusUnavailable, JobTimeout, RequesterGone
 
 log = logging.getLogger(__name__)
 
@@ -199,22 +212,47 @@ class ReplyStream:
     """The replies of one job, in order: TokenChunks, then one JobResult or JobError.
 
     Iterating raises JobTimeout when the deadline passes and BusUnavailable when the
-    connection to the broker is lost. When a redelivered job starts over on another
-    worker (seq 0 after later ones) it yields StreamRestarted before the new first
-    chunk, so the caller can drop what it has; any other gap ends the stream with
-    an error rather than a silent mix of two streams.
+    connection to the broker is lost and the job cannot start over. When the job
+    starts over (on another worker after its own died, or as a new attempt after a
+    broker outage: seq 0 after later ones) it yields StreamRestarted before the new
+    first chunk, so the caller can drop what it has; any other gap ends the stream
+    with an error rather than a silent mix of two streams.
+
+    `job_id` is the attempt whose replies the stream takes now; `job` is the job as
+    first submitted (None for a stream made by hand in a test).
     """
 
-    def __init__(self, job_id: str, deadline: float, on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        deadline: float,
+        on_close: Callable[[], None],
+        job: ChatJob | None = None,
+    ) -> None:
         self.job_id = job_id
+        self.job = job
         self.deadline = deadline
+        self.attempts = 1
+        self.interrupted = False  # the connection was lost; waiting to resubmit
+        self.received = 0  # chunks fed so far (read or not)
+        self.ended = False  # its JobResult or JobError has been fed
         self._queue: asyncio.Queue[ReplyMessage | BaseException] = asyncio.Queue()
         self._next_seq = 0
         self._held: ReplyMessage | None = None
         self._finished = False
         self._on_close = on_close
 
+    @property
+    def restartable(self) -> bool:
+        """Whether the caller can take the answer from a fresh start: a plain request
+        (it drops what it has at StreamRestarted), or a stream with nothing yet."""
+        return self.job is not None and (not self.job.stream or self.received == 0)
+
     def feed(self, item: ReplyMessage | BaseException) -> None:
+        if isinstance(item, TokenChunk):
+            self.received += 1
+        elif not isinstance(item, BaseException):
+            self.ended = True
         self._queue.put_nowait(item)
 
     def __aiter__(self) -> ReplyStream:
@@ -255,18 +293,36 @@ class ReplyStream:
         self._on_close()
 
 
-class JobClient:
-    """Publishes jobs (persistent, confirmed) and routes their replies to ReplyStreams."""
+def attempt_id(job_id: str, attempt: int) -> str:
+    """The id of `job_id`'s `attempt`-th publication (the first keeps the job's own)."""
+    return job_id if attempt == 1 else f"{job_id[:56]}-r{attempt}"
 
-    def __init__(self, topology: Topology, client_id: str) -> None:
+
+class JobClient:
+    """Publishes jobs (persistent, confirmed) and routes their replies to ReplyStreams.
+
+    Across a lost broker connection the streams of jobs that can start over wait
+    (at most `outage_grace_s`, and never past their deadline) and are published
+    again once the connection and the reply queue are back; see the module's notes.
+    """
+
+    def __init__(self, topology: Topology, client_id: str, outage_grace_s: float = 30.0) -> None:
         self.topology = topology
         self.client_id = client_id
+        self.outage_grace_s = outage_grace_s
+        self.resubmitted = 0  # attempts published again after an outage
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractRobustExchange | None = None
         self._control: AbstractRobustExchange | None = None
         self._channel: AbstractRobustChannel | None = None
         self._reply_queue_name = topology.reply_queue(client_id)
-        self._streams: dict[str, ReplyStream] = {}
+        self._streams: dict[str, ReplyStream] = {}  # by the attempt id
+        self._outage: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Jobs nobody here waits for that a worker still replied to: when each was
+        # last told to stop (so a chatty one is not sent a cancel per reply).
+        self._told: dict[str, float] = {}
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -275,6 +331,7 @@ class JobClient:
     async def start(self, url: str) -> None:
         self._connection = await connect(url, f"gateway-{self.client_id}")
         self._connection.close_callbacks.add(self._on_connection_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._exchange, _ = await self.topology.declare_jobs(channel)
         self._channel = await self._connection.channel(publisher_confirms=False)
@@ -286,35 +343,142 @@ class JobClient:
         await queue.consume(self._on_reply, no_ack=True)
 
     async def close(self) -> None:
+        self._closing = True
         self._fail_all(BusUnavailable("gateway is shutting down"))
+        if self._outage is not None:
+            self._outage.cancel()
         if self._connection is not None:
             await self._connection.close()
 
     def _on_connection_lost(self, *_: object) -> None:
-        # Replies already sent to the old reply queue are gone with it: fail the
-        # callers now instead of letting them wait for their deadline.
-        self._fail_all(BusUnavailable("connection to RabbitMQ lost"))
+        """Replies sent to the old reply queue are gone with it. A job that can start
+        over waits for the broker; a stream already partly received cannot be resumed
+        without repeating or missing text, so it ends now, clearly."""
+        if self._closing:
+            return  # closing for good: close() has told every caller
+        waiting = 0
+        for stream in list(self._streams.values()):
+            if stream.ended or stream.interrupted:
+                continue
+            if stream.restartable:
+                stream.interrupted = True
+                waiting += 1
+            else:
+                self._end(
+                    stream,
+                    BusUnavailable(
+                        "the connection to RabbitMQ was lost in the middle of this answer",
+                        code="stream_interrupted",
+                    ),
+                )
+        if waiting:
+            log.warning(
+                "connection to RabbitMQ lost; %d job(s) wait up to %.0f s for it",
+                waiting,
+                self.outage_grace_s,
+            )
+            if self._outage is None:
+                loop = asyncio.get_running_loop()
+                self._outage = loop.call_later(self.outage_grace_s, self._outage_too_long)
+
+    def _outage_too_long(self) -> None:
+        self._outage = None
+        if self.connected:
+            return
+        for stream in list(self._streams.values()):
+            if stream.interrupted:
+                stream.interrupted = False
+                self._end(
+                    stream,
+                    BusUnavailable(
+                        f"RabbitMQ was unreachable for {self.outage_grace_s:.0f} s",
+                        code="broker_unavailable",
+                    ),
+                )
+
+    def _end(self, stream: ReplyStream, error: BaseException) -> None:
+        """End `stream` with `error`; replies for it from now on are for nobody (and
+        their worker is told to stop)."""
+        stream.feed(error)
+        self._streams.pop(stream.job_id, None)
+
+    def _on_reconnected(self, *_: object) -> None:
+        # Called once the channels, the reply queue and its consumer are restored.
+        if self._outage is not None:
+            self._outage.cancel()
+            self._outage = None
+        task = asyncio.get_running_loop().create_task(self._resubmit_interrupted())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resubmit_interrupted(self) -> None:
+        for stream in [s for s in self._streams.values() if s.interrupted]:
+            await self._resubmit(stream)
+
+    async def _resubmit(self, stream: ReplyStream) -> None:
+        """Publish `stream`'s job again as its next attempt, and cancel the one before:
+        a finished answer lost with the old reply queue is asked for again, and a job
+        still queued from before runs at most once (the other attempt is stopped)."""
+        assert stream.job is not None
+        stream.interrupted = False
+        before = stream.job_id
+        stream.attempts += 1
+        stream.job_id = attempt_id(stream.job.job_id, stream.attempts)
+        self._streams.pop(before, None)
+        self._streams[stream.job_id] = stream
+        left = stream.deadline - time.monotonic()
+        if left <= 0:
+            return  # the stream times out by itself
+        try:
+            await self._publish(stream.job.model_copy(update={"job_id": stream.job_id}), left)
+        except BusUnavailable as exc:
+            self._end(stream, exc)
+            return
+        self.resubmitted += 1
+        log.warning(
+            "job %s: published again as %s after the broker connection came back",
+            stream.job.job_id,
+            stream.job_id,
+        )
+        await self.cancel(before, "superseded")
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):
             stream.feed(error)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        stream = self._streams.get(message.correlation_id or "")
+        job_id = message.correlation_id or ""
+        stream = self._streams.get(job_id)
         if stream is None:
-            return  # a caller that gave up, or a late reply after a timeout
+            # A caller that gave up, a late reply after a timeout, or an attempt that a
+            # newer one superseded: its worker must stop generating for nobody.
+            if (message.headers or {}).get("type") == "token_chunk":
+                self._tell_to_stop(job_id)
+            return
         try:
             stream.feed(decode_reply(message.body))
         except ValueError as exc:
             stream.feed(BusUnavailable(f"unreadable reply: {exc}", code="bad_reply"))
+
+    def _tell_to_stop(self, job_id: str) -> None:
+        now = time.monotonic()
+        if now - self._told.get(job_id, float("-inf")) < 1.0:
+            return
+        if len(self._told) > 1000:
+            self._told = {k: t for k, t in self._told.items() if now - t < 60}
+        self._told[job_id] = now
+        task = asyncio.get_running_loop().create_task(self.cancel(job_id, "nobody waits for it"))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def cancel(self, job_id: str, reason: str) -> None:
         """Tell every worker to stop (or never start) `job_id`. Best effort."""
         if self._control is None or not self.connected:
             return
         try:
+            # Not mandatory: with no worker connected there is nobody to stop.
             await self._control.publish(
-                encode(CancelJob(job_id=job_id, reason=reason)), routing_key=""
+                encode(CancelJob(job_id=job_id, reason=reason)), routing_key="", mandatory=False
             )
         except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
             log.warning("job %s: cancel not sent: %s", job_id, exc)
@@ -337,12 +501,22 @@ class JobClient:
         deadline = time.monotonic() + timeout_s
 
         def forget() -> None:
-            self._streams.pop(job.job_id, None)
+            self._streams.pop(stream.job_id, None)
 
-        stream = ReplyStream(job.job_id, deadline, forget)
+        stream = ReplyStream(job.job_id, deadline, forget, job)
         self._streams[job.job_id] = stream
         # A caller that never reads its stream must not leak it.
         asyncio.get_running_loop().call_later(timeout_s + 30, stream.close)
+        try:
+            await self._publish(job, timeout_s)
+        except BusUnavailable:
+            stream.close()
+            raise
+        return stream
+
+    async def _publish(self, job: ChatJob, timeout_s: float) -> None:
+        if self._exchange is None or not self.connected:
+            raise BusUnavailable(f"could not publish job {job.job_id}: not connected to RabbitMQ")
         expiration = None
         if job.deadline is not None:
             expiration = max((job.deadline - datetime.now(UTC)).total_seconds(), 0.001)
@@ -363,9 +537,7 @@ class JobClient:
                 timeout=min(timeout_s, 10),
             )
         except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            stream.close()
             raise BusUnavailable(f"could not publish job {job.job_id}: {exc!r}") from exc
-        return stream
 
 
 # -- worker side ----------------------------------------------------------------------
@@ -374,11 +546,13 @@ Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
 class WorkerBus:
-    """Consumes jobs with manual ack and publishes replies (transient, unconfirmed).
+    """Consumes jobs with manual ack and publishes replies (transient, confirmed,
+    mandatory: a reply whose queue is gone comes back as RequesterGone).
 
     Replies go out on the same channel the jobs come in on: after a reconnect the
     robust channel restores the consumer only once the channel itself is open, so a
-    redelivered job can always publish its replies.
+    redelivered job can always publish its replies. A confirm costs ~0.25 ms, and
+    only the job's own relay waits for it: the backend decodes on meanwhile.
     """
 
     def __init__(
@@ -390,6 +564,7 @@ class WorkerBus:
         self.priority = priority
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
+        self._control: AbstractQueue | None = None
         self._channel: AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None
 
@@ -399,19 +574,25 @@ class WorkerBus:
 
     async def start(self, url: str) -> None:
         self._connection = await connect(url, f"worker-{self.worker_id}")
-        self._channel = await self._connection.channel(publisher_confirms=False)
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         await self._channel.set_qos(prefetch_count=self.capacity)
+        # The control queue first: after a reconnect the channel restores its queues
+        # and consumers in the order they were declared, so cancels are heard again
+        # before jobs (a stale job the gateway already cancelled) arrive.
+        exchange = await self.topology.declare_control(self._channel)
+        self._control = await self._channel.declare_queue(
+            self.topology.control_queue(self.worker_id), exclusive=True, auto_delete=True
+        )
+        await self._control.bind(exchange)
         _, self._queue = await self.topology.declare_jobs(self._channel)
         await self._channel.declare_queue(self.topology.dead_letter_queue, durable=True)
 
     async def consume_control(self, on_cancel: Callable[[CancelJob], None]) -> None:
         """Receive CancelJob commands (fanout: every worker hears every cancel)."""
-        assert self._channel is not None, "start() first"
-        exchange = await self.topology.declare_control(self._channel)
-        queue = await self._channel.declare_queue(
-            self.topology.control_queue(self.worker_id), exclusive=True, auto_delete=True
-        )
-        await queue.bind(exchange)
+        assert self._control is not None, "start() first"
+        queue = self._control
 
         async def handle(message: AbstractIncomingMessage) -> None:
             try:
@@ -455,10 +636,19 @@ class WorkerBus:
             self._consumer_tag = None
 
     async def reply(self, reply_to: str, message: ReplyMessage) -> None:
+        """Publish one reply; RequesterGone when the broker returns it (its reply queue
+        is gone: the gateway that asked, or its connection, is no more)."""
         assert self._channel is not None, "start() first"
-        await self._channel.default_exchange.publish(
-            encode(message, correlation_id=message.job_id), routing_key=reply_to
-        )
+        try:
+            await self._channel.default_exchange.publish(
+                encode(message, correlation_id=message.job_id),
+                routing_key=reply_to,
+                mandatory=True,
+            )
+        except aio_pika.exceptions.PublishError as exc:
+            raise RequesterGone(
+                f"job {message.job_id}: its reply queue {reply_to} is gone"
+            ) from exc
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Park a job in the dead-letter queue, as it came, with the reason."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import time
 from datetime import UTC, datetime
 from typing import cast
 
@@ -58,18 +57,27 @@ class ConversationStore:
         return cast("str | None", await self.client.get(self.keys.latest_conversation(owner)))
 
     async def append_turn(
-        self, owner: str, conversation_id: str, user: str, assistant: str
+        self,
+        owner: str,
+        conversation_id: str,
+        user: str,
+        assistant: str,
+        at: datetime | None = None,
     ) -> None:
-        """Both halves of a turn in one atomic RPUSH, and mark it the owner's latest."""
-        at = datetime.now(UTC).isoformat()
+        """Both halves of a turn in one atomic RPUSH, and mark it the owner's latest.
+        `at`: when the turn was answered (now, unless it is recorded late)."""
+        when = at or datetime.now(UTC)
+        stamp = when.isoformat()
         entries = [
-            ConversationMessage(role="user", content=user, at=at).model_dump_json(),
-            ConversationMessage(role="assistant", content=assistant, at=at).model_dump_json(),
+            ConversationMessage(role="user", content=user, at=stamp).model_dump_json(),
+            ConversationMessage(role="assistant", content=assistant, at=stamp).model_dump_json(),
         ]
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.rpush(self.keys.conversation(owner, conversation_id), *entries)
             pipe.set(self.keys.latest_conversation(owner), conversation_id)
-            pipe.zadd(self.keys.conversation_index(owner), {conversation_id: time.time() * 1000})
+            pipe.zadd(
+                self.keys.conversation_index(owner), {conversation_id: when.timestamp() * 1000}
+            )
             await pipe.execute()
 
     async def list(self, owner: str, limit: int) -> list[ConversationSummary]:

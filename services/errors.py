@@ -85,6 +85,13 @@ class JobFailed(MeshError):
         self.retryable = retryable
 
 
+class RequesterGone(MeshError):
+    """A job's replies cannot be delivered: the reply queue is gone with the gateway
+    (or its connection) that asked. Nobody waits for the answer any more."""
+
+    code = "requester_gone"
+
+
 class WorkerLost(RetryableError):
     """A worker died after part of a streamed answer was sent; it is not resent."""
 

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
+# How long one command may wait for Redis: a hung Redis (a paused VM, a stuck disk)
+# becomes a prompt 503 with Retry-After, not a request that hangs with it. Every
+# command the services send answers in well under a millisecond when Redis is well
+# (the sync process blocks on XREAD for 0.5 s at most).
+TIMEOUT_S = 3.0
 
-def connect(url: str, max_connections: int = 64) -> redis.Redis:
+
+def connect(url: str, max_connections: int = 64, timeout_s: float = TIMEOUT_S) -> redis.Redis:
     """A client for `url`; strings in and out (we store JSON).
 
-    The pool blocks (up to 5 s) for a free connection instead of failing: a burst
-    of requests queues for Redis rather than erroring.
+    The pool blocks (up to `timeout_s`) for a free connection instead of failing: a
+    burst of requests queues for Redis rather than erroring. A refused connection
+    fails at once (no retries here: the caller answers 503 and the client retries).
     """
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=5,
+        timeout=timeout_s,
         decode_responses=True,
         health_check_interval=10,
-        socket_connect_timeout=5,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
     )
     return redis.Redis(connection_pool=pool)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -268,4 +269,57 @@ async def test_the_loader_walks_each_version_through_its_states(
     assert not await loader.install("continuity", 3)
     assert loader.states[("continuity", 3)] == AdapterState.REFUSED
     assert backend.adapters == {"continuity": 2}
+    await backend.close()
+
+
+async def test_a_new_version_between_two_chunks_of_a_prompt_keeps_the_one_it_started_with(
+    registry: Path, demo_model: Path
+) -> None:
+    """A long prompt is read in chunks; a publish (or rollback) that lands between two
+    of them must not delete the version the prompt's first chunk was read with: the
+    joining row has pinned it (it is not decoding yet, so a check of the running rows
+    alone would miss it)."""
+    import threading
+
+    backend = TransformersBackend(
+        str(demo_model), device="cpu", max_batch=4, prefill_chunk_tokens=16
+    )
+    await backend.start()
+    v1 = verify(registry, "continuity", 1, "demo-model")
+    await backend.load_adapter("continuity", 1, v1)
+    scheduler = backend.scheduler
+    assert scheduler is not None
+    read_chunk = scheduler._prefill_chunk
+    first_chunk_read = threading.Event()
+
+    def chunk_then_let_the_publish_in(prefill: Any, budget: int) -> int:
+        read = read_chunk(prefill, budget)
+        if not first_chunk_read.is_set() and prefill in scheduler._prefills:
+            first_chunk_read.set()
+            # Hold the thread here until the publish is queued: it then runs before
+            # the next chunk (calls run between turns).
+            deadline = time.monotonic() + 30
+            while scheduler.waiting.empty() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return read
+
+    scheduler._prefill_chunk = chunk_then_let_the_publish_in  # type: ignore[method-assign]
+    question = " ".join([QUESTION] * 6)  # ~70 tokens: several chunks of 16
+    job = chat("continuity", max_tokens=16).model_copy(
+        update={"messages": [ChatMessage(role="user", content=question)]}
+    )
+    running = asyncio.create_task(answer(backend, job))
+    assert await asyncio.to_thread(first_chunk_read.wait, 30)
+    v1_copy = backend.loaded["continuity"][1]
+    await backend.load_adapter("continuity", 2, verify(registry, "continuity", 2, "demo-model"))
+    assert v1_copy in backend.model.peft_config  # still pinned by the joining row
+    text = await running
+    expected = greedy_ids(demo_model, v1, 16, repetition_penalty=1.15, question=question)
+    from transformers import AutoTokenizer
+
+    assert text == AutoTokenizer.from_pretrained(demo_model).decode(
+        expected, skip_special_tokens=True
+    )
+    await answer(backend, chat(None))  # the thread has moved on: v1 is unused now
+    assert v1_copy not in backend.model.peft_config
     await backend.close()
