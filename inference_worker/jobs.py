@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from inference_worker.backends.base import Backend, Finished, GenerationEvent, TextDelta
 from proto.messages import CancelJob, ChatJob, JobError, JobResult, TokenChunk, Usage
 from services.bus import WorkerBus, coalesce
-from services.errors import MeshError, RequesterGone
+from services.errors import BusUnavailable, MeshError, RequesterGone
 from services.redis_client import Keys
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,19 @@ class JobRunner:
             self.cancelled += 1
             await message.ack()
             return
+        except BusUnavailable:
+            # A reply could not be published (the connection went, or the broker
+            # refused it): generation has stopped; hand the job back. On a closed
+            # channel the broker has it back already and the nack does nothing.
+            log.warning(
+                "job %s: its replies could not be published; handed back for redelivery",
+                job.job_id,
+            )
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
         except Exception:
-            # The replies could not be published (connection lost mid-stream): hand
-            # the job back rather than sit on it. If the channel is gone the broker
-            # has already requeued it.
+            # Anything else that escaped: hand the job back rather than sit on it.
             log.warning("job %s: replies not delivered; handing the job back", job.job_id)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
@@ -214,12 +223,19 @@ class JobRunner:
             events = self.backend.generate(job)
             finished: Finished | None = None
             pacing = self.streamed if job.stream else self.unstreamed
-            async for batch in coalesce(events, pacing.tokens, pacing.seconds):
-                text, tokens, finished = _merge(batch, finished)
-                if text or tokens:
-                    chunk = TokenChunk(job_id=job.job_id, seq=seq, text=text, token_count=tokens)
-                    await self.bus.reply(reply_to, chunk)
-                    seq += 1
+            # aclosing: when a reply fails (nobody waits, no broker), generation stops
+            # now, not when the generator is collected.
+            async with contextlib.aclosing(
+                coalesce(events, pacing.tokens, pacing.seconds)
+            ) as batches:
+                async for batch in batches:
+                    text, tokens, finished = _merge(batch, finished)
+                    if text or tokens:
+                        chunk = TokenChunk(
+                            job_id=job.job_id, seq=seq, text=text, token_count=tokens
+                        )
+                        await self.bus.reply(reply_to, chunk)
+                        seq += 1
             if finished is None:
                 raise MeshError("the backend ended without finishing", "backend_error")
             usage = Usage(
@@ -240,8 +256,8 @@ class JobRunner:
                 "job %s: done, %d tokens (%s)", job.job_id, usage.completion_tokens, finished.reason
             )
             return seq
-        except RequesterGone:
-            raise
+        except (RequesterGone, BusUnavailable):
+            raise  # nobody to tell, or no way to tell them
         except MeshError as exc:
             log.warning("job %s: failed: %s", job.job_id, exc.message)
             await self._reply_error(reply_to, job.job_id, seq, exc.code, exc.message, exc.retryable)

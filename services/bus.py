@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -233,9 +233,9 @@ class ReplyStream:
         self.job = job
         self.deadline = deadline
         self.attempts = 1
-        self.interrupted = False  # the connection was lost; waiting to resubmit
         self.received = 0  # chunks fed so far (read or not)
-        self.ended = False  # its JobResult or JobError has been fed
+        self.ended = False  # its JobResult, JobError or an error has been fed
+        self.closed = False  # its caller is done with it
         self._queue: asyncio.Queue[ReplyMessage | BaseException] = asyncio.Queue()
         self._next_seq = 0
         self._held: ReplyMessage | None = None
@@ -246,12 +246,14 @@ class ReplyStream:
     def restartable(self) -> bool:
         """Whether the caller can take the answer from a fresh start: a plain request
         (it drops what it has at StreamRestarted), or a stream with nothing yet."""
-        return self.job is not None and (not self.job.stream or self.received == 0)
+        if self.job is None or self.ended or self.closed:
+            return False
+        return not self.job.stream or self.received == 0
 
     def feed(self, item: ReplyMessage | BaseException) -> None:
         if isinstance(item, TokenChunk):
             self.received += 1
-        elif not isinstance(item, BaseException):
+        else:
             self.ended = True
         self._queue.put_nowait(item)
 
@@ -290,6 +292,7 @@ class ReplyStream:
 
     def close(self) -> None:
         self._finished = True
+        self.closed = True
         self._on_close()
 
 
@@ -317,16 +320,22 @@ class JobClient:
         self._channel: AbstractRobustChannel | None = None
         self._reply_queue_name = topology.reply_queue(client_id)
         self._streams: dict[str, ReplyStream] = {}  # by the attempt id
+        # Streams whose attempt was cut by a lost connection, waiting to be published
+        # again; they take no reply meanwhile (a stale attempt's must not mix in).
+        self._interrupted: list[ReplyStream] = []
         self._outage: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Jobs nobody here waits for that a worker still replied to: when each was
         # last told to stop (so a chatty one is not sent a cancel per reply).
         self._told: dict[str, float] = {}
         self._closing = False
+        # Open and restored: aio-pika marks a robust connection connected before it has
+        # reopened its channels (publishing then fails, and a reply could find no queue).
+        self._ready = False
 
     @property
     def connected(self) -> bool:
-        return _is_open(self._connection)
+        return self._ready and _is_open(self._connection)
 
     async def start(self, url: str) -> None:
         self._connection = await connect(url, f"gateway-{self.client_id}")
@@ -341,6 +350,7 @@ class JobClient:
             self._reply_queue_name, exclusive=True, auto_delete=True
         )
         await queue.consume(self._on_reply, no_ack=True)
+        self._ready = True
 
     async def close(self) -> None:
         self._closing = True
@@ -354,15 +364,17 @@ class JobClient:
         """Replies sent to the old reply queue are gone with it. A job that can start
         over waits for the broker; a stream already partly received cannot be resumed
         without repeating or missing text, so it ends now, clearly."""
+        self._ready = False
         if self._closing:
             return  # closing for good: close() has told every caller
-        waiting = 0
+        cut = 0
         for stream in list(self._streams.values()):
-            if stream.ended or stream.interrupted:
+            if stream.ended or stream.closed:
                 continue
             if stream.restartable:
-                stream.interrupted = True
-                waiting += 1
+                self._streams.pop(stream.job_id, None)
+                self._interrupted.append(stream)
+                cut += 1
             else:
                 self._end(
                     stream,
@@ -371,39 +383,44 @@ class JobClient:
                         code="stream_interrupted",
                     ),
                 )
-        if waiting:
+        if cut:  # (this runs again at every failed reconnect: say it once)
             log.warning(
                 "connection to RabbitMQ lost; %d job(s) wait up to %.0f s for it",
-                waiting,
+                cut,
                 self.outage_grace_s,
             )
-            if self._outage is None:
-                loop = asyncio.get_running_loop()
-                self._outage = loop.call_later(self.outage_grace_s, self._outage_too_long)
+        self._arm_outage_timer()
+
+    def _arm_outage_timer(self) -> None:
+        if self._interrupted and self._outage is None:
+            loop = asyncio.get_running_loop()
+            self._outage = loop.call_later(self.outage_grace_s, self._outage_too_long)
 
     def _outage_too_long(self) -> None:
         self._outage = None
         if self.connected:
-            return
-        for stream in list(self._streams.values()):
-            if stream.interrupted:
-                stream.interrupted = False
-                self._end(
-                    stream,
-                    BusUnavailable(
-                        f"RabbitMQ was unreachable for {self.outage_grace_s:.0f} s",
-                        code="broker_unavailable",
-                    ),
-                )
+            return  # back: the reconnect publishes them again
+        waiting, self._interrupted = self._interrupted, []
+        for stream in waiting:
+            self._end(
+                stream,
+                BusUnavailable(
+                    f"RabbitMQ was unreachable for {self.outage_grace_s:.0f} s",
+                    code="broker_unavailable",
+                ),
+            )
 
     def _end(self, stream: ReplyStream, error: BaseException) -> None:
         """End `stream` with `error`; replies for it from now on are for nobody (and
         their worker is told to stop)."""
         stream.feed(error)
         self._streams.pop(stream.job_id, None)
+        if stream in self._interrupted:
+            self._interrupted.remove(stream)
 
     def _on_reconnected(self, *_: object) -> None:
         # Called once the channels, the reply queue and its consumer are restored.
+        self._ready = True
         if self._outage is not None:
             self._outage.cancel()
             self._outage = None
@@ -412,19 +429,28 @@ class JobClient:
         task.add_done_callback(self._tasks.discard)
 
     async def _resubmit_interrupted(self) -> None:
-        for stream in [s for s in self._streams.values() if s.interrupted]:
-            await self._resubmit(stream)
+        waiting, self._interrupted = self._interrupted, []
+        for index, stream in enumerate(waiting):
+            if not self.connected:  # lost again: the rest wait for the next reconnect
+                self._interrupted.extend(s for s in waiting[index:] if not s.closed)
+                self._arm_outage_timer()
+                return
+            try:
+                await self._resubmit(stream)
+            except Exception as exc:  # never leave the others unpublished
+                log.exception("job %s: could not be published again", stream.job_id)
+                self._end(stream, BusUnavailable(f"could not publish the job again: {exc!r}"))
 
     async def _resubmit(self, stream: ReplyStream) -> None:
         """Publish `stream`'s job again as its next attempt, and cancel the one before:
         a finished answer lost with the old reply queue is asked for again, and a job
         still queued from before runs at most once (the other attempt is stopped)."""
         assert stream.job is not None
-        stream.interrupted = False
+        if stream.closed or stream.ended:
+            return  # its caller left (or was told) meanwhile
         before = stream.job_id
         stream.attempts += 1
         stream.job_id = attempt_id(stream.job.job_id, stream.attempts)
-        self._streams.pop(before, None)
         self._streams[stream.job_id] = stream
         left = stream.deadline - time.monotonic()
         if left <= 0:
@@ -441,9 +467,12 @@ class JobClient:
             stream.job_id,
         )
         await self.cancel(before, "superseded")
+        if stream.closed:  # its caller left while it was being published
+            await self.cancel(stream.job_id, "abandoned")
 
     def _fail_all(self, error: BaseException) -> None:
-        for stream in list(self._streams.values()):
+        waiting, self._interrupted = self._interrupted, []
+        for stream in [*self._streams.values(), *waiting]:
             stream.feed(error)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
@@ -467,21 +496,34 @@ class JobClient:
         if len(self._told) > 1000:
             self._told = {k: t for k, t in self._told.items() if now - t < 60}
         self._told[job_id] = now
-        task = asyncio.get_running_loop().create_task(self.cancel(job_id, "nobody waits for it"))
+
+        async def tell() -> None:
+            if not await self.cancel(job_id, "nobody waits for it"):
+                self._told.pop(job_id, None)  # its next reply tries again
+
+        task = asyncio.get_running_loop().create_task(tell())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def cancel(self, job_id: str, reason: str) -> None:
-        """Tell every worker to stop (or never start) `job_id`. Best effort."""
-        if self._control is None or not self.connected:
-            return
+    async def cancel(self, job_id: str, reason: str) -> bool:
+        """Tell every worker to stop (or never start) `job_id`. Best effort: whether it
+        was sent. (While a reconnect restores the channels, the control channel is
+        back before the reply queue, so a stale attempt's first reply can be answered.)"""
+        if self._control is None or not _is_open(self._connection):
+            return False
         try:
             # Not mandatory: with no worker connected there is nobody to stop.
             await self._control.publish(
                 encode(CancelJob(job_id=job_id, reason=reason)), routing_key="", mandatory=False
             )
-        except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            return True
+        except (
+            aio_pika.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as exc:
             log.warning("job %s: cancel not sent: %s", job_id, exc)
+            return False
 
     async def queue_depth(self) -> int:
         """Jobs waiting in the queue (not yet delivered to a worker)."""
@@ -502,6 +544,8 @@ class JobClient:
 
         def forget() -> None:
             self._streams.pop(stream.job_id, None)
+            if stream in self._interrupted:  # its caller left during the outage
+                self._interrupted.remove(stream)
 
         stream = ReplyStream(job.job_id, deadline, forget, job)
         self._streams[job.job_id] = stream
@@ -536,7 +580,12 @@ class JobClient:
                 ),
                 timeout=min(timeout_s, 10),
             )
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+        except (
+            TimeoutError,
+            aio_pika.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as exc:
             raise BusUnavailable(f"could not publish job {job.job_id}: {exc!r}") from exc
 
 
@@ -649,6 +698,14 @@ class WorkerBus:
             raise RequesterGone(
                 f"job {message.job_id}: its reply queue {reply_to} is gone"
             ) from exc
+        except (
+            aio_pika.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as exc:
+            raise BusUnavailable(
+                f"job {message.job_id}: reply not sent, the broker connection is lost: {exc!r}"
+            ) from exc
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Park a job in the dead-letter queue, as it came, with the reason."""
@@ -674,7 +731,7 @@ T = TypeVar("T")
 
 async def coalesce(
     items: AsyncIterator[T], max_items: int, max_delay_s: float
-) -> AsyncIterator[Sequence[T]]:
+) -> AsyncGenerator[Sequence[T], None]:
     """Group `items` into batches of at most `max_items`, never holding one back longer
     than `max_delay_s`: several tokens per message, and a slow model still streams.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import uuid
 from datetime import UTC, datetime
 from typing import cast
 
@@ -16,11 +17,26 @@ from proto.conversations import TrainingConversation
 from proto.messages import ChatMessage
 from services.redis_client import Keys
 
+# KEYS: the conversation's list, the owner's latest, the owner's index, the turn's
+# marker. ARGV: the user entry, the assistant entry, the conversation id, the turn's
+# time (ms). The marker outlives any retry (a day).
+APPEND_TURN = """
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', 86400) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1], ARGV[2])
+local newest = redis.call('ZREVRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+if not newest[2] or tonumber(ARGV[4]) >= tonumber(newest[2]) then
+  redis.call('SET', KEYS[2], ARGV[3])
+end
+redis.call('ZADD', KEYS[3], 'GT', ARGV[4], ARGV[3])  -- GT still adds a new member
+return 1
+"""
+
 
 class ConversationStore:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
+        self._append = client.register_script(APPEND_TURN)
 
     async def history(self, owner: str, conversation_id: str, limit: int) -> list[ChatMessage]:
         """The conversation's recent messages for the model, oldest first: at most `limit`.
@@ -63,22 +79,26 @@ class ConversationStore:
         user: str,
         assistant: str,
         at: datetime | None = None,
+        turn_id: str | None = None,
     ) -> None:
-        """Both halves of a turn in one atomic RPUSH, and mark it the owner's latest.
-        `at`: when the turn was answered (now, unless it is recorded late)."""
+        """Both halves of a turn at once (one script: atomic), and mark the conversation
+        the owner's latest unless a later turn of another one is. `at`: when the turn
+        was answered (now, unless it is recorded late). `turn_id`: recording the same
+        turn again (a retry after a timeout) changes nothing."""
         when = at or datetime.now(UTC)
         stamp = when.isoformat()
         entries = [
             ConversationMessage(role="user", content=user, at=stamp).model_dump_json(),
             ConversationMessage(role="assistant", content=assistant, at=stamp).model_dump_json(),
         ]
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.rpush(self.keys.conversation(owner, conversation_id), *entries)
-            pipe.set(self.keys.latest_conversation(owner), conversation_id)
-            pipe.zadd(
-                self.keys.conversation_index(owner), {conversation_id: when.timestamp() * 1000}
-            )
-            await pipe.execute()
+        keys = [
+            self.keys.conversation(owner, conversation_id),
+            self.keys.latest_conversation(owner),
+            self.keys.conversation_index(owner),
+            self.keys.turn_recorded(turn_id or uuid.uuid4().hex),
+        ]
+        args: list[str | float] = [*entries, conversation_id, when.timestamp() * 1000]
+        await self._append(keys=keys, args=args)
 
     async def list(self, owner: str, limit: int) -> list[ConversationSummary]:
         """This owner's conversations, the most recently active first."""

@@ -16,6 +16,7 @@ Ctrl-C (or SIGTERM) stops every process it started, and nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import secrets
@@ -40,6 +41,20 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+async def until_ready(url: str, timeout_s: float = 60) -> None:
+    """Wait until the gateway at `url` answers /ready with 200 (RuntimeError if not)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(f"{url}/ready")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} was not ready after {timeout_s:.0f} s")
 
 
 class MeshProcesses:

@@ -105,11 +105,26 @@ class PrivateRabbit:
         self.ctl("start_app")
         self._await_startup()
 
+    def stop(self) -> None:
+        """The whole node stops, cleanly (as for a host reboot); returns once it is gone."""
+        self.ctl("stop", str(self.root / "rabbit.pid"))  # with the pid file: waits for it
+
     def restart(self, down_s: float = 0.0) -> None:
-        """The whole node stops (as a host reboot would), stays down `down_s`, boots."""
-        self.ctl("stop")
+        """The whole node stops, stays down `down_s`, boots."""
+        self.stop()
         time.sleep(down_s)
         self.start()
+
+    def kill(self) -> None:
+        """The node dies at once (SIGKILL: a crash, an OOM kill, a host losing power)."""
+        pid = int((self.root / "rabbit.pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):  # gone, and its port free for the next boot
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         try:

@@ -60,6 +60,11 @@ class Keys:
         """Hash: "owner:conversation_id" -> when it was marked for training."""
         return f"{self.namespace}:training-conversations"
 
+    def turn_recorded(self, turn_id: str) -> str:
+        """Set once a turn is in its conversation: a retry after a timeout (the write
+        may have happened) does not add it twice."""
+        return f"{self.namespace}:turn:{turn_id}"
+
     def deliveries(self, job_id: str) -> str:
         return f"{self.namespace}:deliveries:{job_id}"
 

@@ -14,7 +14,7 @@ import pytest
 
 from proto.messages import WorkerStatus
 from services import liveness
-from services.launcher import MeshProcesses
+from services.launcher import MeshProcesses, until_ready
 from services.redis_client import Keys
 from services.settings import MeshSettings
 from tests.conftest import free_port
@@ -117,13 +117,7 @@ async def test_past_the_deadline_the_client_gets_504_and_the_job_stops(
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(timeout=30) as client:
-            for _ in range(100):
-                try:
-                    if (await client.get(f"{url}/ready")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)
+            await until_ready(url, 20)
             rate = await decode_rate(mesh)
             cancelled_before = (await worker_status(mesh_settings)).jobs_cancelled
             response = await client.post(f"{url}/chat", json=LONG, headers=auth(mesh))
@@ -177,3 +171,56 @@ async def test_conversations_survive_a_gateway_restart(mesh: MeshProcesses) -> N
             )
         ).json()
         assert len(history["messages"]) == 4
+
+
+async def test_a_gateway_killed_mid_answer_leaves_its_worker_idle_within_a_second(
+    mesh: MeshProcesses, mesh_settings: MeshSettings
+) -> None:
+    """The requesting gateway dies (SIGKILL: no cancel is sent) with a streamed and a
+    plain answer under way. Its reply queue dies with its connection; the worker's
+    next reply for each comes back from the broker, and it stops both jobs."""
+    port = free_port()
+    mesh.start_process("gateway-doomed", "gateway", {"MESH_HTTP_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    log_file = mesh.output / "worker.log"  # type: ignore[operator]
+    async with httpx.AsyncClient(timeout=60) as client:
+        await until_ready(url, 20)
+        rate = await decode_rate(mesh)
+        await asyncio.sleep(0.5)  # a liveness record written after that job
+        before = await worker_status(mesh_settings)
+        log_before = log_file.stat().st_size
+        plain = asyncio.create_task(client.post(f"{url}/chat", json=LONG, headers=auth(mesh)))
+        first_chunk = asyncio.Event()
+
+        async def read_stream() -> None:
+            # Reads to the end (leaving early would disconnect: another test's case).
+            async with client.stream(
+                "POST", f"{url}/chat/stream", json=LONG, headers=auth(mesh)
+            ) as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith("event: chunk"):
+                        first_chunk.set()
+
+        streamed = asyncio.create_task(read_stream())
+        await asyncio.wait_for(first_chunk.wait(), 30)
+        for _ in range(100):  # both jobs on the worker
+            if (await worker_status(mesh_settings)).in_flight == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert (await worker_status(mesh_settings)).in_flight == 2
+        child = mesh.children.pop("gateway-doomed")
+        child.kill()
+        child.wait()
+        for request in (plain, streamed):
+            with pytest.raises(httpx.HTTPError):
+                await request  # its gateway is gone
+    extra = await tokens_after_disconnect(mesh_settings, time.monotonic())
+    status = await worker_status(mesh_settings)
+    assert status.jobs_cancelled == before.jobs_cancelled + 2
+    assert status.jobs_completed == before.jobs_completed
+    # two rows decode at most twice one row's rate; the stale heartbeat adds up to 0.4 s
+    assert extra < 2 * rate * 1.0, f"{extra} tokens after the kill at {rate:.0f} tokens/s"
+    written = await asyncio.to_thread(log_file.read_bytes)
+    lines = written[log_before:].decode(errors="replace").splitlines()
+    assert sum("nobody waits for it any more" in line for line in lines) == 2
+    assert not [line for line in lines if "Unhandled message" in line or "ERROR" in line]

@@ -75,9 +75,11 @@ async def rabbit(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Priv
     if not PrivateRabbit.available():
         pytest.skip("needs rabbitmq-server (Debian's package)")
     node = PrivateRabbit(Path(tmp_path_factory.mktemp("rabbit")))
-    await asyncio.to_thread(node.start)
-    yield node
-    await asyncio.to_thread(node.shutdown)
+    try:
+        await asyncio.to_thread(node.start)
+        yield node
+    finally:
+        await asyncio.to_thread(node.shutdown)
 
 
 class ScriptedWorker:
@@ -172,7 +174,7 @@ async def test_jobs_in_flight_across_a_broker_outage(rabbit: PrivateRabbit, outa
     if outage == "stop_app":
         await asyncio.to_thread(rabbit.stop_app)
     else:
-        await asyncio.to_thread(rabbit.ctl, "stop")
+        await asyncio.to_thread(rabbit.stop)
     # A stream already partly received cannot start over: it ends at once, clearly.
     with pytest.raises(BusUnavailable) as lost:
         await asyncio.wait_for(anext(streamed), 10)
