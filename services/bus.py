@@ -58,21 +58,29 @@ log = logging.getLogger(__name__)
 
 ReplyMessage = TokenChunk | JobResult | JobError
 CONTENT_TYPE = "application/json"
+REPLY_TIMEOUT_S = 10.0  # a reply's publish and confirm; past it the connection is taken as lost
 
 
-def with_reconnect_interval(url: str, seconds: float = 1.0) -> str:
-    """aio-pika waits 5 s between reconnect attempts by default; we want ~1 s."""
+def with_reconnect_interval(url: str, seconds: float = 1.0, heartbeat_s: int | None = None) -> str:
+    """aio-pika waits 5 s between reconnect attempts by default; we want ~1 s.
+    `heartbeat_s`: the AMQP heartbeat to ask for (the URL's own wins)."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     query.setdefault("reconnect_interval", str(seconds))
+    if heartbeat_s is not None:
+        query.setdefault("heartbeat", str(heartbeat_s))
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-async def connect(url: str, name: str) -> AbstractRobustConnection:
-    """A robust connection: channels, queues and consumers come back after a broker restart."""
+async def connect(url: str, name: str, heartbeat_s: int | None = None) -> AbstractRobustConnection:
+    """A robust connection: channels, queues and consumers come back after a broker
+    restart. `heartbeat_s`: how soon the broker gives up on a peer that went silent
+    (default 60 s)."""
     try:
         return await aio_pika.connect_robust(
-            with_reconnect_interval(url), client_properties={"connection_name": name}, timeout=10
+            with_reconnect_interval(url, heartbeat_s=heartbeat_s),
+            client_properties={"connection_name": name},
+            timeout=10,
         )
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
         raise BusUnavailable(f"cannot reach RabbitMQ at {_redact(url)}: {exc}") from exc
@@ -338,7 +346,9 @@ class JobClient:
         return self._ready and _is_open(self._connection)
 
     async def start(self, url: str) -> None:
-        self._connection = await connect(url, f"gateway-{self.client_id}")
+        # A short heartbeat: a gateway whose host vanishes without closing its socket
+        # (power, network) loses its reply queue, and so its jobs, within ~30 s.
+        self._connection = await connect(url, f"gateway-{self.client_id}", heartbeat_s=15)
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -689,16 +699,22 @@ class WorkerBus:
         is gone: the gateway that asked, or its connection, is no more)."""
         assert self._channel is not None, "start() first"
         try:
-            await self._channel.default_exchange.publish(
-                encode(message, correlation_id=message.job_id),
-                routing_key=reply_to,
-                mandatory=True,
+            # Bounded: a publish begun while the connection is being restored can wait
+            # for a confirmation that never comes.
+            await asyncio.wait_for(
+                self._channel.default_exchange.publish(
+                    encode(message, correlation_id=message.job_id),
+                    routing_key=reply_to,
+                    mandatory=True,
+                ),
+                REPLY_TIMEOUT_S,
             )
         except aio_pika.exceptions.PublishError as exc:
             raise RequesterGone(
                 f"job {message.job_id}: its reply queue {reply_to} is gone"
             ) from exc
         except (
+            TimeoutError,
             aio_pika.exceptions.AMQPError,
             aio_pika.exceptions.ChannelInvalidStateError,
             ConnectionError,
