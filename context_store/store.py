@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import cast
 
@@ -37,16 +38,23 @@ def doc_name(tier: str, project: str | None = None) -> str:
     return f"project/{project}" if tier == "project" else tier
 
 
-def _now() -> tuple[int, str]:
-    return int(time.time() * 1000), datetime.now(UTC).isoformat()
+Clock = Callable[[], float]  # seconds since the epoch, as time.time
+
+
+def _now(clock: Clock = time.time) -> tuple[int, str]:
+    now = clock()
+    return int(now * 1000), datetime.fromtimestamp(now, UTC).isoformat()
 
 
 class ContextStore:
     """One site's context store. Every write is one Lua script: atomic and CAS."""
 
-    def __init__(self, client: redis.Redis, namespace: str, site: str) -> None:
+    def __init__(
+        self, client: redis.Redis, namespace: str, site: str, clock: Clock = time.time
+    ) -> None:
         self.client = client
         self.site = site
+        self.clock = clock  # tests set a site's clock ahead or behind
         self.prefix = f"{namespace}:ctx"
         self._write = client.register_script(scripts.WRITE_DOC)
         self._apply_doc = client.register_script(scripts.APPLY_DOC)
@@ -79,20 +87,43 @@ class ContextStore:
             found = await pipe.execute()
         return {doc: _document(doc, f) if f else None for doc, f in zip(docs, found, strict=True)}
 
-    async def write(self, doc: str, content: str, expected_version: int) -> Document:
-        """Replace `doc` if it is still at `expected_version` (0: it must not exist)."""
-        now_ms, written_at = _now()
+    def _doc_keys(self, doc: str) -> dict[str, str]:
+        return {
+            part: self._key(part, doc) for part in ("doc", "hist", "known", "heads", "gone", "vers")
+        } | {"dconf": self._key("conflicts-of", doc)}
+
+    async def write(
+        self, doc: str, content: str, expected_version: int, also_replaces: str = ""
+    ) -> Document:
+        """Replace `doc` if it is still at `expected_version` (0: it must not exist).
+        `also_replaces`: 'hlc|site' of a conflicting version this one settles."""
+        now_ms, written_at = _now(self.clock)
         sha = hashlib.sha256(content.encode()).hexdigest()
+        k = self._doc_keys(doc)
         ok, version, hlc = await self._write(
             keys=[
-                self._key("doc", doc),
-                self._key("hist", doc),
-                self._key("known", doc),
+                k["doc"],
+                k["hist"],
+                k["known"],
                 self._key("hlc"),
                 self.outbox,
                 self._key("docs"),
+                k["heads"],
+                k["gone"],
+                k["vers"],
+                self._key("conflicts"),
+                k["dconf"],
             ],
-            args=[expected_version, content, self.site, now_ms, sha, written_at, doc],
+            args=[
+                expected_version,
+                content,
+                self.site,
+                now_ms,
+                sha,
+                written_at,
+                doc,
+                also_replaces,
+            ],
         )
         if not int(ok):
             raise VersionConflict(doc, int(version))
@@ -139,7 +170,7 @@ class ContextStore:
     # -- log ----------------------------------------------------------------------------
 
     async def append_log(self, text: str) -> LogEntry:
-        now_ms, written_at = _now()
+        now_ms, written_at = _now(self.clock)
         entry_id = uuid.uuid4().hex
         hlc = await self._append(
             keys=[self._key("log"), self._key("log-entries"), self._key("hlc"), self.outbox],
@@ -184,36 +215,45 @@ class ContextStore:
         )
 
     async def resolve(self, conflict_id: str, keep: str) -> Document | None:
-        """keep='conflict' makes the losing content current (a new version)."""
+        """Settle a conflict with a new version that replaces both the current one and
+        the conflicting one: with the current content (keep='current') or the
+        conflicting content (keep='conflict'). It replicates like any edit, so the
+        record goes on every site, and resolving twice changes nothing more. None when
+        there is no such record (any more)."""
         raw = await self.client.hget(self._key("conflicts"), conflict_id)
         if raw is None:
             return None
         record = Conflict(conflict_id=conflict_id, **json.loads(raw))
-        document = None
-        if keep == "conflict":
-            current = await self.get(record.doc)
-            document = await self.write(
-                record.doc, record.content, current.version if current else 0
-            )
-        await self.client.hdel(self._key("conflicts"), conflict_id)
-        return document
+        current = await self.get(record.doc)
+        content = record.content if keep == "conflict" or current is None else current.content
+        return await self.write(
+            record.doc,
+            content,
+            current.version if current else 0,
+            also_replaces=f"{record.hlc}|{record.site}",
+        )
 
     # -- sync ---------------------------------------------------------------------------
 
     async def apply(self, event: ContextChanged) -> bool:
         """Apply a change from another site; idempotent. True when it changed anything."""
-        now_ms, _ = _now()
+        now_ms, _ = _now(self.clock)
         if event.version is not None:
             v = event.version
-            applied, _ = await self._apply_doc(
+            k = self._doc_keys(v.doc)
+            [applied] = await self._apply_doc(
                 keys=[
-                    self._key("doc", v.doc),
-                    self._key("hist", v.doc),
-                    self._key("known", v.doc),
+                    k["doc"],
+                    k["hist"],
+                    k["known"],
                     self._key("hlc"),
                     self._key("conflicts"),
                     self._key("docs"),
                     self._key("seen"),
+                    k["heads"],
+                    k["gone"],
+                    k["vers"],
+                    k["dconf"],
                 ],
                 args=[v.doc, v.content, v.hlc, v.site, v.base, v.sha256, v.written_at, now_ms],
             )

@@ -10,41 +10,102 @@
   after a reconnect, and every `catch_up_s`, a site asks the others for their own
   changes newer than what it has applied from them, and applies the answer.
 Applying is idempotent, so replays and overlaps are harmless.
+
+The process survives its world: Redis paused or restarted, the broker restarted or
+unreachable at start, the other site gone. Each loop logs the failure, waits with
+backoff (up to `max_backoff_s`) and goes on from where it was; only a stop ends it.
+Its state (running, or what it waits for, and how many local changes are not yet
+published) is kept in Redis with a short lifetime, for `make doctor`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustExchange
+from redis.exceptions import RedisError
 
 from context_store.store import ContextStore
 from proto.context import ContextChanged, ContextSyncRequest
 from services.bus import Topology, connect, encode
+from services.errors import BusUnavailable
+from services.redis_client import Keys
 
 log = logging.getLogger(__name__)
 
+# What a sync loop waits out instead of dying on: Redis or the broker away or slow.
+TRANSIENT = (
+    RedisError,
+    OSError,
+    TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    BusUnavailable,
+)
+STATUS_TTL_S = 30
+PUBLISH_TIMEOUT_S = 5
+HEALTHY_RUN_S = 10  # a loop that ran this long before failing starts its backoff over
+
+
+class Backoff:
+    """0.5 s, doubling, up to `cap_s`, with jitter; `reset()` after a success."""
+
+    def __init__(self, cap_s: float) -> None:
+        self.cap_s = cap_s
+        self.delay = 0.5
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
+        self.delay = min(self.delay * 2, self.cap_s)
+
+    def reset(self) -> None:
+        self.delay = 0.5
+
 
 class SyncDaemon:
-    def __init__(self, store: ContextStore, namespace: str, catch_up_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: ContextStore,
+        namespace: str,
+        catch_up_s: float = 30.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
         self.store = store
         self.site = store.site
+        self.namespace = namespace
         topology = Topology(namespace, "")  # the context names do not depend on a family
         self.exchange_name = topology.context_exchange
         self.queue_name = topology.context_queue(self.site)
         self.catch_up_s = catch_up_s
+        self.max_backoff_s = max_backoff_s
         self._exchange: AbstractRobustExchange | None = None
         self._channel: AbstractRobustChannel | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self.applied = 0
         self.published = 0
+        self.state = "starting"  # or "running", or what it waits for
+        self.unpublished = 0  # local changes not yet published (at the last look)
+        self.last_published_at: float | None = None
 
     async def run(self, amqp_url: str) -> None:
-        connection = await connect(amqp_url, f"context-sync-{self.site}")
+        """Sync until stopped; a broker that is not there yet is waited for."""
+        backoff = Backoff(self.max_backoff_s)
+        while True:
+            try:
+                connection = await connect(amqp_url, f"context-sync-{self.site}")
+                break
+            except BusUnavailable as exc:
+                self.state = "waiting for the broker"
+                log.warning("context sync: %s; trying again", exc)
+                await backoff.wait()
         connection.reconnect_callbacks.add(lambda *_: self._request_catch_up_soon())
         try:
             self._channel = await connection.channel(publisher_confirms=True)
@@ -57,9 +118,50 @@ class SyncDaemon:
                 await queue.bind(self._exchange, routing_key=key)
             await queue.consume(self._on_message)
             log.info("context sync for site %s running", self.site)
-            await asyncio.gather(self._publish_outbox(), self._catch_up_loop())
+            self.state = "running"
+            await asyncio.gather(
+                self._forever("publishing local changes", self._publish_outbox),
+                self._forever("asking the other sites to catch up", self._catch_up_loop),
+                self._forever("recording its state", self._report_loop),
+            )
         finally:
             await connection.close()
+
+    async def _forever(self, what: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run `loop` until stopped; a transient failure is logged and waited out."""
+        backoff = Backoff(self.max_backoff_s)
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                await loop()
+            except TRANSIENT as exc:
+                if time.monotonic() - started > HEALTHY_RUN_S:
+                    backoff.reset()  # it had been working: this is a new outage
+                self.state = f"waiting ({what}: {type(exc).__name__})"
+                log.warning("context sync: %s failed: %s; trying again", what, exc)
+                await backoff.wait()
+
+    async def _report_loop(self) -> None:
+        """The state, for `make doctor`: kept in Redis for STATUS_TTL_S."""
+        while not self._stopping.is_set():
+            marker = await self.store.sent_marker()
+            self.unpublished = len(await self.store.read_outbox(marker, count=10_000))
+            if self.state.startswith("waiting"):
+                self.state = "running"  # this loop reached Redis: what failed may be back
+            status = {
+                "site": self.site,
+                "state": self.state,
+                "unpublished": self.unpublished,
+                "published": self.published,
+                "applied": self.applied,
+                "last_published_at": self.last_published_at,
+                "at": time.time(),
+            }
+            await self.store.client.set(
+                Keys(self.namespace).context_sync(self.site), json.dumps(status), ex=STATUS_TTL_S
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 2)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -90,24 +192,48 @@ class SyncDaemon:
                 self.published += 1
                 marker = entry_id
             await self.store.mark_sent(marker)
+            self.last_published_at = time.time()
 
     async def _publish(self, message: ContextChanged | ContextSyncRequest, key: str) -> None:
         assert self._exchange is not None
-        await self._exchange.publish(
-            encode(message, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=key
+        # Bounded: a publish begun while the connection is being restored can wait for a
+        # confirmation that never comes; then it is a failure like any other, retried.
+        await asyncio.wait_for(
+            self._exchange.publish(
+                encode(message, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=key
+            ),
+            PUBLISH_TIMEOUT_S,
         )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        async with message.process(requeue=True):
-            kind = (message.headers or {}).get("type")
-            if kind == "context_changed":
-                event = ContextChanged.model_validate_json(message.body)
-                if event.origin != self.site and await self.store.apply(event):
-                    self.applied += 1
-            elif kind == "context_sync_request":
-                request = ContextSyncRequest.model_validate_json(message.body)
-                if request.site != self.site:
-                    await self._answer(request)
+        try:
+            await self._handle(message)
+        except TRANSIENT as exc:
+            # Back to the queue, after a pause (an immediate redelivery would spin
+            # while Redis is away).
+            log.warning("context sync: a change could not be applied yet: %s", exc)
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(*TRANSIENT):
+                await message.nack(requeue=True)
+            return
+        except Exception:
+            log.exception("context sync: dropping a message it cannot read")
+            with contextlib.suppress(*TRANSIENT):
+                await message.reject(requeue=False)
+            return
+        with contextlib.suppress(*TRANSIENT):
+            await message.ack()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        kind = (message.headers or {}).get("type")
+        if kind == "context_changed":
+            event = ContextChanged.model_validate_json(message.body)
+            if event.origin != self.site and await self.store.apply(event):
+                self.applied += 1
+        elif kind == "context_sync_request":
+            request = ContextSyncRequest.model_validate_json(message.body)
+            if request.site != self.site:
+                await self._answer(request)
 
     async def _answer(self, request: ContextSyncRequest) -> None:
         since = int(request.since.get(self.site, "0"))

@@ -114,7 +114,8 @@ async def list_conflicts(key: ContextKey, store: Store) -> list[Conflict]:
     responses=CONTEXT_ERRORS,
 )
 async def resolve_conflict(body: ConflictResolve, key: ContextKey, store: Store) -> Document | None:
-    """Drop the record (keep=current) or make the losing version current (keep=conflict)."""
+    """Settle a conflict with a new version that replaces both: the current content
+    (keep=current) or the losing version's (keep=conflict). It replicates like an edit."""
     if not any(c.conflict_id == body.conflict_id for c in await store.conflicts()):
         raise ApiError(404, "invalid_request_error", "no such conflict", "not_found")
     try:

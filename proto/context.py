@@ -117,7 +117,8 @@ class Conflict(ApiModel):
 class ConflictResolve(ApiModel):
     conflict_id: str = Field(max_length=200, description="From GET /context/conflicts.")
     keep: Literal["current", "conflict"] = Field(
-        description="current: drop the record; conflict: make the losing version current."
+        description="current: keep the current content; conflict: make the losing version's "
+        "content current. Either way a new version replaces both, on every site."
     )
 
 

@@ -110,6 +110,35 @@ async def redis_line(settings: MeshSettings) -> Line:
     return Line("redis", True, text, warning=not aof)
 
 
+async def sync_line(settings: MeshSettings) -> Line:
+    """The context sync processes that reported in the last 30 s, with their state."""
+    import json
+
+    from services.redis_client import Keys, connect
+
+    client = connect(settings.redis_url)
+    try:
+        keys = Keys(settings.namespace)
+        names = [name async for name in client.scan_iter(match=keys.context_sync("*"))]
+        records = [json.loads(raw) for raw in await client.mget(names) if raw] if names else []
+    except Exception as exc:
+        return Line("sync", False, f"cannot tell (Redis: {exc})", essential=False)
+    finally:
+        await client.aclose()
+    if not records:
+        return Line("sync", True, "no context sync process has reported", essential=False)
+    parts = []
+    for record in sorted(records, key=lambda r: r["site"]):
+        published = record.get("last_published_at")
+        ago = "never" if published is None else f"{max(record['at'] - published, 0):.0f} s ago"
+        parts.append(
+            f"{record['site']}: {record['state']}, {record['unpublished']} change(s) not yet "
+            f"published (last published {ago})"
+        )
+    healthy = all(r["state"] == "running" for r in records)
+    return Line("sync", True, "; ".join(parts), essential=False, warning=not healthy)
+
+
 def model_line() -> Line:
     model = os.environ.get("MESH_MODEL", "")
     if model:
@@ -166,6 +195,7 @@ CHECKS: dict[str, Callable[[MeshSettings], Line | Awaitable[Line]]] = {
     "packages": lambda s: packages_line(),
     "broker": broker_line,
     "redis": redis_line,
+    "sync": sync_line,
     "model": lambda s: model_line(),
     "memory": lambda s: memory_line(),
     "adapters": lambda s: adapters_line(),

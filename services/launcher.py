@@ -241,9 +241,24 @@ def main() -> int:
         mesh.start(context_sync=True)
         mesh.wait_ready(interrupted=stopping.is_set)
         print(f"gateway: {mesh.url}\napi key: {key}", flush=True)
+        sync_restarts = 0
         while not stopping.is_set():
-            if any(child.poll() is not None for child in mesh.children.values()):
-                print("make run: a mesh process exited; stopping the others", file=sys.stderr)
+            exited = [name for name, child in mesh.children.items() if child.poll() is not None]
+            if exited == ["context"]:
+                # The sync process waits out Redis and broker outages itself; if it still
+                # exits, the gateway and worker keep serving while it is started again.
+                sync_restarts += 1
+                delay = min(2**sync_restarts, 60)
+                print(
+                    f"make run: the context sync process exited; starting it again in {delay} s",
+                    file=sys.stderr,
+                )
+                mesh.children.pop("context")
+                if stopping.wait(delay):
+                    break
+                mesh.start_process("context", "context_store", args=["sync"])
+            elif exited:
+                print(f"make run: {', '.join(exited)} exited; stopping the others", file=sys.stderr)
                 code = 1
                 break
             stopping.wait(0.5)

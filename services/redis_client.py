@@ -65,6 +65,10 @@ class Keys:
         may have happened) does not add it twice."""
         return f"{self.namespace}:turn:{turn_id}"
 
+    def context_sync(self, site: str) -> str:
+        """A site's sync process's state (JSON, short-lived: absent means not running)."""
+        return f"{self.namespace}:context-sync:{site}"
+
     def deliveries(self, job_id: str) -> str:
         return f"{self.namespace}:deliveries:{job_id}"
 

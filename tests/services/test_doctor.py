@@ -35,6 +35,7 @@ def test_one_line_per_check_and_exit_0_when_all_is_well() -> None:
         "packages",
         "broker",
         "redis",
+        "sync",
         "model",
         "memory",
         "adapters",

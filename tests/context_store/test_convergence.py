@@ -1,0 +1,156 @@
+"""Conflicts by causality: two sites' stores (each its own namespace in the real
+Redis), their changes handed over by hand in every order. A version the other site
+superseded with its next edit is history, not a conflict; both sites end with the
+same current versions and the same conflict records, whatever the order; a
+resolution replicates like an edit; a clock that runs ahead loses no edit."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from context_store.store import ContextStore
+from proto.context import ContextChanged
+from services.settings import MeshSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[redis.Redis]:
+    connection = redis.Redis.from_url(MeshSettings().redis_url, decode_responses=True)
+    prefixes: list[str] = []
+    connection.test_prefixes = prefixes  # type: ignore[attr-defined]
+    yield connection
+    for prefix in prefixes:
+        names = [name async for name in connection.scan_iter(match=f"{prefix}:*")]
+        if names:
+            await connection.delete(*names)
+    await connection.aclose()
+
+
+def pair(client: redis.Redis, **clocks: Any) -> tuple[ContextStore, ContextStore]:
+    stores = []
+    for site in ("desktop", "vps"):
+        namespace = f"conv-{uuid.uuid4().hex[:8]}"
+        client.test_prefixes.append(namespace)  # type: ignore[attr-defined]
+        stores.append(ContextStore(client, namespace, site, clock=clocks.get(site, time.time)))
+    return stores[0], stores[1]
+
+
+async def outbox(store: ContextStore) -> list[ContextChanged]:
+    return [event for _, event in await store.read_outbox("0-0", count=10_000)]
+
+
+async def exchange(desktop: ContextStore, vps: ContextStore) -> None:
+    """Hand each site every change the other has made (the heal)."""
+    for event in await outbox(desktop):
+        await vps.apply(event)
+    for event in await outbox(vps):
+        await desktop.apply(event)
+
+
+async def state(store: ContextStore) -> dict[str, Any]:
+    docs = {}
+    for doc in await store.docs():
+        d = await store.get(doc)
+        assert d is not None
+        docs[doc] = (d.content, d.hlc, d.site)
+    conflicts = {
+        c.conflict_id: (c.content, c.hlc, c.site, c.winner) for c in await store.conflicts()
+    }
+    return {"docs": docs, "conflicts": conflicts}
+
+
+async def test_a_superseded_version_is_history_not_a_conflict(client: redis.Redis) -> None:
+    """The issue's minimal case: partition; the desktop writes d1 then d2; the VPS then
+    writes v; heal. Only d2 and v were concurrent."""
+    desktop, vps = pair(client)
+    await desktop.write("briefing", "d1", 0)
+    await desktop.write("briefing", "d2", 1)
+    await vps.write("briefing", "v", 0)
+    await exchange(desktop, vps)
+    a, b = await state(desktop), await state(vps)
+    assert a == b
+    assert a["docs"]["briefing"][0] == "v"  # the later of the two concurrent edits
+    assert [content for content, *_ in a["conflicts"].values()] == ["d2"]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+async def test_every_delivery_order_ends_the_same(
+    client: redis.Redis, order: tuple[int, ...]
+) -> None:
+    desktop, vps = pair(client)
+    await desktop.write("briefing", "base", 0)
+    for event in await outbox(desktop):
+        await vps.apply(event)
+    sent_before = len(await outbox(desktop))
+    # Partitioned: two edits on each side over the same base.
+    await desktop.write("briefing", "d1", 1)
+    await desktop.write("briefing", "d2", 2)
+    await vps.write("briefing", "v1", 1)
+    await vps.write("briefing", "v2", 2)
+    to_vps = (await outbox(desktop))[sent_before:]
+    to_desktop = await outbox(vps)
+    deliveries = [(vps, e) for e in to_vps] + [(desktop, e) for e in to_desktop]
+    for index in order:  # the four changes, shuffled (and each site's own reordered)
+        target, event = deliveries[index]
+        await target.apply(event)
+    a, b = await state(desktop), await state(vps)
+    assert a == b
+    # d1 and v1 were each superseded by their own site's next edit: not conflicts. Of
+    # the two concurrent heads, d2 and v2, one is current and the other the one record.
+    conflicts = [content for content, *_ in a["conflicts"].values()]
+    assert len(conflicts) == 1
+    assert {a["docs"]["briefing"][0], *conflicts} == {"d2", "v2"}
+
+
+async def test_a_resolution_replicates_and_is_idempotent(client: redis.Redis) -> None:
+    desktop, vps = pair(client)
+    await desktop.write("briefing", "mine", 0)
+    await vps.write("briefing", "theirs", 0)
+    await exchange(desktop, vps)
+    [conflict] = await desktop.conflicts()
+    assert await state(desktop) == await state(vps)
+    sent = len(await outbox(desktop))
+    resolved = await desktop.resolve(conflict.conflict_id, "conflict")
+    assert resolved is not None and resolved.content == conflict.content
+    assert await desktop.resolve(conflict.conflict_id, "conflict") is None  # already settled
+    for event in (await outbox(desktop))[sent:]:
+        await vps.apply(event)
+        await vps.apply(event)  # a redelivery changes nothing
+    assert await vps.conflicts() == [] and await desktop.conflicts() == []
+    assert await state(desktop) == await state(vps)
+    assert (await vps.get("briefing")).content == conflict.content  # type: ignore[union-attr]
+
+
+async def test_a_site_whose_clock_runs_ahead_wins_concurrent_edits_and_loses_none(
+    client: redis.Redis,
+) -> None:
+    """Documented behaviour: the later hybrid-logical-clock time wins a concurrent
+    edit, so a site whose clock is 5 minutes ahead wins them; the other edit is kept as
+    a conflict record. An edit made after seeing the skewed one still wins (the clock
+    moves past what it has seen), so skew never hides a later, informed edit."""
+    desktop, vps = pair(client, vps=lambda: time.time() + 300)
+    await desktop.write("briefing", "desktop, concurrent", 0)
+    await vps.write("briefing", "vps, concurrent (clock ahead)", 0)
+    await exchange(desktop, vps)
+    a = await state(desktop)
+    assert a == await state(vps)
+    assert a["docs"]["briefing"][0] == "vps, concurrent (clock ahead)"
+    assert [content for content, *_ in a["conflicts"].values()] == ["desktop, concurrent"]
+    # The desktop, having seen the VPS's version, edits again: that edit wins.
+    current = await desktop.get("briefing")
+    assert current is not None
+    sent = len(await outbox(desktop))
+    await desktop.write("briefing", "desktop, after seeing it", current.version)
+    for event in (await outbox(desktop))[sent:]:
+        await vps.apply(event)
+    assert (await vps.get("briefing")).content == "desktop, after seeing it"  # type: ignore[union-attr]
+    assert await state(desktop) == await state(vps)
