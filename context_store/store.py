@@ -161,6 +161,13 @@ class ContextStore:
             for _, f in entries
         ]
 
+    async def known_versions(self, doc: str) -> list[DocVersion]:
+        """Every version of `doc` this site knows (its own and the other sites',
+        current, superseded or conflicting), oldest first by (hlc, site)."""
+        raw = cast(_Fields, await self.client.hgetall(self._key("vers", doc)))
+        versions = [DocVersion(doc=doc, **json.loads(value)) for value in raw.values()]
+        return sorted(versions, key=lambda v: (int(v.hlc), v.site))
+
     async def version(self, doc: str, number: int) -> Document | None:
         for _, fields in cast(_Entries, await self.client.xrange(self._key("hist", doc))):
             if int(fields["version"]) == number:

@@ -24,7 +24,10 @@ class DocVersion(BusMessage):
     content: str = Field(description="The whole markdown document.")
     hlc: str = Field(pattern=r"^\d{1,19}$", description="Hybrid-logical-clock timestamp.")
     site: str = Field(description="The site that wrote it.")
-    base: str = Field(description="'hlc|site' of the version it replaced; empty for the first.")
+    base: str = Field(
+        description="'hlc|site' of the version it replaced (several, comma-separated, for a "
+        "resolution that settles a conflict); empty for the first."
+    )
     sha256: str = Field(description="sha256 of the content.")
     written_at: str = Field(description="Wall-clock time of the write (ISO 8601, UTC).")
 
