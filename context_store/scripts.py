@@ -55,13 +55,15 @@ local function take_over(doc, heads, vers, conflicts, dconf, name)
   end
 end
 
+-- False when the version was known already. Its bases are taken in either way (that
+-- is idempotent): a version known from before this layout still supersedes them.
 local function add_version(known, heads, gone, vers, id, version_json, base)
-  if redis.call('SADD', known, id) == 0 then return false end
-  redis.call('HSET', vers, id, version_json)
   for b in string.gmatch(base, '[^,]+') do
     redis.call('SADD', gone, b)
     redis.call('SREM', heads, b)
   end
+  if redis.call('SADD', known, id) == 0 then return false end
+  redis.call('HSET', vers, id, version_json)
   if redis.call('SISMEMBER', gone, id) == 0 then redis.call('SADD', heads, id) end
   return true
 end
@@ -108,16 +110,25 @@ end
 """
 
 # KEYS: doc, hist, known, hlc, outbox, docs, heads, gone, vers, conflicts, dconf
-# ARGV: expected_version, content, site, now_ms, sha256, written_at, doc_name,
+# ARGV: expected (this site's version number, or a version id 'hlc|site': the same
+#       on every site), content, site, now_ms, sha256, written_at, doc_name,
 #       also_replaces ('hlc|site' of other versions this one replaces: a resolution)
 # The new version replaces the current one; its hlc is above every version this site
 # knows, so it is the greatest head and becomes current.
+# Returns {1, version, hlc}, or {0, current version, current id} when stale.
 WRITE_DOC = (
     DOC_FUNCTIONS
     + """
 take_over(KEYS[1], KEYS[7], KEYS[9], KEYS[10], KEYS[11], ARGV[7])
 local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if cur ~= tonumber(ARGV[1]) then return {0, tostring(cur), ''} end
+local cur_id = current_id(KEYS[1]) or ''
+local fresh
+if string.find(ARGV[1], '|', 1, true) then fresh = (ARGV[1] == cur_id)
+else fresh = (cur == tonumber(ARGV[1])) end
+for other in string.gmatch(ARGV[8], '[^,]+') do  -- what a resolution settles: still open?
+  if redis.call('SISMEMBER', KEYS[7], other) == 0 then fresh = false end
+end
+if not fresh then return {0, tostring(cur), cur_id} end
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
 local h = string.format('%.0f', math.max(tonumber(ARGV[4]) * 1000, last + 1))
 redis.call('SET', KEYS[4], h)
@@ -146,6 +157,7 @@ local id = ARGV[3] .. '|' .. ARGV[4]
 local version = cjson.encode({content = ARGV[2], hlc = ARGV[3], site = ARGV[4],
   base = ARGV[5], sha256 = ARGV[6], written_at = ARGV[7]})
 if not add_version(KEYS[3], KEYS[8], KEYS[9], KEYS[10], id, version, ARGV[5]) then
+  settle(KEYS[1], KEYS[2], KEYS[8], KEYS[10], KEYS[5], KEYS[11], ARGV[1])
   return {-1}
 end
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')

@@ -25,13 +25,15 @@ _Entries = list[tuple[str, _Fields]]  # a stream range: (entry id, fields)
 
 
 class VersionConflict(PermanentError):
-    """The write named a version that is no longer current."""
+    """The write named a version that is no longer current. `current`: this site's
+    number of the current version; `current_id`: its 'hlc|site' ('' when none)."""
 
     code = "version_conflict"
 
-    def __init__(self, doc: str, current: int) -> None:
+    def __init__(self, doc: str, current: int, current_id: str = "") -> None:
         super().__init__(f"{doc} is at version {current}")
         self.current = current
+        self.current_id = current_id
 
 
 def doc_name(tier: str, project: str | None = None) -> str:
@@ -60,6 +62,9 @@ class ContextStore:
         self._apply_doc = client.register_script(scripts.APPLY_DOC)
         self._append = client.register_script(scripts.APPEND_LOG)
         self._apply_log = client.register_script(scripts.APPLY_LOG)
+        self._count_after = client.register_script(
+            "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', 100000)"
+        )
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -93,10 +98,12 @@ class ContextStore:
         } | {"dconf": self._key("conflicts-of", doc)}
 
     async def write(
-        self, doc: str, content: str, expected_version: int, also_replaces: str = ""
+        self, doc: str, content: str, expected_version: int | str, also_replaces: str = ""
     ) -> Document:
-        """Replace `doc` if it is still at `expected_version` (0: it must not exist).
-        `also_replaces`: 'hlc|site' of a conflicting version this one settles."""
+        """Replace `doc` if it is still at `expected_version`: this site's version number
+        (0: it must not exist) or a version id 'hlc|site', which names the same version
+        on every site. `also_replaces`: 'hlc|site' of a conflicting version this one
+        settles."""
         now_ms, written_at = _now(self.clock)
         sha = hashlib.sha256(content.encode()).hexdigest()
         k = self._doc_keys(doc)
@@ -126,7 +133,7 @@ class ContextStore:
             ],
         )
         if not int(ok):
-            raise VersionConflict(doc, int(version))
+            raise VersionConflict(doc, int(version), str(hlc))
         return Document(
             doc=doc,
             version=int(version),
@@ -221,24 +228,46 @@ class ContextStore:
             key=lambda c: (c.doc, int(c.hlc)),
         )
 
-    async def resolve(self, conflict_id: str, keep: str) -> Document | None:
+    async def resolve(
+        self, conflict_id: str, keep: str, seen_winner: str | None = None
+    ) -> Document | None:
         """Settle a conflict with a new version that replaces both the current one and
         the conflicting one: with the current content (keep='current') or the
         conflicting content (keep='conflict'). It replicates like any edit, so the
         record goes on every site, and resolving twice changes nothing more. None when
-        there is no such record (any more)."""
+        there is no such record (any more). `seen_winner`: the winner the owner was
+        shown; if another edit has won since, VersionConflict."""
         raw = await self.client.hget(self._key("conflicts"), conflict_id)
         if raw is None:
             return None
         record = Conflict(conflict_id=conflict_id, **json.loads(raw))
-        current = await self.get(record.doc)
-        content = record.content if keep == "conflict" or current is None else current.content
+        # Against the winner the record names, and only while the conflicting version is
+        # still open: an edit that arrived meanwhile makes this a VersionConflict (read
+        # the records again), never a silent replacement of something nobody saw.
+        if seen_winner is not None and seen_winner != record.winner:
+            current = await self.get(record.doc)
+            raise VersionConflict(
+                record.doc,
+                current.version if current else 0,
+                f"{current.hlc}|{current.site}" if current else "",
+            )
+        expected, kept = record.winner, await self.version_by_id(record.doc, record.winner)
+        if kept is None:  # a record from before versions were kept by id
+            current = await self.get(record.doc)
+            if current is None:
+                return None
+            expected, kept_content = f"{current.hlc}|{current.site}", current.content
+        else:
+            kept_content = kept.content
+        content = record.content if keep == "conflict" else kept_content
         return await self.write(
-            record.doc,
-            content,
-            current.version if current else 0,
-            also_replaces=f"{record.hlc}|{record.site}",
+            record.doc, content, expected, also_replaces=f"{record.hlc}|{record.site}"
         )
+
+    async def version_by_id(self, doc: str, version_id: str) -> DocVersion | None:
+        """A known version of `doc` by its 'hlc|site'."""
+        raw = await self.client.hget(self._key("vers", doc), version_id)
+        return DocVersion(doc=doc, **json.loads(raw)) if raw else None
 
     # -- sync ---------------------------------------------------------------------------
 
@@ -247,6 +276,8 @@ class ContextStore:
         now_ms, _ = _now(self.clock)
         if event.version is not None:
             v = event.version
+            if int(v.hlc) >= 2**53:  # Lua numbers are doubles: exact only below 2^53
+                raise PermanentError(f"{v.doc}: hlc {v.hlc} is out of range")
             k = self._doc_keys(v.doc)
             [applied] = await self._apply_doc(
                 keys=[
@@ -305,6 +336,12 @@ class ContextStore:
             _Entries, await self.client.xrange(self.outbox, f"({after}", "+", count=count)
         )
         return [(entry_id, _outbox_event(self.site, f)) for entry_id, f in entries]
+
+    async def unpublished(self) -> int:
+        """How many local changes the sync process has not published yet (counted in
+        Redis: the backlog itself does not travel; at most 100,000)."""
+        marker = await self.sent_marker()
+        return int(await self._count_after(keys=[self.outbox], args=[f"({marker}"]))
 
     async def sent_marker(self) -> str:
         return cast("str | None", await self.client.get(self._key("outbox-sent"))) or "0-0"

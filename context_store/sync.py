@@ -36,7 +36,7 @@ from context_store.store import ContextStore
 from proto.context import ContextChanged, ContextSyncRequest
 from services.bus import Topology, connect, encode
 from services.errors import BusUnavailable
-from services.redis_client import Keys
+from services.redis_client import Keys, worth_waiting_out
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class SyncDaemon:
         self.state = "starting"  # or "running", or what it waits for
         self.unpublished = 0  # local changes not yet published (at the last look)
         self.last_published_at: float | None = None
+        # Loops whose last attempt failed, and how; cleared when that loop gets on again.
+        self._failing: dict[str, str] = {}
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     async def run(self, amqp_url: str) -> None:
         """Sync until stopped; a broker that is not there yet is waited for."""
@@ -103,9 +106,10 @@ class SyncDaemon:
                 connection = await connect(amqp_url, f"context-sync-{self.site}")
                 break
             except BusUnavailable as exc:
-                self.state = "waiting for the broker"
+                self.state = "waiting for the broker"  # (not in Redis yet: no loop runs)
                 log.warning("context sync: %s; trying again", exc)
                 await backoff.wait()
+        self._connection = connection
         connection.reconnect_callbacks.add(lambda *_: self._request_catch_up_soon())
         try:
             self._channel = await connection.channel(publisher_confirms=True)
@@ -134,20 +138,28 @@ class SyncDaemon:
             started = time.monotonic()
             try:
                 await loop()
-            except TRANSIENT as exc:
+            except Exception as exc:
                 if time.monotonic() - started > HEALTHY_RUN_S:
                     backoff.reset()  # it had been working: this is a new outage
-                self.state = f"waiting ({what}: {type(exc).__name__})"
+                kind = "waiting" if _transient(exc) else "failing"
+                self._failing[what] = f"{kind}: {what}: {type(exc).__name__}"
                 log.warning("context sync: %s failed: %s; trying again", what, exc)
                 await backoff.wait()
+
+    def _going(self, what: str) -> None:
+        """`what` got through again (its failure, if any, is over)."""
+        self._failing.pop(what, None)
+
+    def _state(self) -> str:
+        if self._connection is not None and not self._connection.connected.is_set():
+            return "waiting: the broker connection is down"
+        return "; ".join(self._failing.values()) or "running"
 
     async def _report_loop(self) -> None:
         """The state, for `make doctor`: kept in Redis for STATUS_TTL_S."""
         while not self._stopping.is_set():
-            marker = await self.store.sent_marker()
-            self.unpublished = len(await self.store.read_outbox(marker, count=10_000))
-            if self.state.startswith("waiting"):
-                self.state = "running"  # this loop reached Redis: what failed may be back
+            self.unpublished = await self.store.unpublished()
+            self.state = self._state()
             status = {
                 "site": self.site,
                 "state": self.state,
@@ -160,6 +172,7 @@ class SyncDaemon:
             await self.store.client.set(
                 Keys(self.namespace).context_sync(self.site), json.dumps(status), ex=STATUS_TTL_S
             )
+            self._going("recording its state")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 2)
 
@@ -172,10 +185,11 @@ class SyncDaemon:
 
     async def _catch_up_loop(self) -> None:
         while not self._stopping.is_set():
+            self._wake.clear()  # before asking: a wake during the ask is not lost
             since = await self.store.seen()
             request = ContextSyncRequest(site=self.site, since=since)
             await self._publish(request, f"sync.{self.site}")
-            self._wake.clear()
+            self._going("asking the other sites to catch up")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.catch_up_s)
 
@@ -183,6 +197,7 @@ class SyncDaemon:
         marker = await self.store.sent_marker()
         while not self._stopping.is_set():
             batch = await self.store.read_outbox(marker)
+            self._going("publishing local changes")
             if not batch:
                 # Block on the stream itself: a write wakes us at once.
                 await self.store.client.xread({self.store.outbox: marker}, count=1, block=500)
@@ -208,16 +223,16 @@ class SyncDaemon:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             await self._handle(message)
-        except TRANSIENT as exc:
-            # Back to the queue, after a pause (an immediate redelivery would spin
-            # while Redis is away).
-            log.warning("context sync: a change could not be applied yet: %s", exc)
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(*TRANSIENT):
-                await message.nack(requeue=True)
-            return
-        except Exception:
-            log.exception("context sync: dropping a message it cannot read")
+        except Exception as exc:
+            if _transient(exc):
+                # Back to the queue, after a pause (an immediate redelivery would spin
+                # while Redis is away).
+                log.warning("context sync: a change could not be applied yet: %s", exc)
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(*TRANSIENT):
+                    await message.nack(requeue=True)
+                return
+            log.exception("context sync: dropping a message it cannot apply")
             with contextlib.suppress(*TRANSIENT):
                 await message.reject(requeue=False)
             return
@@ -242,3 +257,10 @@ class SyncDaemon:
             await self._publish(change, f"to.{request.site}")
         if changes:
             log.info("sent %d change(s) to %s to catch up", len(changes), request.site)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Redis or the broker away or slow (waited out), as opposed to a bug or bad data."""
+    if isinstance(exc, RedisError):
+        return worth_waiting_out(exc)
+    return isinstance(exc, TRANSIENT)

@@ -122,7 +122,8 @@ def create_app(settings: GatewaySettings, engine: Engine | None = None) -> MeshA
         mesh.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "If-Match"],
+            expose_headers=["ETag", "X-Context-Version", "Retry-After", "X-Cache"],
         )
     return mesh

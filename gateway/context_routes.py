@@ -49,24 +49,39 @@ def _doc(tier: str, project: str | None) -> str:
     return doc_name(tier, project)
 
 
-def _etag(document: Document) -> str:
-    return f'"v{document.version}"'
+# A version's ETag is global: '"<hlc>-<site>"' names the same version on every site
+# once synced, so a client that moves from the desktop to the VPS keeps its place.
+# The old per-site '"vN"' is still accepted in If-Match for this release (a compare
+# with this site's version number), and X-Context-Version carries that number.
+VERSION_HEADER = "X-Context-Version"
+GLOBAL_TAG = re.compile(r'(?:W/)?"?(\d{1,19})-([a-z0-9][a-z0-9-]{0,31})"?')
+LOCAL_TAG = re.compile(r'(?:W/)?"?v?(\d+)"?')
 
 
-def _expected_version(if_match: str | None) -> int:
+def _etag(hlc: str, site: str) -> str:
+    return f'"{hlc}-{site}"'
+
+
+def _version_headers(document: Document) -> dict[str, str]:
+    return {"ETag": _etag(document.hlc, document.site), VERSION_HEADER: str(document.version)}
+
+
+def _expected_version(if_match: str | None) -> int | str:
+    """The version the client edited: this site's number ("vN", "v0" for a new
+    document), or a version id 'hlc|site' (the global ETag)."""
     if if_match is None:
         raise ApiError(
             428,
             "invalid_request_error",
-            'send If-Match with the version you edited ("v0" for a new document)',
+            'send If-Match with the ETag of the version you edited ("v0" for a new document)',
             "if_match_required",
         )
-    match = re.fullmatch(r'(?:W/)?"?v?(\d+)"?', if_match.strip())
-    if match is None:
-        raise ApiError(
-            400, "invalid_request_error", f"unreadable If-Match: {if_match}", "bad_if_match"
-        )
-    return int(match.group(1))
+    tag = if_match.strip()
+    if match := GLOBAL_TAG.fullmatch(tag):
+        return f"{match.group(1)}|{match.group(2)}"
+    if match := LOCAL_TAG.fullmatch(tag):
+        return int(match.group(1))
+    raise ApiError(400, "invalid_request_error", f"unreadable If-Match: {if_match}", "bad_if_match")
 
 
 @router.post(
@@ -119,7 +134,7 @@ async def resolve_conflict(body: ConflictResolve, key: ContextKey, store: Store)
     if not any(c.conflict_id == body.conflict_id for c in await store.conflicts()):
         raise ApiError(404, "invalid_request_error", "no such conflict", "not_found")
     try:
-        return await store.resolve(body.conflict_id, body.keep)
+        return await store.resolve(body.conflict_id, body.keep, body.winner)
     except VersionConflict as exc:
         raise ApiError(409, "invalid_request_error", exc.message, exc.code) from exc
 
@@ -161,7 +176,7 @@ async def get_document(
     document = await store.get(_doc(tier, project))
     if document is None:
         raise ApiError(404, "invalid_request_error", "no such document yet", "not_found")
-    response.headers["ETag"] = _etag(document)
+    response.headers.update(_version_headers(document))
     return document
 
 
@@ -178,21 +193,27 @@ async def put_document(
     store: Store,
     response: Response,
     project: ProjectQuery = None,
-    if_match: Annotated[str | None, Header(description='The version edited, e.g. "v3".')] = None,
+    if_match: Annotated[
+        str | None,
+        Header(description='The ETag of the version edited ("v0" for a new document).'),
+    ] = None,
 ) -> Document:
     """Replace the document if it is still at the If-Match version (412 otherwise)."""
     expected = _expected_version(if_match)
     try:
         document = await store.write(_doc(tier, project), body.content, expected)
     except VersionConflict as exc:
+        headers = {VERSION_HEADER: str(exc.current)}
+        if exc.current_id:
+            headers["ETag"] = _etag(*exc.current_id.split("|", 1))
         raise ApiError(
             412,
             "invalid_request_error",
             f"{exc.message}; read it again and reapply your edit",
             "version_conflict",
-            {"ETag": f'"v{exc.current}"'},
+            headers,
         ) from exc
-    response.headers["ETag"] = _etag(document)
+    response.headers.update(_version_headers(document))
     return document
 
 

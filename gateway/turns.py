@@ -22,23 +22,13 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from services.conversations import ConversationStore
 from services.errors import StoreUnavailable
+from services.redis_client import worth_waiting_out
 
 log = logging.getLogger(__name__)
-
-
-def worth_waiting_out(exc: BaseException) -> bool:
-    """Refused, hung, loading its data, a replica for now, out of memory for now: the
-    same write may succeed later. Any other Redis error (a key of the wrong type, say)
-    would fail the same way again."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError | ReadOnlyError | OSError):
-        return True
-    return isinstance(exc, ResponseError) and str(exc).startswith("OOM")
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,9 @@ def raise_for(response: httpx.Response) -> None:
     if isinstance(error, RateLimitError) and "Retry-After" in response.headers:
         error.retry_after = float(response.headers["Retry-After"])
     if isinstance(error, ConflictError):
-        etag = response.headers.get("ETag", "").strip('"')
-        error.current_version = int(etag[1:]) if etag.startswith("v") else None
+        error.current_etag = response.headers.get("ETag") or None
+        number = response.headers.get("X-Context-Version", "")
+        error.current_version = int(number) if number.isdigit() else None
     raise error
 
 
@@ -215,12 +216,23 @@ def get_tier(tier: str, project: str | None) -> Call:
     return Call("GET", path, Document.model_validate, {"params": params})
 
 
-def put_tier(tier: str, content: str, version: int, project: str | None) -> Call:
+def if_match(version: int | str | Document) -> str:
+    """The If-Match of a save: a Document read before (its global ETag, valid on every
+    gateway once the sites have synced), an ETag as the gateway sent it, or this
+    gateway's version number (0: a new document)."""
+    if isinstance(version, Document):
+        return f'"{version.hlc}-{version.site}"'
+    if isinstance(version, int):
+        return f'"v{version}"'
+    return version if version.startswith('"') else f'"{version}"'
+
+
+def put_tier(tier: str, content: str, version: int | str | Document, project: str | None) -> Call:
     path, params = tier_path(tier, project)
     options = {
         "params": params,
         "json": {"content": content},
-        "headers": {"If-Match": f'"v{version}"'},
+        "headers": {"If-Match": if_match(version)},
     }
     return Call("PUT", path, Document.model_validate, options)
 

@@ -156,10 +156,11 @@ class AsyncMeshClient:
         return await self._call(_core.get_tier(tier, project))
 
     async def put_tier(
-        self, tier: str, content: str, version: int, project: str | None = None
+        self, tier: str, content: str, version: int | str | Document, project: str | None = None
     ) -> Document:
-        """Save if the stored version is still `version` (0: a new document);
-        ConflictError (with `current_version`) otherwise."""
+        """Save if the stored version is still `version`: the Document read before (valid
+        on every gateway once synced), its ETag, or this gateway's version number (0: a
+        new document); ConflictError (with `current_version`, `current_etag`) otherwise."""
         return await self._call(_core.put_tier(tier, content, version, project))
 
     async def log(self, limit: int = 50, before: str | None = None) -> LogPage:

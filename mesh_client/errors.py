@@ -40,9 +40,11 @@ class NotFoundError(MeshClientError):
 
 class ConflictError(MeshClientError):
     """409/412: a context save based on a stale version. `current_version` is the
-    version now stored (from the ETag), when the gateway said."""
+    gateway's number of the version now stored and `current_etag` its ETag (send it
+    as `version` to save over it on purpose), when the gateway said."""
 
     current_version: int | None = None
+    current_etag: str | None = None
 
 
 class RateLimitError(MeshClientError):

@@ -119,6 +119,13 @@ class Conflict(ApiModel):
 
 class ConflictResolve(ApiModel):
     conflict_id: str = Field(max_length=200, description="From GET /context/conflicts.")
+    winner: str | None = Field(
+        default=None,
+        max_length=60,
+        description="The record's `winner` as you were shown it: when another edit has "
+        "won since, the resolution is refused (409) instead of replacing an edit you never "
+        "saw. Without it, the current winner is taken.",
+    )
     keep: Literal["current", "conflict"] = Field(
         description="current: keep the current content; conflict: make the losing version's "
         "content current. Either way a new version replaces both, on every site."

@@ -241,12 +241,15 @@ def main() -> int:
         mesh.start(context_sync=True)
         mesh.wait_ready(interrupted=stopping.is_set)
         print(f"gateway: {mesh.url}\napi key: {key}", flush=True)
-        sync_restarts = 0
+        sync_restarts, sync_started = 0, time.monotonic()
         while not stopping.is_set():
             exited = [name for name, child in mesh.children.items() if child.poll() is not None]
             if exited == ["context"]:
                 # The sync process waits out Redis and broker outages itself; if it still
-                # exits, the gateway and worker keep serving while it is started again.
+                # exits, the gateway and worker keep serving while it is started again
+                # (sooner again once it has run a while).
+                if time.monotonic() - sync_started > 300:
+                    sync_restarts = 0
                 sync_restarts += 1
                 delay = min(2**sync_restarts, 60)
                 print(
@@ -257,6 +260,7 @@ def main() -> int:
                 if stopping.wait(delay):
                     break
                 mesh.start_process("context", "context_store", args=["sync"])
+                sync_started = time.monotonic()
             elif exited:
                 print(f"make run: {', '.join(exited)} exited; stopping the others", file=sys.stderr)
                 code = 1

@@ -30,6 +30,19 @@ def connect(url: str, max_connections: int = 64, timeout_s: float = TIMEOUT_S) -
     return redis.Redis(connection_pool=pool)
 
 
+def worth_waiting_out(exc: BaseException) -> bool:
+    """Refused, hung, loading its data, a replica or out of memory for now, a script
+    busy: the same command may succeed later. Any other Redis error (a key of the
+    wrong type, a script's own error) would fail the same way again."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ReadOnlyError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | ReadOnlyError | OSError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(("OOM", "BUSY", "LOADING"))
+
+
 class Keys:
     """Redis key names under one namespace."""
 

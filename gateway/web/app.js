@@ -14,6 +14,7 @@ const state = {
   conversationId: store.get("conversationId", null),
   model: store.get("model", ""),
   tierVersion: 0,
+  tierEtag: "", // the loaded version's ETag ('"<hlc>-<site>"'); empty for a new document
   sending: false,
 };
 // How long a gateway may take to start answering before the next one is tried.
@@ -204,20 +205,27 @@ async function loadTier() {
       $("save-tier").textContent = "Append";
       tierStatus(`${page.entries.length} recent entries; write a new one and Append`);
       state.tierVersion = 0;
+      state.tierEtag = "";
       return;
     }
     $("save-tier").textContent = "Save";
     const document_ = await getJson(tierPath());
     $("tier-text").value = document_.content;
     state.tierVersion = document_.version;
+    state.tierEtag = versionTag(document_);
     tierStatus(`v${document_.version}, saved by ${document_.site}`);
   } catch (error) {
     if (error.status === 404) {
       $("tier-text").value = "";
       state.tierVersion = 0;
+      state.tierEtag = "";
       tierStatus("new document");
     } else tierStatus(error.message, true);
   }
+}
+
+function versionTag(document_) {
+  return `"${document_.hlc}-${document_.site}"`;
 }
 
 async function saveTier() {
@@ -227,15 +235,20 @@ async function saveTier() {
       await request("/context/log", jsonBody("POST", { text }));
       return loadTier();
     }
-    const saved = await getJson(tierPath(), jsonBody("PUT", { content: text }, { "If-Match": `"v${state.tierVersion}"` }));
+    // The ETag names the version on every gateway (LAN or VPS), once they have synced.
+    const ifMatch = state.tierEtag || `"v${state.tierVersion}"`;
+    const saved = await getJson(tierPath(), jsonBody("PUT", { content: text }, { "If-Match": ifMatch }));
     state.tierVersion = saved.version;
+    state.tierEtag = versionTag(saved);
     tierStatus(`saved as v${saved.version}`);
   } catch (error) {
     if (error.status === 412) {
-      const current = (error.headers?.get("ETag") ?? "").replaceAll('"', "");
       // Keep the owner's text; saving again writes over the newer version on purpose.
-      state.tierVersion = Number(current.replace(/^v/, "")) || state.tierVersion;
-      tierStatus(`Conflict: ${current || "a newer version"} was saved meanwhile. Your text is kept: Load to see theirs, or Save again to replace it.`, true);
+      state.tierEtag = error.headers?.get("ETag") ?? state.tierEtag;
+      const number = error.headers?.get("X-Context-Version");
+      state.tierVersion = Number(number) || state.tierVersion;
+      const current = number ? `v${number}` : "a newer version";
+      tierStatus(`Conflict: ${current} was saved meanwhile. Your text is kept: Load to see theirs, or Save again to replace it.`, true);
     } else tierStatus(error.message, true);
   }
 }

@@ -1,7 +1,7 @@
 // The offline shell: the app's own files are cached, so the page opens (and shows
 // its settings and cached conversation) without a network. API calls always go to
 // the network: answers are never served from a cache.
-const SHELL = "continuity-shell-v1";
+const SHELL = "continuity-shell-v2";
 const FILES = ["/", "/app/app.js", "/app/app.css", "/app/icon.svg", "/manifest.webmanifest"];
 
 self.addEventListener("install", (event) => {

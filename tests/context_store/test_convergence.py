@@ -70,8 +70,9 @@ async def state(store: ContextStore) -> dict[str, Any]:
 
 async def test_a_superseded_version_is_history_not_a_conflict(client: redis.Redis) -> None:
     """The issue's minimal case: partition; the desktop writes d1 then d2; the VPS then
-    writes v; heal. Only d2 and v were concurrent."""
-    desktop, vps = pair(client)
+    writes v; heal. Only d2 and v were concurrent. (The VPS's clock a second ahead:
+    v is the later edit even when all three land in the same millisecond.)"""
+    desktop, vps = pair(client, vps=lambda: time.time() + 1)
     await desktop.write("briefing", "d1", 0)
     await desktop.write("briefing", "d2", 1)
     await vps.write("briefing", "v", 0)
@@ -154,3 +155,45 @@ async def test_a_site_whose_clock_runs_ahead_wins_concurrent_edits_and_loses_non
         await vps.apply(event)
     assert (await vps.get("briefing")).content == "desktop, after seeing it"  # type: ignore[union-attr]
     assert await state(desktop) == await state(vps)
+
+
+async def test_a_version_id_from_one_site_is_valid_on_the_other(client: redis.Redis) -> None:
+    """The global ETag: a client that read the briefing on the desktop saves on the
+    VPS (the phone moved from LAN to VPS) — accepted once synced, refused when the
+    VPS has a version the client never saw."""
+    from context_store.store import VersionConflict
+
+    desktop, vps = pair(client)
+    read = await desktop.write("briefing", "read on the desktop", 0)
+    await exchange(desktop, vps)
+    on_vps = await vps.get("briefing")
+    assert on_vps is not None and (on_vps.hlc, on_vps.site) == (read.hlc, read.site)
+    saved = await vps.write("briefing", "saved on the vps", f"{read.hlc}|{read.site}")
+    assert saved.content == "saved on the vps"
+    with pytest.raises(VersionConflict) as stale:  # written over content it never saw
+        await vps.write("briefing", "blind", f"{read.hlc}|{read.site}")
+    assert stale.value.current_id == f"{saved.hlc}|{saved.site}"
+
+
+async def test_a_resolution_against_an_edit_it_never_saw_is_refused(client: redis.Redis) -> None:
+    """The owner resolves a conflict while a newer edit from the other site has just
+    arrived: the resolution names the winner the owner was shown, so it is refused
+    (read the records again) rather than hiding the newer edit."""
+    from context_store.store import VersionConflict
+
+    desktop, vps = pair(client)
+    await desktop.write("briefing", "mine", 0)
+    await vps.write("briefing", "theirs", 0)
+    await exchange(desktop, vps)
+    [conflict] = await desktop.conflicts()
+    winner = await vps.get("briefing")
+    assert winner is not None
+    sent = len(await outbox(vps))
+    await vps.write("briefing", "newer, from the vps", f"{winner.hlc}|{winner.site}")
+    for event in (await outbox(vps))[sent:]:
+        await desktop.apply(event)
+    with pytest.raises(VersionConflict):
+        await desktop.resolve(conflict.conflict_id, "conflict", conflict.winner)
+    assert (await desktop.get("briefing")).content == "newer, from the vps"  # type: ignore[union-attr]
+    [still] = await desktop.conflicts()  # the record is still there, against the newer one
+    assert still.conflict_id == conflict.conflict_id

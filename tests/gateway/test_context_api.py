@@ -35,15 +35,24 @@ async def test_writes_need_if_match_and_stale_versions_get_412(client: httpx.Asy
     missing = await client.put(url, json={"content": "x"}, headers=AUTH)
     assert missing.status_code == 428 and missing.json()["error"]["code"] == "if_match_required"
     created = await client.put(url, json={"content": "first"}, headers={**AUTH, "If-Match": '"v0"'})
-    assert created.status_code == 200 and created.headers["ETag"] == '"v1"'
+    first = created.json()
+    # The ETag names the version on every site: '"<hlc>-<site>"'; the number is local.
+    assert created.status_code == 200 and created.headers["ETag"] == f'"{first["hlc"]}-local"'
+    assert created.headers["X-Context-Version"] == "1"
     read = await client.get(url, headers=AUTH)
-    assert read.json()["content"] == "first" and read.headers["ETag"] == '"v1"'
+    assert read.json()["content"] == "first" and read.headers["ETag"] == created.headers["ETag"]
     updated = await client.put(
         url, json={"content": "second"}, headers={**AUTH, "If-Match": read.headers["ETag"]}
     )
     assert updated.json()["version"] == 2
-    stale = await client.put(url, json={"content": "lost"}, headers={**AUTH, "If-Match": '"v1"'})
-    assert stale.status_code == 412 and stale.headers["ETag"] == '"v2"'
+    # Stale, by ETag or by the old "vN" (still accepted this release): 412 with the
+    # current one's ETag and number.
+    for tag in (read.headers["ETag"], '"v1"'):
+        stale = await client.put(url, json={"content": "lost"}, headers={**AUTH, "If-Match": tag})
+        assert stale.status_code == 412 and stale.headers["ETag"] == updated.headers["ETag"]
+        assert stale.headers["X-Context-Version"] == "2"
+    bad = await client.put(url, json={"content": "x"}, headers={**AUTH, "If-Match": '"nope"'})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_if_match"
     history = (await client.get(f"{url}/history", headers=AUTH)).json()
     assert [v["version"] for v in history["versions"]] == [1, 2]
     old = await client.get(f"{url}/versions/1", headers=AUTH)
