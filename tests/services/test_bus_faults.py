@@ -27,6 +27,7 @@ from services.private_servers import PrivateRabbit
 from services.settings import MeshSettings
 
 pytestmark = pytest.mark.integration
+ANSWER = [chr(ord("a") + n) for n in range(20)]  # one answer's chunks, 50 ms apart
 
 
 def job(text: str, stream: bool = False) -> ChatJob:
@@ -85,8 +86,9 @@ async def rabbit(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Priv
 class ScriptedWorker:
     """A worker on the real bus whose jobs answer as their text says:
     "hold" (first delivery: take it, answer nothing until the broker goes), "part"
-    (one chunk first), anything else at once: two chunks and a result. It stops a
-    job it is told to cancel, and acks a job whose requester is gone."""
+    (one chunk first), anything else at once: ANSWER, a chunk every 50 ms (as a model
+    decodes), and a result. It stops a job it is told to cancel, between chunks, and
+    acks a job whose requester is gone."""
 
     def __init__(self, topology: Topology) -> None:
         self.bus = WorkerBus(topology, f"w-{uuid.uuid4().hex[:6]}", capacity=8)
@@ -111,25 +113,21 @@ class ScriptedWorker:
         try:
             if text == "hold" and first_time:
                 await self.lost.wait()
-            await self.bus.reply(
-                reply_to, TokenChunk(job_id=item.job_id, seq=0, text="a", token_count=1)
-            )
-            if text == "part" and first_time:
-                await self.lost.wait()
-            for _ in range(50):  # a moment for a cancel to arrive
-                if item.job_id in self.cancels:
+            for seq, piece in enumerate(ANSWER):
+                if seq and item.job_id in self.cancels:
                     await message.ack()
                     return
-                await asyncio.sleep(0.01)
-            await self.bus.reply(
-                reply_to, TokenChunk(job_id=item.job_id, seq=1, text="b", token_count=1)
-            )
-            await self.bus.reply(reply_to, result(item.job_id, 2))
+                chunk = TokenChunk(job_id=item.job_id, seq=seq, text=piece, token_count=1)
+                await self.bus.reply(reply_to, chunk)
+                if seq == 0 and text == "part" and first_time:
+                    await self.lost.wait()
+                await asyncio.sleep(0.05)
+            await self.bus.reply(reply_to, result(item.job_id, len(ANSWER)))
             self.answered.append(item.job_id)
             await message.ack()
         except RequesterGone:
             await message.ack()
-        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+        except (BusUnavailable, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
             pass  # the connection is gone: the broker has the job back
         finally:
             self.finished += 1
@@ -190,7 +188,7 @@ async def test_jobs_in_flight_across_a_broker_outage(rabbit: PrivateRabbit, outa
     answers = await asyncio.wait_for(
         asyncio.gather(*(texts(s) for s in streams.values())), timeout=60
     )
-    assert answers == [["a", "b"]] * 3
+    assert answers == [ANSWER] * 3
     for stream in streams.values():
         stream.close()
     assert client.resubmitted == 3
