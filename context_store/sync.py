@@ -34,21 +34,14 @@ from redis.exceptions import RedisError
 
 from context_store.store import ContextStore
 from proto.context import ContextChanged, ContextSyncRequest
-from services.bus import Topology, connect, encode
+from services.bus import PUBLISH_FAILURES, Topology, connect, encode
 from services.errors import BusUnavailable
 from services.redis_client import Keys, worth_waiting_out
 
 log = logging.getLogger(__name__)
 
 # What a sync loop waits out instead of dying on: Redis or the broker away or slow.
-TRANSIENT = (
-    RedisError,
-    OSError,
-    TimeoutError,
-    aio_pika.exceptions.AMQPError,
-    aio_pika.exceptions.ChannelInvalidStateError,
-    BusUnavailable,
-)
+TRANSIENT = (RedisError, OSError, BusUnavailable, *PUBLISH_FAILURES)
 STATUS_TTL_S = 30
 PUBLISH_TIMEOUT_S = 5
 HEALTHY_RUN_S = 10  # a loop that ran this long before failing starts its backoff over

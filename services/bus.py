@@ -58,6 +58,13 @@ log = logging.getLogger(__name__)
 
 ReplyMessage = TokenChunk | JobResult | JobError
 CONTENT_TYPE = "application/json"
+# What a publish raises when the broker connection is gone, going or being restored.
+PUBLISH_FAILURES = (
+    TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 REPLY_TIMEOUT_S = 10.0  # a reply's publish and confirm; past it the connection is taken as lost
 
 
@@ -527,11 +534,7 @@ class JobClient:
                 encode(CancelJob(job_id=job_id, reason=reason)), routing_key="", mandatory=False
             )
             return True
-        except (
-            aio_pika.exceptions.AMQPError,
-            aio_pika.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-        ) as exc:
+        except PUBLISH_FAILURES as exc:
             log.warning("job %s: cancel not sent: %s", job_id, exc)
             return False
 
@@ -590,12 +593,7 @@ class JobClient:
                 ),
                 timeout=min(timeout_s, 10),
             )
-        except (
-            TimeoutError,
-            aio_pika.exceptions.AMQPError,
-            aio_pika.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-        ) as exc:
+        except PUBLISH_FAILURES as exc:
             raise BusUnavailable(f"could not publish job {job.job_id}: {exc!r}") from exc
 
 
@@ -713,12 +711,7 @@ class WorkerBus:
             raise RequesterGone(
                 f"job {message.job_id}: its reply queue {reply_to} is gone"
             ) from exc
-        except (
-            TimeoutError,
-            aio_pika.exceptions.AMQPError,
-            aio_pika.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-        ) as exc:
+        except PUBLISH_FAILURES as exc:
             raise BusUnavailable(
                 f"job {message.job_id}: reply not sent, the broker connection is lost: {exc!r}"
             ) from exc
