@@ -30,7 +30,9 @@ STARTER = Path(__file__).parent / "starter"
 
 async def _run(args: argparse.Namespace, settings: ContextSettings) -> int:
     client = connect(settings.redis_url)
-    store = ContextStore(client, settings.namespace, settings.site)
+    store = ContextStore(
+        client, settings.namespace, settings.site, history_keep=settings.context_history_keep
+    )
     try:
         if args.command == "sync":
             daemon = SyncDaemon(store, settings.namespace, settings.catch_up_s)

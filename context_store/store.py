@@ -9,12 +9,20 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import cast
+from typing import Literal, cast
 
 import redis.asyncio as redis
 
 from context_store import scripts
-from proto.context import Conflict, ContextChanged, Document, DocVersion, LogEntry, VersionInfo
+from proto.context import (
+    Conflict,
+    ContextChanged,
+    Document,
+    DocVersion,
+    LogEntry,
+    OldVersion,
+    VersionInfo,
+)
 from services.errors import PermanentError
 
 # The client decodes replies (`decode_responses=True`, services.redis_client), so every
@@ -41,6 +49,10 @@ def doc_name(tier: str, project: str | None = None) -> str:
 
 
 Clock = Callable[[], float]  # seconds since the epoch, as time.time
+HISTORY_KEEP = 100  # superseded versions kept per document (MESH_CONTEXT_HISTORY_KEEP)
+PAGE_CHANGES = 100  # a catch-up page: at most this many changes ...
+PAGE_BYTES = 1_000_000  # ... and about this much content (at least one change)
+HAVE_LISTED = 1000  # numbers above the watermark a catch-up request lists
 
 
 def _now(clock: Clock = time.time) -> tuple[int, str]:
@@ -52,16 +64,27 @@ class ContextStore:
     """One site's context store. Every write is one Lua script: atomic and CAS."""
 
     def __init__(
-        self, client: redis.Redis, namespace: str, site: str, clock: Clock = time.time
+        self,
+        client: redis.Redis,
+        namespace: str,
+        site: str,
+        clock: Clock = time.time,
+        history_keep: int = HISTORY_KEEP,
     ) -> None:
         self.client = client
         self.site = site
         self.clock = clock  # tests set a site's clock ahead or behind
+        # Every site of a mesh must keep the same number, or their histories differ.
+        self.history_keep = history_keep
         self.prefix = f"{namespace}:ctx"
         self._write = client.register_script(scripts.WRITE_DOC)
         self._apply_doc = client.register_script(scripts.APPLY_DOC)
         self._append = client.register_script(scripts.APPEND_LOG)
         self._apply_log = client.register_script(scripts.APPLY_LOG)
+        self._advance = client.register_script(scripts.ADVANCE)
+        self._own_page = client.register_script(scripts.OWN_PAGE)
+        self._upgrade_doc = client.register_script(scripts.UPGRADE_DOC)
+        self._upgrade_log = client.register_script(scripts.UPGRADE_LOG)
         self._count_after = client.register_script(
             "return #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', 100000)"
         )
@@ -120,6 +143,8 @@ class ContextStore:
                 k["vers"],
                 self._key("conflicts"),
                 k["dconf"],
+                self._key("own-seq"),
+                self._key("own"),
             ],
             args=[
                 expected_version,
@@ -130,6 +155,7 @@ class ContextStore:
                 written_at,
                 doc,
                 also_replaces,
+                self.history_keep,
             ],
         )
         if not int(ok):
@@ -155,18 +181,20 @@ class ContextStore:
         return sorted(cast("set[str]", await self.client.smembers(self._key("docs"))))
 
     async def history(self, doc: str) -> list[VersionInfo]:
-        entries = cast(_Entries, await self.client.xrange(self._key("hist", doc)))
-        return [
-            VersionInfo(
-                version=int(f["version"]),
-                hlc=f["hlc"],
-                site=f["site"],
-                sha256=f["sha256"],
-                written_at=f["written_at"],
-                size=len(f["content"]),
-            )
-            for _, f in entries
+        """Every version of `doc` this site holds, oldest first by (hlc, site), with
+        its state: the same list on every site that holds the same versions."""
+        k = self._doc_keys(doc)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(k["vers"])
+            pipe.smembers(k["heads"])
+            pipe.hmget(k["doc"], ["hlc", "site"])
+            raw, heads, (hlc, site) = await pipe.execute()
+        current = f"{hlc}|{site}"
+        versions = [
+            _info(DocVersion(doc=doc, **json.loads(value)), current, cast("set[str]", heads))
+            for value in cast(_Fields, raw).values()
         ]
+        return sorted(versions, key=lambda v: (int(v.hlc), v.site))
 
     async def known_versions(self, doc: str) -> list[DocVersion]:
         """Every version of `doc` this site knows (its own and the other sites',
@@ -175,10 +203,36 @@ class ContextStore:
         versions = [DocVersion(doc=doc, **json.loads(value)) for value in raw.values()]
         return sorted(versions, key=lambda v: (int(v.hlc), v.site))
 
-    async def version(self, doc: str, number: int) -> Document | None:
-        for _, fields in cast(_Entries, await self.client.xrange(self._key("hist", doc))):
+    async def version(self, doc: str, ref: int | str) -> OldVersion | None:
+        """One version `doc` had, by its id ('hlc|site', or 'hlc-site' as in the history
+        and ETags) or by this site's number (while this site's record of its numbers
+        holds it: the last thousand). None when this site does not hold it (any more:
+        see the history retention)."""
+        if isinstance(ref, str) and "|" not in ref:
+            ref = ref.replace("-", "|", 1)
+        if isinstance(ref, int):
+            found = await self._id_of_number(doc, ref)
+            if found is None:
+                return None
+            ref = found
+        k = self._doc_keys(doc)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(k["vers"], ref)
+            pipe.smembers(k["heads"])
+            pipe.hmget(k["doc"], ["hlc", "site"])
+            raw, heads, (hlc, site) = await pipe.execute()
+        if raw is None:
+            return None
+        version = DocVersion(doc=doc, **json.loads(raw))
+        info = _info(version, f"{hlc}|{site}", cast("set[str]", heads))
+        return OldVersion(**info.model_dump(), content=version.content)
+
+    async def _id_of_number(self, doc: str, number: int) -> str | None:
+        entries = cast(_Entries, await self.client.xrevrange(self._key("hist", doc)))
+        for _, fields in entries:
             if int(fields["version"]) == number:
-                return _document(doc, fields)
+                # 'id' since versions are kept by id; before, the entry held the version
+                return fields.get("id") or f"{fields['hlc']}|{fields['site']}"
         return None
 
     # -- log ----------------------------------------------------------------------------
@@ -187,7 +241,14 @@ class ContextStore:
         now_ms, written_at = _now(self.clock)
         entry_id = uuid.uuid4().hex
         hlc = await self._append(
-            keys=[self._key("log"), self._key("log-entries"), self._key("hlc"), self.outbox],
+            keys=[
+                self._key("log"),
+                self._key("log-entries"),
+                self._key("hlc"),
+                self.outbox,
+                self._key("own-seq"),
+                self._key("own"),
+            ],
             args=[entry_id, text, self.site, now_ms, written_at],
         )
         return LogEntry(
@@ -264,6 +325,11 @@ class ContextStore:
             record.doc, content, expected, also_replaces=f"{record.hlc}|{record.site}"
         )
 
+    async def known_ids(self, doc: str) -> set[str]:
+        """'hlc|site' of every version of `doc` this site has ever held, including those
+        the history retention dropped since."""
+        return cast("set[str]", await self.client.smembers(self._key("known", doc)))
+
     async def version_by_id(self, doc: str, version_id: str) -> DocVersion | None:
         """A known version of `doc` by its 'hlc|site'."""
         raw = await self.client.hget(self._key("vers", doc), version_id)
@@ -274,6 +340,8 @@ class ContextStore:
     async def apply(self, event: ContextChanged) -> bool:
         """Apply a change from another site; idempotent. True when it changed anything."""
         now_ms, _ = _now(self.clock)
+        seq = "" if event.seq is None else str(event.seq)
+        got, above = self._key("got"), self._key("above", event.origin)
         if event.version is not None:
             v = event.version
             if int(v.hlc) >= 2**53:  # Lua numbers are doubles: exact only below 2^53
@@ -292,8 +360,24 @@ class ContextStore:
                     k["gone"],
                     k["vers"],
                     k["dconf"],
+                    self._key("own"),
+                    got,
+                    above,
                 ],
-                args=[v.doc, v.content, v.hlc, v.site, v.base, v.sha256, v.written_at, now_ms],
+                args=[
+                    v.doc,
+                    v.content,
+                    v.hlc,
+                    v.site,
+                    v.base,
+                    v.sha256,
+                    v.written_at,
+                    now_ms,
+                    event.origin,
+                    seq,
+                    self.history_keep,
+                    self.site,
+                ],
             )
             return int(applied) >= 0
         if event.entry is not None:
@@ -304,31 +388,122 @@ class ContextStore:
                     self._key("log-entries"),
                     self._key("hlc"),
                     self._key("seen"),
+                    got,
+                    above,
                 ],
-                args=[e.entry_id, e.text, e.hlc, e.site, e.written_at, now_ms],
+                args=[e.entry_id, e.text, e.hlc, e.site, e.written_at, now_ms, event.origin, seq],
             )
             return bool(int(applied))
         return False
 
-    async def seen(self) -> dict[str, str]:
-        """Origin site -> newest hlc applied from it."""
-        return dict(cast(_Fields, await self.client.hgetall(self._key("seen"))))
+    async def holdings(self) -> tuple[dict[str, int], dict[str, list[int]]]:
+        """What this site holds of the other sites' changes, as a catch-up request says
+        it: origin -> n (all of 1..n held), and origin -> numbers above n held."""
+        raw = cast(_Fields, await self.client.hgetall(self._key("got")))
+        got = {site: int(n) for site, n in raw.items()}
+        have: dict[str, list[int]] = {}
+        for site in got:
+            above = cast(
+                "list[str]",
+                await self.client.zrange(self._key("above", site), 0, HAVE_LISTED - 1),
+            )
+            if above:
+                have[site] = [int(n) for n in above]
+        return got, have
 
-    async def changes_since(self, since_hlc: int) -> list[ContextChanged]:
-        """This site's own changes newer than `since_hlc`, oldest first (catch-up)."""
-        changes: list[tuple[int, ContextChanged]] = []
+    async def own_changes(
+        self, after: int, have: set[int], max_changes: int = PAGE_CHANGES
+    ) -> tuple[list[ContextChanged], int, bool]:
+        """One catch-up page: this site's own changes numbered above `after`, but for
+        those in `have`, oldest first, at most `max_changes` and about PAGE_BYTES of
+        content. Returns (changes, through, more): with these, the asker holds all of
+        1..through; `more`: ask again for the rest. Index reads, no scan."""
+        changes: list[ContextChanged] = []
+        size = 0
+        while True:
+            counter, flat = await self._own_page(
+                keys=[self._key("own"), self._key("own-seq")], args=[after, max_changes]
+            )
+            refs = [(str(flat[i]), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+            wanted = [(ref, seq) for ref, seq in refs if seq not in have]
+            events = await self._own_events(wanted)
+            for (_, seq), event in zip(wanted, events, strict=True):
+                if event is None:  # dropped by the history retention since
+                    continue
+                if changes and (len(changes) >= max_changes or size >= PAGE_BYTES):
+                    return changes, after, True
+                changes.append(event)
+                size += len(event.version.content if event.version else event.entry.text)  # type: ignore[union-attr]
+                after = seq
+            if len(refs) < max_changes:
+                return changes, max(after, int(counter)), False
+            after = refs[-1][1]  # a page of changes all held or dropped: read on
+
+    async def _own_events(self, refs: list[tuple[str, int]]) -> list[ContextChanged | None]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for ref, _ in refs:
+                kind, rest = ref.split("|", 1)
+                if kind == "log":
+                    pipe.hget(self._key("log-entries"), rest)
+                else:
+                    doc, version_id = rest.split("|", 1)  # doc names hold no '|'
+                    pipe.hget(self._key("vers", doc), version_id)
+            found = await pipe.execute()
+        events: list[ContextChanged | None] = []
+        for (ref, seq), raw in zip(refs, found, strict=True):
+            kind, rest = ref.split("|", 1)
+            if raw is None:
+                events.append(None)
+            elif kind == "log":
+                entry = LogEntry(entry_id=rest, **json.loads(raw))
+                events.append(ContextChanged(origin=self.site, entry=entry, seq=seq))
+            else:
+                doc = rest.split("|", 1)[0]
+                version = DocVersion(doc=doc, **json.loads(raw))
+                events.append(ContextChanged(origin=self.site, version=version, seq=seq))
+        return events
+
+    async def advance(self, origin: str, through: int) -> int:
+        """A catch-up page from `origin` is applied: this site holds all of 1..through."""
+        return int(
+            await self._advance(
+                keys=[self._key("got"), self._key("above", origin)], args=[origin, through]
+            )
+        )
+
+    async def upgrade(self) -> int:
+        """Bring a store from an earlier release to this layout (idempotent; once): every
+        document taken over, the versions its record holds kept as history, and this
+        site's own changes numbered for catch-up. Returns how many were numbered."""
+        if await self.client.get(self._key("layout")) == LAYOUT:
+            return 0
+        numbered = 0
         for doc in await self.docs():
-            for _, f in cast(_Entries, await self.client.xrange(self._key("hist", doc))):
-                if f["site"] == self.site and int(f["hlc"]) > since_hlc:
-                    changes.append((int(f["hlc"]), _doc_event(self.site, doc, f)))
-        start = f"({since_hlc:019d}|~"
-        members = cast("list[str]", await self.client.zrangebylex(self._key("log"), start, "+"))
-        for member in members:
-            hlc, site, _ = member.split("|", 2)
-            if site == self.site:
-                [entry] = await self._entries([member])
-                changes.append((int(hlc), ContextChanged(origin=self.site, entry=entry)))
-        return [change for _, change in sorted(changes, key=lambda item: item[0])]
+            k = self._doc_keys(doc)
+            numbered += int(
+                await self._upgrade_doc(
+                    keys=[
+                        k["doc"],
+                        k["hist"],
+                        k["known"],
+                        k["heads"],
+                        k["gone"],
+                        k["vers"],
+                        self._key("conflicts"),
+                        k["dconf"],
+                        self._key("own-seq"),
+                        self._key("own"),
+                    ],
+                    args=[doc, self.site, self.history_keep],
+                )
+            )
+        numbered += int(
+            await self._upgrade_log(
+                keys=[self._key("log"), self._key("own-seq"), self._key("own")], args=[self.site]
+            )
+        )
+        await self.client.set(self._key("layout"), LAYOUT)
+        return numbered
 
     async def read_outbox(self, after: str, count: int = 100) -> list[tuple[str, ContextChanged]]:
         """Local changes not yet published, after the stream id `after`."""
@@ -350,6 +525,26 @@ class ContextStore:
         await self.client.set(self._key("outbox-sent"), entry_id)
 
 
+LAYOUT = "2"  # versions kept by id, own changes numbered
+
+
+def _info(version: DocVersion, current: str, heads: set[str]) -> VersionInfo:
+    vid = f"{version.hlc}|{version.site}"
+    state: Literal["current", "superseded", "conflict"] = (
+        "current" if vid == current else "conflict" if vid in heads else "superseded"
+    )
+    return VersionInfo(
+        id=f"{version.hlc}-{version.site}",
+        hlc=version.hlc,
+        site=version.site,
+        base=[b.replace("|", "-") for b in version.base.split(",") if b],
+        state=state,
+        sha256=version.sha256,
+        written_at=version.written_at,
+        size=len(version.content),
+    )
+
+
 def _document(doc: str, f: dict[str, str]) -> Document:
     return Document(
         doc=doc,
@@ -362,7 +557,7 @@ def _document(doc: str, f: dict[str, str]) -> Document:
     )
 
 
-def _doc_event(site: str, doc: str, f: dict[str, str]) -> ContextChanged:
+def _doc_event(site: str, doc: str, f: dict[str, str], seq: int | None = None) -> ContextChanged:
     version = DocVersion(
         doc=doc,
         content=f["content"],
@@ -372,12 +567,13 @@ def _doc_event(site: str, doc: str, f: dict[str, str]) -> ContextChanged:
         sha256=f["sha256"],
         written_at=f["written_at"],
     )
-    return ContextChanged(origin=site, version=version)
+    return ContextChanged(origin=site, version=version, seq=seq)
 
 
 def _outbox_event(site: str, f: dict[str, str]) -> ContextChanged:
+    seq = int(f["seq"]) if "seq" in f else None  # none in entries from before numbering
     if f["kind"] == "doc":
-        return _doc_event(site, f["doc"], f)
+        return _doc_event(site, f["doc"], f, seq)
     entry = LogEntry(
         entry_id=f["entry_id"],
         text=f["text"],
@@ -385,4 +581,4 @@ def _outbox_event(site: str, f: dict[str, str]) -> ContextChanged:
         site=f["site"],
         written_at=f["written_at"],
     )
-    return ContextChanged(origin=site, entry=entry)
+    return ContextChanged(origin=site, entry=entry, seq=seq)

@@ -7,9 +7,14 @@
 - Each site has a durable queue bound to the other sites' changes, so changes made
   elsewhere while this site was down wait for it in the broker.
 - Events alone are not enough (a queue can be lost, a site can be new): at start,
-  after a reconnect, and every `catch_up_s`, a site asks the others for their own
-  changes newer than what it has applied from them, and applies the answer.
-Applying is idempotent, so replays and overlaps are harmless.
+  after a reconnect, and every `catch_up_s`, a site asks the others for those of
+  their own changes it lacks. Each site numbers its own changes 1, 2, 3, ... and
+  every site records which numbers it holds of each other site's (all of 1..n, and
+  the few above n that arrived early), so the answer is exactly what is missing,
+  read from an index, in bounded pages (`ContextSyncPage`, `more` until done).
+Applying is idempotent and order does not matter (the current version and the
+conflict records are a function of the set of versions held), so replays,
+overlaps and reordered deliveries are harmless.
 
 The process survives its world: Redis paused or restarted, the broker restarted or
 unreachable at start, the other site gone. Each loop logs the failure, waits with
@@ -33,7 +38,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from redis.exceptions import RedisError
 
 from context_store.store import ContextStore
-from proto.context import ContextChanged, ContextSyncRequest
+from proto.context import ContextChanged, ContextSyncPage, ContextSyncRequest
 from services.bus import PUBLISH_FAILURES, Topology, connect, encode
 from services.errors import BusUnavailable
 from services.redis_client import Keys, worth_waiting_out
@@ -177,10 +182,13 @@ class SyncDaemon:
         self._wake.set()
 
     async def _catch_up_loop(self) -> None:
+        # A store from an earlier release numbers its own changes first (once). Answers
+        # given before that are still right: the numbers it adds come after the rest.
+        await self.store.upgrade()
         while not self._stopping.is_set():
             self._wake.clear()  # before asking: a wake during the ask is not lost
-            since = await self.store.seen()
-            request = ContextSyncRequest(site=self.site, since=since)
+            after, have = await self.store.holdings()
+            request = ContextSyncRequest(site=self.site, after=after, have=have)
             await self._publish(request, f"sync.{self.site}")
             self._going("asking the other sites to catch up")
             with contextlib.suppress(TimeoutError):
@@ -202,7 +210,9 @@ class SyncDaemon:
             await self.store.mark_sent(marker)
             self.last_published_at = time.time()
 
-    async def _publish(self, message: ContextChanged | ContextSyncRequest, key: str) -> None:
+    async def _publish(
+        self, message: ContextChanged | ContextSyncRequest | ContextSyncPage, key: str
+    ) -> None:
         assert self._exchange is not None
         # Bounded: a publish begun while the connection is being restored can wait for a
         # confirmation that never comes; then it is a failure like any other, retried.
@@ -242,14 +252,41 @@ class SyncDaemon:
             request = ContextSyncRequest.model_validate_json(message.body)
             if request.site != self.site:
                 await self._answer(request)
+        elif kind == "context_sync_page":
+            page = ContextSyncPage.model_validate_json(message.body)
+            if page.site == self.site and page.origin != self.site:
+                await self._apply_page(page)
 
     async def _answer(self, request: ContextSyncRequest) -> None:
-        since = int(request.since.get(self.site, "0"))
-        changes = await self.store.changes_since(since)
-        for change in changes:
-            await self._publish(change, f"to.{request.site}")
+        """One page of what the asker lacks of this site's changes (nothing to send is
+        a page too: it moves the asker's watermark to this site's latest)."""
+        if request.after is None:
+            log.error(
+                "context sync: site %s runs an earlier release and cannot catch up from "
+                "this one; upgrade it",
+                request.site,
+            )
+            return
+        after = request.after.get(self.site, 0)
+        changes, through, more = await self.store.own_changes(
+            after, set(request.have.get(self.site, []))
+        )
+        if through <= after and not changes:
+            return  # it holds everything already
+        page = ContextSyncPage(
+            origin=self.site, site=request.site, changes=changes, through=through, more=more
+        )
+        await self._publish(page, f"to.{request.site}")
         if changes:
             log.info("sent %d change(s) to %s to catch up", len(changes), request.site)
+
+    async def _apply_page(self, page: ContextSyncPage) -> None:
+        for change in page.changes:  # oldest first; each one atomic and idempotent
+            if await self.store.apply(change):
+                self.applied += 1
+        await self.store.advance(page.origin, page.through)
+        if page.more:
+            self._request_catch_up_soon()
 
 
 def _transient(exc: BaseException) -> bool:

@@ -72,7 +72,9 @@ def create_app(settings: GatewaySettings, engine: Engine | None = None) -> MeshA
                 redis, settings.namespace, settings.response_cache_ttl_s, render
             )
         count_tokens = token_counter(prompts)
-        context = ContextStore(redis, settings.namespace, settings.site)
+        context = ContextStore(
+            redis, settings.namespace, settings.site, history_keep=settings.context_history_keep
+        )
         conversations = ConversationStore(redis, keys)
         tiers = TierCache(context, count_tokens, settings.context_budget, settings.default_project)
         mesh.services = Services(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from context_store.assembly import assemble
 from context_store.store import VersionConflict, doc_name
@@ -25,6 +25,7 @@ from proto.context import (
     LogAppend,
     LogEntry,
     LogPage,
+    OldVersion,
 )
 
 router = APIRouter(prefix="/context", tags=["context"])
@@ -226,7 +227,8 @@ async def put_document(
 async def history(
     tier: TierPath, key: ContextKey, store: Store, project: ProjectQuery = None
 ) -> History:
-    """Every version this site has had, oldest first."""
+    """Every version this site holds (its own and the other sites': current,
+    superseded, conflicting), oldest first: the same list on every site once synced."""
     doc = _doc(tier, project)
     return History(doc=doc, versions=await store.history(doc))
 
@@ -234,14 +236,37 @@ async def history(
 @router.get(
     "/{tier}/versions/{version}",
     operation_id="get_context_version",
-    response_model=Document,
+    response_model=OldVersion,
     responses=CONTEXT_ERRORS,
 )
 async def old_version(
-    tier: TierPath, version: int, key: ContextKey, store: Store, project: ProjectQuery = None
-) -> Document:
-    """One earlier version, as it was."""
-    document = await store.version(_doc(tier, project), version)
+    tier: TierPath,
+    version: Annotated[
+        str,
+        Path(
+            max_length=60,
+            description="The version's id (`<hlc>-<site>`, as in its ETag and the history), "
+            "or, for this release, this site's version number.",
+        ),
+    ],
+    key: ContextKey,
+    store: Store,
+    project: ProjectQuery = None,
+) -> OldVersion:
+    """One version, as it was."""
+    ref: int | str
+    if match := GLOBAL_TAG.fullmatch(version):
+        ref = f"{match.group(1)}|{match.group(2)}"
+    elif version.isdigit():
+        ref = int(version)
+    else:
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            "name a version by its id ('<hlc>-<site>') or this site's number",
+            "bad_version",
+        )
+    document = await store.version(_doc(tier, project), ref)
     if document is None:
         raise ApiError(404, "invalid_request_error", "no such version", "not_found")
     return document

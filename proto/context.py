@@ -50,17 +50,56 @@ class ContextChanged(BusMessage):
     origin: str = Field(description="The site where the change was made.")
     version: DocVersion | None = Field(default=None, description="A new document version.")
     entry: LogEntry | None = Field(default=None, description="A new log entry.")
+    seq: int | None = Field(
+        default=None,
+        ge=1,
+        description="The origin's own sequence number of this change (1, 2, 3, ... with no "
+        "gaps): what lets a site say which of the origin's changes it holds. None for a "
+        "change made before sequence numbers.",
+    )
 
 
 class ContextSyncRequest(BusMessage):
-    """Command: send me your own changes newer than my watermarks (catch-up)."""
+    """Command: send me those of your own changes that I lack (catch-up)."""
 
     type: Literal["context_sync_request"] = Field(
         default="context_sync_request", description="Type."
     )
     schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
     site: str = Field(description="The site asking.")
-    since: dict[str, str] = Field(description="Origin site -> newest hlc already applied.")
+    since: dict[str, str] = Field(
+        default_factory=dict,
+        description="Sent by releases before `after`: origin -> newest hlc applied. Not "
+        "answered any more (such a site is told to upgrade).",
+    )
+    after: dict[str, int] | None = Field(
+        default=None,
+        description="Origin site -> the greatest n such that the asker holds all of the "
+        "origin's changes 1..n.",
+    )
+    have: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Origin site -> sequence numbers above `after` the asker holds "
+        "already (at most a thousand listed; more are merely sent again).",
+    )
+
+
+class ContextSyncPage(BusMessage):
+    """Answer to a ContextSyncRequest: one bounded page of the answering site's own
+    changes that the asker lacks, oldest first."""
+
+    type: Literal["context_sync_page"] = Field(default="context_sync_page", description="Type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    origin: str = Field(description="The answering site (whose changes these are).")
+    site: str = Field(description="The site that asked.")
+    changes: list[ContextChanged] = Field(description="Each with its `seq`.")
+    through: int = Field(
+        ge=0,
+        description="Once these are applied, the asker holds every one of the origin's "
+        "changes 1..through (those it lacked are here; the others it had, or the "
+        "origin's history retention dropped them).",
+    )
+    more: bool = Field(description="More changes follow: ask again after applying these.")
 
 
 # -- REST -----------------------------------------------------------------------------
@@ -85,17 +124,32 @@ class DocumentWrite(ApiModel):
 
 
 class VersionInfo(ApiModel):
-    version: int
+    id: str = Field(
+        description="'<hlc>-<site>': names this version on every site (its ETag, unquoted)."
+    )
     hlc: str
-    site: str
+    site: str = Field(description="Where this version was written.")
+    base: list[str] = Field(description="Ids of the versions it replaced (none for the first).")
+    state: Literal["current", "superseded", "conflict"] = Field(
+        description="current; superseded by a later version; or a conflict record (an edit "
+        "made concurrently with the current one, not replaced yet)."
+    )
     sha256: str
     written_at: str
     size: int = Field(description="Characters of content.")
 
 
+class OldVersion(VersionInfo):
+    content: str
+
+
 class History(ApiModel):
     doc: str
-    versions: list[VersionInfo] = Field(description="Oldest first.")
+    versions: list[VersionInfo] = Field(
+        description="Every version this site holds, oldest first by (hlc, site): the same "
+        "list on every site once synced. Superseded versions beyond the newest "
+        "MESH_CONTEXT_HISTORY_KEEP are dropped; current and conflicting ones never."
+    )
 
 
 class LogAppend(ApiModel):

@@ -27,3 +27,10 @@ class MeshSettings(BaseSettings):
         description="Job queue: workers of one family serve the same base model.",
     )
     log_level: str = Field(default="INFO", description="MESH_LOG_LEVEL.")
+    context_history_keep: int = Field(
+        default=100,
+        ge=1,
+        le=100_000,
+        description="Superseded versions of each context document kept (the current one and "
+        "conflicting ones always are); the same on every site.",
+    )

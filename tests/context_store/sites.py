@@ -21,11 +21,18 @@ SITES = ("desktop", "vps")
 
 
 class World:
-    def __init__(self, namespace: str, root: Path) -> None:
+    def __init__(self, namespace: str, root: Path, history_keep: int = 100) -> None:
         self.namespace = namespace
+        self.history_keep = history_keep
         self.rabbit = PrivateRabbit(root / "rabbit")
         self.redis = {site: PrivateRedis(root / site) for site in SITES}
-        env = mesh_env(namespace, free_port(), "unused-key-123", MESH_CATCH_UP_S="1")
+        env = mesh_env(
+            namespace,
+            free_port(),
+            "unused-key-123",
+            MESH_CATCH_UP_S="1",
+            MESH_CONTEXT_HISTORY_KEEP=str(history_keep),
+        )
         env["MESH_AMQP_URL"] = self.rabbit.url
         self.processes = MeshProcesses(env, "127.0.0.1", 0, output=root / "logs")
         self.stores: dict[str, ContextStore] = {}
@@ -35,7 +42,10 @@ class World:
         for site in SITES:
             self.redis[site].start()
             self.stores[site] = ContextStore(
-                connect(self.redis[site].url, timeout_s=1), self.namespace, site
+                connect(self.redis[site].url, timeout_s=1),
+                self.namespace,
+                site,
+                history_keep=self.history_keep,
             )
             self.processes.start_process(
                 site,
@@ -62,11 +72,13 @@ class World:
         return time.monotonic() - started
 
 
-async def private_world(namespace: str, tmp_path: Path) -> AsyncIterator[World]:
+async def private_world(
+    namespace: str, tmp_path: Path, history_keep: int = 100
+) -> AsyncIterator[World]:
     """A World, started, and everything stopped after (use as a fixture's body)."""
     if not (PrivateRabbit.available() and PrivateRedis.available()):
         pytest.skip("needs rabbitmq-server and redis-server (Debian's packages)")
-    world = World(namespace, tmp_path)
+    world = World(namespace, tmp_path, history_keep)
     try:
         await asyncio.to_thread(world.start)
         yield world

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,30 +16,19 @@ import redis.asyncio as redis
 
 from context_store.store import ContextStore
 from proto.context import ContextChanged
-from services.settings import MeshSettings
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[redis.Redis]:
-    connection = redis.Redis.from_url(MeshSettings().redis_url, decode_responses=True)
-    prefixes: list[str] = []
-    connection.test_prefixes = prefixes  # type: ignore[attr-defined]
-    yield connection
-    for prefix in prefixes:
-        names = [name async for name in connection.scan_iter(match=f"{prefix}:*")]
-        if names:
-            await connection.delete(*names)
-    await connection.aclose()
-
-
-def pair(client: redis.Redis, **clocks: Any) -> tuple[ContextStore, ContextStore]:
+def pair(
+    client: redis.Redis, history_keep: int = 100, **clocks: Any
+) -> tuple[ContextStore, ContextStore]:
     stores = []
     for site in ("desktop", "vps"):
         namespace = f"conv-{uuid.uuid4().hex[:8]}"
         client.test_prefixes.append(namespace)  # type: ignore[attr-defined]
-        stores.append(ContextStore(client, namespace, site, clock=clocks.get(site, time.time)))
+        clock = clocks.get(site, time.time)
+        stores.append(ContextStore(client, namespace, site, clock, history_keep))
     return stores[0], stores[1]
 
 
@@ -65,7 +53,8 @@ async def state(store: ContextStore) -> dict[str, Any]:
     conflicts = {
         c.conflict_id: (c.content, c.hlc, c.site, c.winner) for c in await store.conflicts()
     }
-    return {"docs": docs, "conflicts": conflicts}
+    history = {doc: [v.model_dump() for v in await store.history(doc)] for doc in docs}
+    return {"docs": docs, "conflicts": conflicts, "history": history}
 
 
 async def test_a_superseded_version_is_history_not_a_conflict(client: redis.Redis) -> None:
@@ -197,3 +186,37 @@ async def test_a_resolution_against_an_edit_it_never_saw_is_refused(client: redi
     assert (await desktop.get("briefing")).content == "newer, from the vps"  # type: ignore[union-attr]
     [still] = await desktop.conflicts()  # the record is still there, against the newer one
     assert still.conflict_id == conflict.conflict_id
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_history_retention_is_the_same_on_both_sites_whatever_the_order(
+    client: redis.Redis, seed: int
+) -> None:
+    """Retention keeps the current version, every conflict record and the newest 3
+    superseded versions; delivered in any order (seeded shuffles), both sites keep the
+    same history, byte for byte, and a dropped version delivered again stays dropped."""
+    import random
+
+    desktop, vps = pair(client, history_keep=3)
+    for n in range(8):
+        current = await desktop.get("briefing")
+        await desktop.write("briefing", f"desktop {n}", current.version if current else 0)
+    await vps.write("briefing", "vps, concurrent", 0)  # a conflict with everything above
+    to_vps, to_desktop = await outbox(desktop), await outbox(vps)
+    deliveries = [(vps, e) for e in to_vps] + [(desktop, e) for e in to_desktop]
+    random.Random(seed).shuffle(deliveries)
+    for target, event in deliveries:
+        await target.apply(event)
+    a, b = await state(desktop), await state(vps)
+    assert a == b
+    history = a["history"]["briefing"]
+    states = [v["state"] for v in history]
+    assert states.count("superseded") == 3 and states.count("current") == 1
+    kept = {v["id"] for v in history}
+    [conflict] = await desktop.conflicts()
+    for ref in (f"{conflict.hlc}-{conflict.site}", conflict.winner.replace("|", "-")):
+        assert ref in kept  # a conflict record's version and its winner are never dropped
+    assert len(await desktop.known_ids("briefing")) == 9  # dropped, not forgotten
+    dropped = to_vps[0]  # "desktop 0": superseded long ago
+    assert await vps.apply(dropped) is False
+    assert await state(vps) == b

@@ -36,8 +36,13 @@ async def test_writes_are_compare_and_set_and_every_version_is_kept(store: Conte
     assert stale.value.current == 1
     second = await store.write("briefing", "two", first.version)
     assert (await store.get("briefing")).content == "two"  # type: ignore[union-attr]
-    assert [v.version for v in await store.history("briefing")] == [1, 2]
+    history = await store.history("briefing")
+    assert [v.id for v in history] == [f"{first.hlc}-desktop", f"{second.hlc}-desktop"]
+    assert [v.state for v in history] == ["superseded", "current"]
+    assert history[1].base == [history[0].id]
     assert (await store.version("briefing", 1)).content == "one"  # type: ignore[union-attr]
+    assert (await store.version("briefing", history[0].id)).content == "one"  # type: ignore[union-attr]
+    assert await store.version("briefing", 7) is None
     assert int(second.hlc) > int(first.hlc)
 
 
@@ -57,7 +62,7 @@ async def test_a_thousand_concurrent_writers_never_overwrite_silently(store: Con
     history = await store.history("portfolio")
     # every successful write is a version of its own; every other one got a conflict
     assert len(history) == 1 + len(winners)
-    contents = [(await store.version("portfolio", v.version)).content for v in history[1:]]  # type: ignore[union-attr]
+    contents = [(await store.version("portfolio", v.id)).content for v in history[1:]]  # type: ignore[union-attr]
     assert sorted(contents) == sorted(winners)
     assert len(winners) >= 1 and results.count(None) == 1000 - len(winners)
 
@@ -149,4 +154,7 @@ async def test_a_conflict_can_be_resolved_either_way(store: ContextStore) -> Non
     restored = await store.resolve(conflict.conflict_id, "conflict")
     assert restored is not None and restored.content == "theirs" and restored.version == 2
     assert await store.conflicts() == []
-    assert [v.version for v in await store.history("briefing")] == [1, 2]
+    # mine, theirs, and the resolution that replaced both
+    history = await store.history("briefing")
+    assert [v.state for v in history] == ["superseded", "superseded", "current"]
+    assert sorted(history[2].base) == sorted(v.id for v in history[:2])

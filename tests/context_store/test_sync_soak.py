@@ -3,9 +3,11 @@ sync process, a RabbitMQ node of the test's own. Eight tasks make ~1,000 random
 edits through `ContextStore` (65 % compare-and-set document writes over five
 documents, 35 % log appends) on either site, while the VPS's sync process is cut for
 20 s twice (SIGKILL then a restart; SIGSTOP then SIGCONT) and the desktop's Redis
-restarts. Then both sites must hold the same documents, log and conflict records,
-byte for byte, and every acknowledged edit must be there (current, a known version,
-or a conflict record) on both. Seeded: the same operations every run."""
+restarts. Then both sites must hold the same documents, log, history and conflict
+records, byte for byte, and every acknowledged edit must be accounted for on both:
+held (current, history or a conflict record), or superseded and dropped by the
+history retention (kept small here, 40, so that it drops) behind 40 newer superseded
+versions. Seeded: the same operations every run."""
 
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ DOCS = ["portfolio", "briefing", "project/a", "project/b", "project/c"]
 TASKS = 8
 OPS_PER_TASK = 125
 PARTITION_S = 20
+HISTORY_KEEP = 40
 
 
 @dataclass
 class Tally:
-    writes: list[tuple[str, str]] = field(default_factory=list)  # (doc, content) acked
+    writes: list[tuple[str, str]] = field(default_factory=list)  # (doc, version id) acked
     entries: list[str] = field(default_factory=list)  # log texts acked
     cas_rejected: int = 0
     refused: int = 0  # Redis away (the restart): not acknowledged, the caller knows
@@ -43,7 +46,7 @@ class Tally:
 
 @pytest.fixture
 async def world(namespace: str, tmp_path: Path) -> AsyncIterator[World]:
-    async for started in private_world(f"{namespace}-soak", tmp_path):
+    async for started in private_world(f"{namespace}-soak", tmp_path, HISTORY_KEEP):
         yield started
 
 
@@ -59,8 +62,8 @@ async def edits(world: World, task: int, tally: Tally, stop_at: float) -> None:
                 current = await store.get(doc)
                 content = f"{doc} by task {task}, edit {n}, at {site}"
                 try:
-                    await store.write(doc, content, current.version if current else 0)
-                    tally.writes.append((doc, content))
+                    done = await store.write(doc, content, current.version if current else 0)
+                    tally.writes.append((doc, f"{done.hlc}|{done.site}"))
                 except VersionConflict:
                     tally.cas_rejected += 1
             else:
@@ -81,7 +84,24 @@ async def snapshot(world: World, site: str) -> dict[str, Any]:
         docs[doc] = (d.content, d.hlc, d.site, d.sha256)
     log = [(e.hlc, e.site, e.entry_id, e.text) for e in await store.log(100_000)]
     conflicts = sorted(c.model_dump_json() for c in await store.conflicts())
-    return {"docs": docs, "log": log, "conflicts": conflicts}
+    history = {doc: [v.model_dump_json() for v in await store.history(doc)] for doc in docs}
+    return {"docs": docs, "log": log, "conflicts": conflicts, "history": history}
+
+
+async def accounted_for(store: Any, doc: str, version_id: str) -> str:
+    """'held'; 'dropped': held once, superseded, and behind HISTORY_KEEP newer superseded
+    versions the site still holds (what the retention drops); or 'lost'."""
+    history = await store.history(doc)
+    ids = [v.id.replace("-", "|", 1) for v in history]
+    if version_id in ids:
+        return "held"
+    hlc, site = version_id.split("|", 1)
+    newer = [
+        v for v in history if v.state == "superseded" and (int(v.hlc), v.site) > (int(hlc), site)
+    ]
+    if version_id in await store.known_ids(doc) and len(newer) >= HISTORY_KEEP:
+        return "dropped"
+    return "lost"
 
 
 async def lag_probe(world: World, tally: Tally, stop_at: float) -> None:
@@ -92,8 +112,10 @@ async def lag_probe(world: World, tally: Tally, stop_at: float) -> None:
         content = f"probe {n}"
         try:
             doc = await world.stores["desktop"].get("project/probe")
-            await world.stores["desktop"].write("project/probe", content, doc.version if doc else 0)
-            tally.writes.append(("project/probe", content))
+            done = await world.stores["desktop"].write(
+                "project/probe", content, doc.version if doc else 0
+            )
+            tally.writes.append(("project/probe", f"{done.hlc}|{done.site}"))
             started = time.monotonic()
             while await world.content("vps", "project/probe") != content:
                 if time.monotonic() - started > 2:
@@ -144,12 +166,13 @@ async def test_two_sites_converge_after_partitions_and_a_redis_restart(world: Wo
     converged_s = time.monotonic() - last_write
 
     assert world.alive() == list(SITES)
-    lost_edits, lost_entries = 0, 0
+    lost_edits, lost_entries, dropped = 0, 0, dict.fromkeys(SITES, 0)
     for site in SITES:
         store = world.stores[site]
-        known = {doc: {v.content for v in await store.known_versions(doc)} for doc in DOCS}
-        known["project/probe"] = {v.content for v in await store.known_versions("project/probe")}
-        lost_edits += sum(content not in known[doc] for doc, content in tally.writes)
+        for doc, version_id in tally.writes:
+            state = await accounted_for(store, doc, version_id)
+            lost_edits += state == "lost"
+            dropped[site] += state == "dropped"
         texts = {e.text for e in await store.log(100_000)}
         lost_entries += sum(text not in texts for text in tally.entries)
     conflicts = len(desktop["conflicts"])
@@ -159,10 +182,12 @@ async def test_two_sites_converge_after_partitions_and_a_redis_restart(world: Wo
         f"\nsoak: {TASKS * OPS_PER_TASK} operations in {last_write - started:.0f} s: "
         f"{len(tally.writes)} edits and {len(tally.entries)} log entries acknowledged, "
         f"{tally.cas_rejected} CAS rejections, {tally.refused} refused while Redis restarted; "
-        f"lost: {lost_edits} edits, {lost_entries} log entries; {conflicts} conflict records "
+        f"lost: {lost_edits} edits, {lost_entries} log entries; superseded versions "
+        f"dropped by the retention {dropped}; {conflicts} conflict records "
         f"(the same on both sites); converged {converged_s:.2f} s after the last write; "
         f"sync lag p50 {statistics.median(lags) * 1000 if lags else float('nan'):.0f} ms, "
         f"p99 {p99 * 1000:.0f} ms ({len(lags)} samples)"
     )
     assert lost_edits == 0 and lost_entries == 0
     assert desktop["docs"] and desktop["log"]
+    assert min(dropped.values()) > 0  # the retention ran, and converged (history above)

@@ -54,9 +54,19 @@ async def test_writes_need_if_match_and_stale_versions_get_412(client: httpx.Asy
     bad = await client.put(url, json={"content": "x"}, headers={**AUTH, "If-Match": '"nope"'})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_if_match"
     history = (await client.get(f"{url}/history", headers=AUTH)).json()
-    assert [v["version"] for v in history["versions"]] == [1, 2]
-    old = await client.get(f"{url}/versions/1", headers=AUTH)
-    assert old.json()["content"] == "first"
+    assert [f'"{v["id"]}"' for v in history["versions"]] == [
+        created.headers["ETag"],
+        updated.headers["ETag"],
+    ]
+    assert [v["state"] for v in history["versions"]] == ["superseded", "current"]
+    first_id = history["versions"][0]["id"]
+    for ref in (first_id, "1"):  # by id, or by this site's number (this release)
+        old = await client.get(f"{url}/versions/{ref}", headers=AUTH)
+        assert old.json()["content"] == "first" and old.json()["id"] == first_id
+    missing = await client.get(f"{url}/versions/12-nowhere", headers=AUTH)
+    assert missing.status_code == 404
+    unreadable = await client.get(f"{url}/versions/latest", headers=AUTH)
+    assert unreadable.status_code == 400 and unreadable.json()["error"]["code"] == "bad_version"
 
 
 async def test_project_tier_needs_a_project(client: httpx.AsyncClient) -> None:
