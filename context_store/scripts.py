@@ -292,6 +292,20 @@ return redis.call('HGET', KEYS[1], ARGV[1])
 """
 )
 
+# A catch-up page names the origin's numbering. The first one named is taken as it
+# is; a different one means the origin lost its data and numbers from 1 again (the
+# page then holds all it has): what this site held of the old numbering is forgotten.
+# KEYS: numberings, got, above:ORIGIN   ARGV: origin, numbering
+ADOPT_NUMBERING = """
+local known = redis.call('HGET', KEYS[1], ARGV[1])
+if known == ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if not known then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
 # One page of this site's own changes above `after`, read at one instant: the refs
 # with their numbers, and the counter (every number up to it is in `own`, or was
 # dropped by the history retention).

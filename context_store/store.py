@@ -17,6 +17,8 @@ from context_store import scripts
 from proto.context import (
     Conflict,
     ContextChanged,
+    ContextSyncPage,
+    ContextSyncRequest,
     Document,
     DocVersion,
     LogEntry,
@@ -82,6 +84,7 @@ class ContextStore:
         self._append = client.register_script(scripts.APPEND_LOG)
         self._apply_log = client.register_script(scripts.APPLY_LOG)
         self._advance = client.register_script(scripts.ADVANCE)
+        self._adopt = client.register_script(scripts.ADOPT_NUMBERING)
         self._own_page = client.register_script(scripts.OWN_PAGE)
         self._upgrade_doc = client.register_script(scripts.UPGRADE_DOC)
         self._upgrade_log = client.register_script(scripts.UPGRADE_LOG)
@@ -396,20 +399,68 @@ class ContextStore:
             return bool(int(applied))
         return False
 
-    async def holdings(self) -> tuple[dict[str, int], dict[str, list[int]]]:
-        """What this site holds of the other sites' changes, as a catch-up request says
-        it: origin -> n (all of 1..n held), and origin -> numbers above n held."""
-        raw = cast(_Fields, await self.client.hgetall(self._key("got")))
-        got = {site: int(n) for site, n in raw.items()}
+    async def catch_up_request(self) -> ContextSyncRequest:
+        """What this site holds of the other sites' changes: per origin, n (all of 1..n
+        held), the numbers above n held, and which numbering of the origin's those
+        count (see `numbering`)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._key("got"))
+            pipe.hgetall(self._key("numberings"))
+            got, numberings = await pipe.execute()
+        after = {site: int(n) for site, n in cast(_Fields, got).items()}
         have: dict[str, list[int]] = {}
-        for site in got:
+        for site in after:
             above = cast(
                 "list[str]",
                 await self.client.zrange(self._key("above", site), 0, HAVE_LISTED - 1),
             )
             if above:
                 have[site] = [int(n) for n in above]
-        return got, have
+        return ContextSyncRequest(
+            site=self.site, after=after, have=have, numberings=cast(_Fields, numberings)
+        )
+
+    async def numbering(self) -> str:
+        """Names this store's numbering of its own changes. A store that lost its data
+        (Redis restarted without AOF) numbers from 1 again, under a new name, so the
+        other sites do not take its new changes for ones they hold."""
+        key = self._key("numbering")
+        await self.client.set(key, uuid.uuid4().hex, nx=True)
+        return cast(str, await self.client.get(key))
+
+    async def answer(self, request: ContextSyncRequest) -> ContextSyncPage | None:
+        """One page of what the asker lacks of this site's own changes; None when it
+        lacks nothing."""
+        assert request.after is not None
+        numbering = await self.numbering()
+        named = request.numberings.get(self.site)
+        after, have = request.after.get(self.site, 0), set(request.have.get(self.site, []))
+        if named not in (None, numbering):
+            after, have = 0, set()  # its numbers count a numbering this store lost
+        changes, through, more = await self.own_changes(after, have)
+        if named == numbering and not changes and through <= after:
+            return None
+        # (A page with nothing in it still tells the asker which numbering it holds.)
+        return ContextSyncPage(
+            origin=self.site,
+            site=request.site,
+            numbering=numbering,
+            changes=changes,
+            through=through,
+            more=more,
+        )
+
+    async def apply_page(self, page: ContextSyncPage) -> int:
+        """Apply a catch-up page (idempotent); returns how many changes were new."""
+        await self._adopt(
+            keys=[self._key("numberings"), self._key("got"), self._key("above", page.origin)],
+            args=[page.origin, page.numbering],
+        )
+        applied = 0
+        for change in page.changes:  # oldest first; each one atomic
+            applied += await self.apply(change)
+        await self.advance(page.origin, page.through)
+        return applied
 
     async def own_changes(
         self, after: int, have: set[int], max_changes: int = PAGE_CHANGES

@@ -187,8 +187,7 @@ class SyncDaemon:
         await self.store.upgrade()
         while not self._stopping.is_set():
             self._wake.clear()  # before asking: a wake during the ask is not lost
-            after, have = await self.store.holdings()
-            request = ContextSyncRequest(site=self.site, after=after, have=have)
+            request = await self.store.catch_up_request()
             await self._publish(request, f"sync.{self.site}")
             self._going("asking the other sites to catch up")
             with contextlib.suppress(TimeoutError):
@@ -258,8 +257,7 @@ class SyncDaemon:
                 await self._apply_page(page)
 
     async def _answer(self, request: ContextSyncRequest) -> None:
-        """One page of what the asker lacks of this site's changes (nothing to send is
-        a page too: it moves the asker's watermark to this site's latest)."""
+        """One page of what the asker lacks of this site's changes."""
         if request.after is None:
             log.error(
                 "context sync: site %s runs an earlier release and cannot catch up from "
@@ -267,24 +265,15 @@ class SyncDaemon:
                 request.site,
             )
             return
-        after = request.after.get(self.site, 0)
-        changes, through, more = await self.store.own_changes(
-            after, set(request.have.get(self.site, []))
-        )
-        if through <= after and not changes:
+        page = await self.store.answer(request)
+        if page is None:
             return  # it holds everything already
-        page = ContextSyncPage(
-            origin=self.site, site=request.site, changes=changes, through=through, more=more
-        )
         await self._publish(page, f"to.{request.site}")
-        if changes:
-            log.info("sent %d change(s) to %s to catch up", len(changes), request.site)
+        if page.changes:
+            log.info("sent %d change(s) to %s to catch up", len(page.changes), request.site)
 
     async def _apply_page(self, page: ContextSyncPage) -> None:
-        for change in page.changes:  # oldest first; each one atomic and idempotent
-            if await self.store.apply(change):
-                self.applied += 1
-        await self.store.advance(page.origin, page.through)
+        self.applied += await self.store.apply_page(page)
         if page.more:
             self._request_catch_up_soon()
 

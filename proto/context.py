@@ -82,6 +82,11 @@ class ContextSyncRequest(BusMessage):
         description="Origin site -> sequence numbers above `after` the asker holds "
         "already (at most a thousand listed; more are merely sent again).",
     )
+    numberings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Origin site -> the numbering `after` and `have` count (from its "
+        "pages); another one than the origin's own means: send everything.",
+    )
 
 
 class ContextSyncPage(BusMessage):
@@ -92,6 +97,10 @@ class ContextSyncPage(BusMessage):
     schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
     origin: str = Field(description="The answering site (whose changes these are).")
     site: str = Field(description="The site that asked.")
+    numbering: str = Field(
+        description="Names the origin's numbering of its changes (a new one when its store "
+        "lost its data and numbers from 1 again)."
+    )
     changes: list[ContextChanged] = Field(description="Each with its `seq`.")
     through: int = Field(
         ge=0,

@@ -25,19 +25,22 @@ def site(client: redis.Redis, name: str) -> ContextStore:
 
 
 async def catch_up(asker: ContextStore, origin: ContextStore) -> list[list[ContextChanged]]:
-    """Request, page, apply, advance, until `more` is false (the sync process's loop)."""
+    """Ask, answer, apply, until the answer has no `more` (what the sync processes do
+    over the broker): the changes of each page."""
     pages = []
     while True:
-        after, have = await asker.holdings()
-        changes, through, more = await origin.own_changes(
-            after.get(origin.site, 0), set(have.get(origin.site, []))
-        )
-        pages.append(changes)
-        for change in changes:
-            await asker.apply(change)
-        await asker.advance(origin.site, through)
-        if not more:
+        page = await origin.answer(await asker.catch_up_request())
+        if page is None:
             return pages
+        pages.append(page.changes)
+        await asker.apply_page(page)
+        if not page.more:
+            return pages
+
+
+async def holdings(store: ContextStore) -> tuple[dict[str, int], dict[str, list[int]]]:
+    request = await store.catch_up_request()
+    return request.after or {}, request.have
 
 
 def texts(changes: list[ContextChanged]) -> list[str]:
@@ -62,7 +65,7 @@ async def test_catch_up_sends_only_what_is_missing_in_bounded_pages(client: redi
     live = events[:40] + events[40::5]
     for event in reversed(live):
         await vps.apply(event)
-    after, have = await vps.holdings()
+    after, have = await holdings(vps)
     assert after == {"desktop": 41} and have["desktop"] == [e.seq for e in events[45::5]]
 
     pages = await catch_up(vps, desktop)
@@ -70,8 +73,8 @@ async def test_catch_up_sends_only_what_is_missing_in_bounded_pages(client: redi
     missing = [text for text in written if text not in texts(live)]
     assert sent == missing  # each one once, oldest first, none it had
     assert all(len(page) <= store_module.PAGE_CHANGES for page in pages) and len(pages) == 2
-    assert await vps.holdings() == ({"desktop": 250}, {})
-    assert await catch_up(vps, desktop) == [[]]  # nothing more to send
+    assert await holdings(vps) == ({"desktop": 250}, {})
+    assert await catch_up(vps, desktop) == []  # nothing more to send
     assert (await vps.get("briefing")).content == (await desktop.get("briefing")).content  # type: ignore[union-attr]
     assert await vps.log_size() == 250 - 84
 
@@ -95,7 +98,7 @@ async def test_a_page_is_bounded_by_size_and_skips_what_retention_dropped(
     pages = await catch_up(vps, desktop)
     assert [[c.seq for c in page] for page in pages] == [[10, 11, 12]]
     await vps.write("briefing", "so that the VPS has something of its own", 0)
-    assert (await vps.holdings())[0] == {"desktop": 12}
+    assert (await holdings(vps))[0] == {"desktop": 12}
 
 
 async def test_a_store_from_an_earlier_release_is_upgraded_and_caught_up(
@@ -138,3 +141,25 @@ async def test_a_store_from_an_earlier_release_is_upgraded_and_caught_up(
         v.model_dump() for v in history
     ]
     assert await vps.conflicts() == []
+
+
+async def test_a_site_that_lost_its_data_numbers_again_and_is_still_caught_up(
+    client: redis.Redis,
+) -> None:
+    """The desktop's Redis restarts without AOF: its store is empty and its numbers
+    start at 1 again. The VPS holds 1..5 of the old numbering; the new changes 1..3
+    must reach it all the same (by catch-up alone: their live events were lost)."""
+    desktop, vps = site(client, "desktop"), site(client, "vps")
+    for n in range(5):
+        await desktop.append_log(f"before {n}")
+    await catch_up(vps, desktop)
+    assert (await holdings(vps))[0] == {"desktop": 5}
+    names = [name async for name in client.scan_iter(match=f"{desktop.prefix}:*")]
+    await client.delete(*names)  # the data is gone
+    for n in range(3):
+        await desktop.append_log(f"after {n}")
+    pages = await catch_up(vps, desktop)
+    assert [texts(page) for page in pages] == [["after 0", "after 1", "after 2"]]
+    assert (await holdings(vps))[0] == {"desktop": 3}
+    assert await vps.log_size() == 8
+    assert await catch_up(vps, desktop) == []
