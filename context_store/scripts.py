@@ -4,6 +4,11 @@ The hybrid logical clock lives in Redis (`hlc` key) so every writer of a site
 shares it: hlc = max(now_ms * 1000, last + 1) for a local event, and also
 above the remote timestamp for a received one. Timestamps stay under 2^53 (Lua
 numbers are doubles) and are formatted with %.0f, never tostring.
+
+Every document script takes the same keys, in the order of DOC_KEYS, and names them
+in its first line (DOC_PREAMBLE); the log scripts the same with LOG_KEYS. A Redis
+script does not roll back: each one checks what can fail before it writes, and
+records what it holds of another site's numbering (below) last.
 """
 
 # Documents: which versions are conflicts is decided by causality, not arrival order.
@@ -16,34 +21,98 @@ numbers are doubles) and are formatted with %.0f, never tostring.
 # same conflict records, whatever order they arrived in (a successor may arrive
 # before the version it replaced: `gone` remembers it).
 #
-# Per document: heads (set of ids), gone (set), vers (hash id -> the version as JSON),
-# dconf (set of its conflict record keys), hist (this site's record of its current
-# version's changes: local number and id). A store from before this layout is taken
-# over the first time a document is touched: its current version and its conflict
-# records become heads.
+# Per document: heads (set of ids), gone (set), known (set), vers (hash id -> the
+# version as JSON), old (sorted set of the superseded versions held, by hlc then id:
+# (hlc, site) order), tomb (hash id -> base of this site's own versions the retention
+# dropped), dconf (set of its conflict record keys), hist (this site's record of its
+# current version's changes: local number and id). A store from before this layout
+# is taken over the first time a document is touched: its current version and its
+# conflict records become heads.
 #
 # History is `vers`, trimmed: beyond `keep` superseded versions, the oldest by
 # (hlc, site) are dropped (never a head: the current version and every conflict
 # record stay). Superseded is forever and the rule looks only at the set of versions,
 # so sites that hold the same versions keep the same ones. Ids stay in `known` and
-# `gone`, so a dropped version that arrives again is not taken back.
+# `gone`, so a dropped version that arrives again is not taken back; and a dropped
+# version of this site's own keeps its base (`tomb`), so catch-up can still tell the
+# other site what it superseded.
 #
-# Sequence numbers: each of a site's own changes (a version it wrote, a log entry)
-# gets the next number of its `own-seq` counter, indexed in `own` (member 'doc|NAME|ID'
-# or 'log|ENTRY_ID', score seq) and carried in its event. A site that applies another's
-# changes records which numbers it holds: `got` (origin -> n, every one of 1..n held)
-# and `above:ORIGIN` (numbers above n held). Catch-up asks for exactly the others.
+# Numbering: each of a site's own changes (a version it wrote, a log entry) gets the
+# next number of its `own-count` counter, indexed in `own` (member 'doc|NAME|ID' or
+# 'log|ENTRY_ID', score seq) and carried in its event with the numbering's name: the
+# run id of the Redis process that gave it. A restarted Redis may have lost its last
+# changes (an AOF without fsync, a restored backup) and so give a number again; its
+# new name tells the other sites to ask for everything once more. A site that applies
+# another's changes records which numbers of the named numbering it holds: `got`
+# (origin -> n, every one of 1..n held) and `above:ORIGIN` (numbers above n held),
+# under the name in `numberings` (set from catch-up pages). Catch-up asks for the rest.
+DOC_KEYS = (
+    "doc",
+    "hist",
+    "known",
+    "heads",
+    "gone",
+    "vers",
+    "old",
+    "tomb",
+    "dconf",
+    "hlc",
+    "outbox",
+    "docs",
+    "conflicts",
+    "seen",
+    "own",
+    "own-count",
+    "numbering",
+    "got",
+    "numberings",
+    "above",
+)
+LOG_KEYS = (
+    "log",
+    "entries",
+    "hlc",
+    "outbox",
+    "seen",
+    "own",
+    "own-count",
+    "numbering",
+    "got",
+    "numberings",
+    "above",
+)
+
+
+def _preamble(names: tuple[str, ...]) -> str:
+    lua_names = ", ".join(name.replace("-", "_") for name in names)
+    indexes = ", ".join(f"KEYS[{i}]" for i in range(1, len(names) + 1))
+    return f"local {lua_names} = {indexes}\n"
+
+
+DOC_PREAMBLE = _preamble(DOC_KEYS)
+LOG_PREAMBLE = _preamble(LOG_KEYS)
+
 SEQ_FUNCTIONS = """
 local function fmt(n) return string.format('%.0f', n) end
 
-local function own_seq(counter, own, member)
-  local seq = redis.call('INCR', counter)
+-- The numbering's name: the run id of this Redis process (see above).
+local function numbering_name()
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  if redis.call('GET', numbering) ~= run then redis.call('SET', numbering, run) end
+  return run
+end
+
+local function own_seq(member)
+  local seq = redis.call('INCR', own_count)
   redis.call('ZADD', own, seq, member)
   return seq
 end
 
--- Record that `seq` of `origin` is held ('': none), and move `got` over what follows.
-local function record_seq(got, above, origin, seq)
+-- Record that `seq` of `origin`'s numbering `name` is held ('': none), and move `got`
+-- over what follows. Numbers of a numbering other than the one this site holds are
+-- not recorded (catch-up sends those changes again: harmless).
+local function record_seq(origin, seq, name)
+  if name ~= redis.call('HGET', numberings, origin) then return end
   local w = tonumber(redis.call('HGET', got, origin) or '0')
   if seq ~= '' and tonumber(seq) > w then redis.call('ZADD', above, seq, seq) end
   while redis.call('ZSCORE', above, fmt(w + 1)) do
@@ -62,14 +131,21 @@ local function split_id(id)
   return tonumber(string.sub(id, 1, sep - 1)), string.sub(id, sep + 1)
 end
 
-local function current_id(doc)
+-- The hlc of an id as Redis reads a score: the digits themselves (a Lua number
+-- passed to Redis is written with 14 digits).
+local function score_of(id)
+  return string.sub(id, 1, string.find(id, '|', 1, true) - 1)
+end
+
+local function current_id()
   local h = redis.call('HGET', doc, 'hlc')
   if not h then return nil end
   return h .. '|' .. redis.call('HGET', doc, 'site')
 end
 
-local function take_over(doc, heads, vers, conflicts, dconf, name)
-  if redis.call('EXISTS', heads) == 1 or redis.call('EXISTS', doc) == 0 then return end
+local function take_over(name)
+  -- (`vers` is never empty once made: the retention keeps its heads and `keep` more)
+  if redis.call('EXISTS', vers) == 1 or redis.call('EXISTS', doc) == 0 then return end
   local c = redis.call('HGETALL', doc)
   local f = {}
   for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
@@ -91,22 +167,30 @@ local function take_over(doc, heads, vers, conflicts, dconf, name)
   end
 end
 
+local function supersede(id)
+  redis.call('SADD', gone, id)
+  redis.call('SREM', heads, id)
+  if redis.call('HEXISTS', vers, id) == 1 then redis.call('ZADD', old, score_of(id), id) end
+end
+
+local function supersede_bases(base)
+  for b in string.gmatch(base, '[^,]+') do supersede(b) end
+end
+
 -- False when the version was known already. Its bases are taken in either way (that
 -- is idempotent): a version known from before this layout still supersedes them.
-local function add_version(known, heads, gone, vers, id, version_json, base)
-  for b in string.gmatch(base, '[^,]+') do
-    redis.call('SADD', gone, b)
-    redis.call('SREM', heads, b)
-  end
+local function add_version(id, version_json, base)
+  supersede_bases(base)
   if redis.call('SADD', known, id) == 0 then return false end
   redis.call('HSET', vers, id, version_json)
-  if redis.call('SISMEMBER', gone, id) == 0 then redis.call('SADD', heads, id) end
+  if redis.call('SISMEMBER', gone, id) == 1 then supersede(id)
+  else redis.call('SADD', heads, id) end
   return true
 end
 
 -- Make the greatest head current (a new local version number when it changes) and
 -- the other heads the document's conflict records. True when the current one changed.
-local function settle(doc, hist, heads, vers, conflicts, dconf, name)
+local function settle(name)
   local ids = redis.call('SMEMBERS', heads)
   local best, best_h, best_s = nil, -1, ''
   for _, id in ipairs(ids) do
@@ -115,7 +199,7 @@ local function settle(doc, hist, heads, vers, conflicts, dconf, name)
   end
   if not best then return false end
   local changed = false
-  if best ~= current_id(doc) then
+  if best ~= current_id() then
     local f = cjson.decode(redis.call('HGET', vers, best))
     local v = tostring(tonumber(redis.call('HGET', doc, 'version') or '0') + 1)
     redis.call('HSET', doc, 'version', v, 'content', f['content'], 'hlc', f['hlc'],
@@ -144,27 +228,33 @@ local function settle(doc, hist, heads, vers, conflicts, dconf, name)
   return changed
 end
 
--- Drop the oldest superseded versions beyond `keep` (see above).
-local function trim(heads, vers, own, name, site, keep)
-  if redis.call('HLEN', vers) - redis.call('SCARD', heads) <= keep then return end
-  local old = {}
-  for _, id in ipairs(redis.call('HKEYS', vers)) do
-    if redis.call('SISMEMBER', heads, id) == 0 then
-      local h, s = split_id(id)
-      old[#old + 1] = {h, s, id}
+-- Drop the oldest superseded versions beyond `keep` (see above); this site's own
+-- keep their base in `tomb`, and their number in `own`.
+local function trim(site, keep)
+  local extra = redis.call('ZCARD', old) - keep
+  if extra <= 0 then return end
+  for _, id in ipairs(redis.call('ZRANGE', old, 0, extra - 1)) do
+    local raw = redis.call('HGET', vers, id)
+    if raw and string.sub(id, -#site - 1) == '|' .. site then
+      redis.call('HSET', tomb, id, cjson.decode(raw)['base'])
     end
+    redis.call('HDEL', vers, id)
   end
-  table.sort(old, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
-  for i = 1, #old - keep do
-    redis.call('HDEL', vers, old[i][3])
-    if old[i][2] == site then redis.call('ZREM', own, 'doc|' .. name .. '|' .. old[i][3]) end
+  redis.call('ZREMRANGEBYRANK', old, 0, extra - 1)
+end
+
+-- A change from another site that moved the clock: past it, and past now.
+local function observe(remote_hlc, site, now_ms)
+  local last = tonumber(redis.call('GET', hlc) or '0')
+  local remote = tonumber(remote_hlc)
+  redis.call('SET', hlc, fmt(math.max(tonumber(now_ms) * 1000, last + 1, remote + 1)))
+  if remote > tonumber(redis.call('HGET', seen, site) or '0') then
+    redis.call('HSET', seen, site, remote_hlc)
   end
 end
 """
 )
 
-# KEYS: doc, hist, known, hlc, outbox, docs, heads, gone, vers, conflicts, dconf,
-#       own-seq, own
 # ARGV: expected (this site's version number, or a version id 'hlc|site': the same
 #       on every site), content, site, now_ms, sha256, written_at, doc_name,
 #       also_replaces ('hlc|site' of other versions this one replaces: a resolution),
@@ -173,200 +263,228 @@ end
 # knows, so it is the greatest head and becomes current.
 # Returns {1, version, hlc}, or {0, current version, current id} when stale.
 WRITE_DOC = (
-    DOC_FUNCTIONS
+    DOC_PREAMBLE
+    + DOC_FUNCTIONS
     + """
-take_over(KEYS[1], KEYS[7], KEYS[9], KEYS[10], KEYS[11], ARGV[7])
-local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-local cur_id = current_id(KEYS[1]) or ''
+take_over(ARGV[7])
+local cur = tonumber(redis.call('HGET', doc, 'version') or '0')
+local cur_id = current_id() or ''
 local fresh
 if string.find(ARGV[1], '|', 1, true) then fresh = (ARGV[1] == cur_id)
 else fresh = (cur == tonumber(ARGV[1])) end
 for other in string.gmatch(ARGV[8], '[^,]+') do  -- what a resolution settles: still open?
-  if redis.call('SISMEMBER', KEYS[7], other) == 0 then fresh = false end
+  if redis.call('SISMEMBER', heads, other) == 0 then fresh = false end
 end
 if not fresh then return {0, tostring(cur), cur_id} end
-local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+local last = tonumber(redis.call('GET', hlc) or '0')
 local h = fmt(math.max(tonumber(ARGV[4]) * 1000, last + 1))
-redis.call('SET', KEYS[4], h)
+redis.call('SET', hlc, h)
 local base = cur_id
 if ARGV[8] ~= '' then base = (base == '' and ARGV[8]) or (base .. ',' .. ARGV[8]) end
 local id = h .. '|' .. ARGV[3]
-add_version(KEYS[3], KEYS[7], KEYS[8], KEYS[9], id, cjson.encode({content = ARGV[2],
-  hlc = h, site = ARGV[3], base = base, sha256 = ARGV[5], written_at = ARGV[6]}), base)
-settle(KEYS[1], KEYS[2], KEYS[7], KEYS[9], KEYS[10], KEYS[11], ARGV[7])
-local seq = own_seq(KEYS[12], KEYS[13], 'doc|' .. ARGV[7] .. '|' .. id)
-trim(KEYS[7], KEYS[9], KEYS[13], ARGV[7], ARGV[3], tonumber(ARGV[9]))
-redis.call('SADD', KEYS[6], ARGV[7])
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'kind', 'doc', 'doc', ARGV[7],
+add_version(id, cjson.encode({content = ARGV[2], hlc = h, site = ARGV[3], base = base,
+  sha256 = ARGV[5], written_at = ARGV[6]}), base)
+settle(ARGV[7])
+trim(ARGV[3], tonumber(ARGV[9]))
+redis.call('SADD', docs, ARGV[7])
+local name = numbering_name()
+local seq = own_seq('doc|' .. ARGV[7] .. '|' .. id)
+redis.call('XADD', outbox, 'MAXLEN', '~', '100000', '*', 'kind', 'doc', 'doc', ARGV[7],
            'content', ARGV[2], 'hlc', h, 'site', ARGV[3], 'base', base, 'sha256', ARGV[5],
-           'written_at', ARGV[6], 'seq', seq)
-return {1, redis.call('HGET', KEYS[1], 'version'), h}
+           'written_at', ARGV[6], 'seq', seq, 'numbering', name)
+return {1, redis.call('HGET', doc, 'version'), h}
 """
 )
 
-# KEYS: doc, hist, known, hlc, conflicts, docs, seen, heads, gone, vers, dconf, own,
-#       got, above:ORIGIN
 # ARGV: doc_name, content, hlc, site, base, sha256, written_at, now_ms, origin,
-#       seq ('' when none), keep, this site
+#       seq ('' when none), numbering, keep, this site
 # Returns {1 when the current version changed else 0}, or {-1} for a version already known.
 APPLY_DOC = (
-    DOC_FUNCTIONS
+    DOC_PREAMBLE
+    + DOC_FUNCTIONS
     + """
-record_seq(KEYS[13], KEYS[14], ARGV[9], ARGV[10])
-take_over(KEYS[1], KEYS[8], KEYS[10], KEYS[5], KEYS[11], ARGV[1])
+take_over(ARGV[1])
 local id = ARGV[3] .. '|' .. ARGV[4]
 local version = cjson.encode({content = ARGV[2], hlc = ARGV[3], site = ARGV[4],
   base = ARGV[5], sha256 = ARGV[6], written_at = ARGV[7]})
-local keep = tonumber(ARGV[11])
-if not add_version(KEYS[3], KEYS[8], KEYS[9], KEYS[10], id, version, ARGV[5]) then
-  settle(KEYS[1], KEYS[2], KEYS[8], KEYS[10], KEYS[5], KEYS[11], ARGV[1])
-  trim(KEYS[8], KEYS[10], KEYS[12], ARGV[1], ARGV[12], keep)
-  return {-1}
+local result = -1
+if add_version(id, version, ARGV[5]) then
+  observe(ARGV[3], ARGV[4], ARGV[8])
+  redis.call('SADD', docs, ARGV[1])
+  result = 0
 end
-local last = tonumber(redis.call('GET', KEYS[4]) or '0')
-local remote = tonumber(ARGV[3])
-redis.call('SET', KEYS[4], fmt(math.max(tonumber(ARGV[8]) * 1000, last + 1, remote + 1)))
-if remote > tonumber(redis.call('HGET', KEYS[7], ARGV[4]) or '0') then
-  redis.call('HSET', KEYS[7], ARGV[4], ARGV[3])
-end
-redis.call('SADD', KEYS[6], ARGV[1])
-local changed = settle(KEYS[1], KEYS[2], KEYS[8], KEYS[10], KEYS[5], KEYS[11], ARGV[1])
-trim(KEYS[8], KEYS[10], KEYS[12], ARGV[1], ARGV[12], keep)
-if changed then return {1} end
-return {0}
+if settle(ARGV[1]) then result = 1 end
+trim(ARGV[13], tonumber(ARGV[12]))
+record_seq(ARGV[9], ARGV[10], ARGV[11])
+return {result}
 """
 )
 
-# KEYS: log, entries, hlc, outbox, own-seq, own
+# A version of another site's that its retention dropped, as catch-up tells of it:
+# known, superseded (it was, to be dropped), and its bases superseded.
+# ARGV: doc_name, hlc, site, base, now_ms, origin, seq, numbering, keep, this site
+# Returns {1 when the current version changed else 0}.
+APPLY_DROPPED = (
+    DOC_PREAMBLE
+    + DOC_FUNCTIONS
+    + """
+take_over(ARGV[1])
+local id = ARGV[2] .. '|' .. ARGV[3]
+supersede_bases(ARGV[4])
+supersede(id)
+if redis.call('SADD', known, id) == 1 then observe(ARGV[2], ARGV[3], ARGV[5]) end
+local result = 0
+if settle(ARGV[1]) then result = 1 end
+trim(ARGV[10], tonumber(ARGV[9]))
+record_seq(ARGV[6], ARGV[7], ARGV[8])
+return {result}
+"""
+)
+
 # ARGV: entry_id, text, site, now_ms, written_at
 APPEND_LOG = (
-    SEQ_FUNCTIONS
+    LOG_PREAMBLE
+    + SEQ_FUNCTIONS
     + """
-local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-local hlc = math.max(tonumber(ARGV[4]) * 1000, last + 1)
-local h = fmt(hlc)
-redis.call('SET', KEYS[3], h)
-redis.call('ZADD', KEYS[1], 0, string.format('%019.0f', hlc) .. '|' .. ARGV[3] .. '|' .. ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({text = ARGV[2], hlc = h, site = ARGV[3],
+local last = tonumber(redis.call('GET', hlc) or '0')
+local now = math.max(tonumber(ARGV[4]) * 1000, last + 1)
+local h = fmt(now)
+redis.call('SET', hlc, h)
+redis.call('ZADD', log, 0, string.format('%019.0f', now) .. '|' .. ARGV[3] .. '|' .. ARGV[1])
+redis.call('HSET', entries, ARGV[1], cjson.encode({text = ARGV[2], hlc = h, site = ARGV[3],
                                                    written_at = ARGV[5]}))
-local seq = own_seq(KEYS[5], KEYS[6], 'log|' .. ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'kind', 'log', 'entry_id', ARGV[1],
-           'text', ARGV[2], 'hlc', h, 'site', ARGV[3], 'written_at', ARGV[5], 'seq', seq)
+local name = numbering_name()
+local seq = own_seq('log|' .. ARGV[1])
+redis.call('XADD', outbox, 'MAXLEN', '~', '100000', '*', 'kind', 'log', 'entry_id', ARGV[1],
+           'text', ARGV[2], 'hlc', h, 'site', ARGV[3], 'written_at', ARGV[5], 'seq', seq,
+           'numbering', name)
 return h
 """
 )
 
-# KEYS: log, entries, hlc, seen, got, above:ORIGIN
-# ARGV: entry_id, text, hlc, site, written_at, now_ms, origin, seq ('' when none)
+# ARGV: entry_id, text, hlc, site, written_at, now_ms, origin, seq ('' when none), numbering
 APPLY_LOG = (
-    SEQ_FUNCTIONS
+    LOG_PREAMBLE
+    + SEQ_FUNCTIONS
     + """
-record_seq(KEYS[5], KEYS[6], ARGV[7], ARGV[8])
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
-local remote = tonumber(ARGV[3])
-local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-redis.call('SET', KEYS[3], fmt(math.max(tonumber(ARGV[6]) * 1000, last + 1, remote + 1)))
-if remote > tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0') then
-  redis.call('HSET', KEYS[4], ARGV[4], ARGV[3])
+local result = 0
+if redis.call('HEXISTS', entries, ARGV[1]) == 0 then
+  local remote = tonumber(ARGV[3])
+  local last = tonumber(redis.call('GET', hlc) or '0')
+  redis.call('SET', hlc, fmt(math.max(tonumber(ARGV[6]) * 1000, last + 1, remote + 1)))
+  if remote > tonumber(redis.call('HGET', seen, ARGV[4]) or '0') then
+    redis.call('HSET', seen, ARGV[4], ARGV[3])
+  end
+  redis.call('ZADD', log, 0, string.format('%019.0f', remote) .. '|' .. ARGV[4] .. '|' .. ARGV[1])
+  redis.call('HSET', entries, ARGV[1], cjson.encode({text = ARGV[2], hlc = ARGV[3],
+                                                     site = ARGV[4], written_at = ARGV[5]}))
+  result = 1
 end
-redis.call('ZADD', KEYS[1], 0, string.format('%019.0f', remote) .. '|' .. ARGV[4] .. '|' .. ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({text = ARGV[2], hlc = ARGV[3], site = ARGV[4],
-                                                   written_at = ARGV[5]}))
+record_seq(ARGV[7], ARGV[8], ARGV[9])
+return result
+"""
+)
+
+# A catch-up page from `origin` begins: it names the numbering its numbers count. A
+# different one than this site holds: what it held of the old one is forgotten (the
+# page answers from the start).
+# ARGV: origin, numbering
+ADOPT_NUMBERING = (
+    LOG_PREAMBLE
+    + """
+if redis.call('HGET', numberings, ARGV[1]) == ARGV[2] then return 0 end
+redis.call('HSET', numberings, ARGV[1], ARGV[2])
+redis.call('HDEL', got, ARGV[1])
+redis.call('DEL', above)
 return 1
 """
 )
 
-# A catch-up page applied: the asker now holds every change 1..through of the origin.
-# KEYS: got, above:ORIGIN   ARGV: origin, through
+# A catch-up page applied: this site now holds every change 1..through of the origin
+# (under the numbering the page named, adopted first).
+# ARGV: origin, through, numbering
 ADVANCE = (
-    SEQ_FUNCTIONS
+    LOG_PREAMBLE
+    + SEQ_FUNCTIONS
     + """
-local w = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local through = tonumber(ARGV[2])
-if through > w then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('HGET', numberings, ARGV[1]) ~= ARGV[3] then return 0 end
+local w = tonumber(redis.call('HGET', got, ARGV[1]) or '0')
+if tonumber(ARGV[2]) > w then
+  redis.call('ZREMRANGEBYSCORE', above, '-inf', ARGV[2])
+  redis.call('HSET', got, ARGV[1], ARGV[2])
 end
-record_seq(KEYS[1], KEYS[2], ARGV[1], '')
-return redis.call('HGET', KEYS[1], ARGV[1])
+record_seq(ARGV[1], '', ARGV[3])
+return 1
 """
 )
 
-# A catch-up page names the origin's numbering. The first one named is taken as it
-# is; a different one means the origin lost its data and numbers from 1 again (the
-# page then holds all it has): what this site held of the old numbering is forgotten.
-# KEYS: numberings, got, above:ORIGIN   ARGV: origin, numbering
-ADOPT_NUMBERING = """
-local known = redis.call('HGET', KEYS[1], ARGV[1])
-if known == ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if not known then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-# One page of this site's own changes above `after`, read at one instant: the refs
-# with their numbers, and the counter (every number up to it is in `own`, or was
-# dropped by the history retention).
-# KEYS: own, own-seq   ARGV: after, count
-OWN_PAGE = """
-local refs = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+# One page of this site's own changes above `after`, read at one instant: the
+# numbering's name, the counter (every number up to it is in `own`) and the refs with
+# their numbers.
+# ARGV: after, count
+OWN_PAGE = (
+    LOG_PREAMBLE
+    + SEQ_FUNCTIONS
+    + """
+local refs = redis.call('ZRANGEBYSCORE', own, '(' .. ARGV[1], '+inf', 'WITHSCORES',
                         'LIMIT', 0, tonumber(ARGV[2]))
-return {redis.call('GET', KEYS[2]) or '0', refs}
+return {numbering_name(), redis.call('GET', own_count) or '0', refs}
 """
+)
 
 # Upgrade of one document from an earlier layout (idempotent): taken over (as a write
 # would), versions this site's record still holds in full (before versions were kept
-# by id) kept as superseded history, and this site's own versions numbered.
-# KEYS: doc, hist, known, heads, gone, vers, conflicts, dconf, own-seq, own
+# by id) kept as superseded history, superseded versions indexed (`old`), and this
+# site's own versions numbered, oldest first.
 # ARGV: doc_name, this site, keep
 UPGRADE_DOC = (
-    DOC_FUNCTIONS
+    DOC_PREAMBLE
+    + DOC_FUNCTIONS
     + """
-take_over(KEYS[1], KEYS[4], KEYS[6], KEYS[7], KEYS[8], ARGV[1])
-for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+take_over(ARGV[1])
+for _, entry in ipairs(redis.call('XRANGE', hist, '-', '+')) do
   local f = {}
   for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
   if f['content'] then
     local id = f['hlc'] .. '|' .. f['site']
-    if redis.call('SADD', KEYS[3], id) == 1 or redis.call('HEXISTS', KEYS[6], id) == 0 then
-      if redis.call('SISMEMBER', KEYS[4], id) == 0 then
-        redis.call('SADD', KEYS[5], id)
-        redis.call('HSET', KEYS[6], id, cjson.encode({content = f['content'], hlc = f['hlc'],
-          site = f['site'], base = f['base'] or '', sha256 = f['sha256'] or '',
-          written_at = f['written_at']}))
-      end
+    if redis.call('HEXISTS', vers, id) == 0 and redis.call('SISMEMBER', heads, id) == 0 then
+      redis.call('SADD', known, id)
+      redis.call('HSET', vers, id, cjson.encode({content = f['content'], hlc = f['hlc'],
+        site = f['site'], base = f['base'] or '', sha256 = f['sha256'] or '',
+        written_at = f['written_at']}))
+      supersede(id)
     end
   end
 end
-local numbered = 0
-for _, id in ipairs(redis.call('HKEYS', KEYS[6])) do
-  local member = 'doc|' .. ARGV[1] .. '|' .. id
-  local mine = string.sub(id, -#ARGV[2] - 1) == '|' .. ARGV[2]
-  if mine and not redis.call('ZSCORE', KEYS[10], member) then
-    own_seq(KEYS[9], KEYS[10], member)
-    numbered = numbered + 1
+local mine = {}
+for _, id in ipairs(redis.call('HKEYS', vers)) do
+  if redis.call('SISMEMBER', heads, id) == 0 then redis.call('ZADD', old, score_of(id), id) end
+  local h, s = split_id(id)
+  if s == ARGV[2] and not redis.call('ZSCORE', own, 'doc|' .. ARGV[1] .. '|' .. id) then
+    mine[#mine + 1] = {h, id}
   end
 end
-trim(KEYS[4], KEYS[6], KEYS[10], ARGV[1], ARGV[2], tonumber(ARGV[3]))
-return numbered
+table.sort(mine, function(a, b) return a[1] < b[1] end)
+for _, m in ipairs(mine) do own_seq('doc|' .. ARGV[1] .. '|' .. m[2]) end
+trim(ARGV[2], tonumber(ARGV[3]))
+return #mine
 """
 )
 
-# Upgrade of the log: this site's own entries numbered (idempotent).
-# KEYS: log, own-seq, own   ARGV: this site
+# Upgrade of the log: this site's own entries numbered, oldest first (idempotent).
+# ARGV: this site
 UPGRADE_LOG = (
-    SEQ_FUNCTIONS
+    LOG_PREAMBLE
+    + SEQ_FUNCTIONS
     + """
 local numbered = 0
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+for _, member in ipairs(redis.call('ZRANGE', log, 0, -1)) do
   local first = string.find(member, '|', 1, true)
   local second = string.find(member, '|', first + 1, true)
   if string.sub(member, first + 1, second - 1) == ARGV[1] then
     local ref = 'log|' .. string.sub(member, second + 1)
-    if not redis.call('ZSCORE', KEYS[3], ref) then
-      own_seq(KEYS[2], KEYS[3], ref)
+    if not redis.call('ZSCORE', own, ref) then
+      own_seq(ref)
       numbered = numbered + 1
     end
   end

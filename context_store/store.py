@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Literal, cast
 
 import redis.asyncio as redis
+from redis.exceptions import ResponseError
 
 from context_store import scripts
 from proto.context import (
@@ -21,6 +23,7 @@ from proto.context import (
     ContextSyncRequest,
     Document,
     DocVersion,
+    DroppedVersion,
     LogEntry,
     OldVersion,
     VersionInfo,
@@ -55,6 +58,10 @@ HISTORY_KEEP = 100  # superseded versions kept per document (MESH_CONTEXT_HISTOR
 PAGE_CHANGES = 100  # a catch-up page: at most this many changes ...
 PAGE_BYTES = 1_000_000  # ... and about this much content (at least one change)
 HAVE_LISTED = 1000  # numbers above the watermark a catch-up request lists
+_DOC_PARTS = ("doc", "hist", "known", "heads", "gone", "vers", "old", "tomb")
+_SITE_KEYS = {"entries": "log-entries"}  # a script's name for a key -> the key's name
+
+log = logging.getLogger(__name__)
 
 
 def _now(clock: Clock = time.time) -> tuple[int, str]:
@@ -83,6 +90,7 @@ class ContextStore:
         self._apply_doc = client.register_script(scripts.APPLY_DOC)
         self._append = client.register_script(scripts.APPEND_LOG)
         self._apply_log = client.register_script(scripts.APPLY_LOG)
+        self._apply_dropped = client.register_script(scripts.APPLY_DROPPED)
         self._advance = client.register_script(scripts.ADVANCE)
         self._adopt = client.register_script(scripts.ADOPT_NUMBERING)
         self._own_page = client.register_script(scripts.OWN_PAGE)
@@ -119,9 +127,23 @@ class ContextStore:
         return {doc: _document(doc, f) if f else None for doc, f in zip(docs, found, strict=True)}
 
     def _doc_keys(self, doc: str) -> dict[str, str]:
-        return {
-            part: self._key(part, doc) for part in ("doc", "hist", "known", "heads", "gone", "vers")
-        } | {"dconf": self._key("conflicts-of", doc)}
+        return {part: self._key(part, doc) for part in _DOC_PARTS} | {
+            "dconf": self._key("conflicts-of", doc)
+        }
+
+    def _script_keys(self, names: tuple[str, ...], doc: str = "", origin: str = "") -> list[str]:
+        """The keys a script takes, in the order it names them (scripts.DOC_KEYS,
+        scripts.LOG_KEYS); `above` is the one of `origin`'s numbers."""
+        doc_keys = self._doc_keys(doc) if doc else {}
+        keys = []
+        for name in names:
+            if name in doc_keys:
+                keys.append(doc_keys[name])
+            elif name == "above":
+                keys.append(self._key("above", origin or self.site))
+            else:
+                keys.append(self._key(_SITE_KEYS.get(name, name)))
+        return keys
 
     async def write(
         self, doc: str, content: str, expected_version: int | str, also_replaces: str = ""
@@ -132,23 +154,8 @@ class ContextStore:
         settles."""
         now_ms, written_at = _now(self.clock)
         sha = hashlib.sha256(content.encode()).hexdigest()
-        k = self._doc_keys(doc)
         ok, version, hlc = await self._write(
-            keys=[
-                k["doc"],
-                k["hist"],
-                k["known"],
-                self._key("hlc"),
-                self.outbox,
-                self._key("docs"),
-                k["heads"],
-                k["gone"],
-                k["vers"],
-                self._key("conflicts"),
-                k["dconf"],
-                self._key("own-seq"),
-                self._key("own"),
-            ],
+            keys=self._script_keys(scripts.DOC_KEYS, doc),
             args=[
                 expected_version,
                 content,
@@ -244,14 +251,7 @@ class ContextStore:
         now_ms, written_at = _now(self.clock)
         entry_id = uuid.uuid4().hex
         hlc = await self._append(
-            keys=[
-                self._key("log"),
-                self._key("log-entries"),
-                self._key("hlc"),
-                self.outbox,
-                self._key("own-seq"),
-                self._key("own"),
-            ],
+            keys=self._script_keys(scripts.LOG_KEYS),
             args=[entry_id, text, self.site, now_ms, written_at],
         )
         return LogEntry(
@@ -344,29 +344,12 @@ class ContextStore:
         """Apply a change from another site; idempotent. True when it changed anything."""
         now_ms, _ = _now(self.clock)
         seq = "" if event.seq is None else str(event.seq)
-        got, above = self._key("got"), self._key("above", event.origin)
+        numbering = event.numbering or ""
         if event.version is not None:
             v = event.version
-            if int(v.hlc) >= 2**53:  # Lua numbers are doubles: exact only below 2^53
-                raise PermanentError(f"{v.doc}: hlc {v.hlc} is out of range")
-            k = self._doc_keys(v.doc)
+            _check_hlc(v.doc, v.hlc)
             [applied] = await self._apply_doc(
-                keys=[
-                    k["doc"],
-                    k["hist"],
-                    k["known"],
-                    self._key("hlc"),
-                    self._key("conflicts"),
-                    self._key("docs"),
-                    self._key("seen"),
-                    k["heads"],
-                    k["gone"],
-                    k["vers"],
-                    k["dconf"],
-                    self._key("own"),
-                    got,
-                    above,
-                ],
+                keys=self._script_keys(scripts.DOC_KEYS, v.doc, event.origin),
                 args=[
                     v.doc,
                     v.content,
@@ -378,31 +361,53 @@ class ContextStore:
                     now_ms,
                     event.origin,
                     seq,
+                    numbering,
                     self.history_keep,
                     self.site,
                 ],
             )
             return int(applied) >= 0
+        if event.dropped is not None:
+            d = event.dropped
+            _check_hlc(d.doc, d.hlc)
+            [applied] = await self._apply_dropped(
+                keys=self._script_keys(scripts.DOC_KEYS, d.doc, event.origin),
+                args=[
+                    d.doc,
+                    d.hlc,
+                    d.site,
+                    d.base,
+                    now_ms,
+                    event.origin,
+                    seq,
+                    numbering,
+                    self.history_keep,
+                    self.site,
+                ],
+            )
+            return bool(int(applied))
         if event.entry is not None:
             e = event.entry
             applied = await self._apply_log(
-                keys=[
-                    self._key("log"),
-                    self._key("log-entries"),
-                    self._key("hlc"),
-                    self._key("seen"),
-                    got,
-                    above,
+                keys=self._script_keys(scripts.LOG_KEYS, origin=event.origin),
+                args=[
+                    e.entry_id,
+                    e.text,
+                    e.hlc,
+                    e.site,
+                    e.written_at,
+                    now_ms,
+                    event.origin,
+                    seq,
+                    numbering,
                 ],
-                args=[e.entry_id, e.text, e.hlc, e.site, e.written_at, now_ms, event.origin, seq],
             )
             return bool(int(applied))
         return False
 
     async def catch_up_request(self) -> ContextSyncRequest:
         """What this site holds of the other sites' changes: per origin, n (all of 1..n
-        held), the numbers above n held, and which numbering of the origin's those
-        count (see `numbering`)."""
+        held), the numbers above n held, and the numbering those count."""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(self._key("got"))
             pipe.hgetall(self._key("numberings"))
@@ -420,27 +425,17 @@ class ContextStore:
             site=self.site, after=after, have=have, numberings=cast(_Fields, numberings)
         )
 
-    async def numbering(self) -> str:
-        """Names this store's numbering of its own changes. A store that lost its data
-        (Redis restarted without AOF) numbers from 1 again, under a new name, so the
-        other sites do not take its new changes for ones they hold."""
-        key = self._key("numbering")
-        await self.client.set(key, uuid.uuid4().hex, nx=True)
-        return cast(str, await self.client.get(key))
-
     async def answer(self, request: ContextSyncRequest) -> ContextSyncPage | None:
         """One page of what the asker lacks of this site's own changes; None when it
         lacks nothing."""
-        assert request.after is not None
-        numbering = await self.numbering()
+        after = (request.after or {}).get(self.site, 0)
+        have = set(request.have.get(self.site, []))
         named = request.numberings.get(self.site)
-        after, have = request.after.get(self.site, 0), set(request.have.get(self.site, []))
-        if named not in (None, numbering):
-            after, have = 0, set()  # its numbers count a numbering this store lost
-        changes, through, more = await self.own_changes(after, have)
-        if named == numbering and not changes and through <= after:
+        numbering, changes, through, more = await self.own_changes(after, have)
+        if named != numbering:  # its numbers count another numbering: from the start
+            numbering, changes, through, more = await self.own_changes(0, set())
+        elif not changes and through <= after:
             return None
-        # (A page with nothing in it still tells the asker which numbering it holds.)
         return ContextSyncPage(
             origin=self.site,
             site=request.site,
@@ -451,76 +446,95 @@ class ContextStore:
         )
 
     async def apply_page(self, page: ContextSyncPage) -> int:
-        """Apply a catch-up page (idempotent); returns how many changes were new."""
+        """Apply a catch-up page (idempotent); returns how many changes were new. A
+        change that cannot be applied at all is logged and passed over, so that it
+        does not stop every change after it (Redis away is raised: the page waits)."""
         await self._adopt(
-            keys=[self._key("numberings"), self._key("got"), self._key("above", page.origin)],
+            keys=self._script_keys(scripts.LOG_KEYS, origin=page.origin),
             args=[page.origin, page.numbering],
         )
         applied = 0
         for change in page.changes:  # oldest first; each one atomic
-            applied += await self.apply(change)
-        await self.advance(page.origin, page.through)
+            try:
+                applied += await self.apply(change)
+            except (PermanentError, ResponseError) as exc:
+                log.error("context: passing over change %s of %s: %s", change.seq, page.origin, exc)
+        await self._advance(
+            keys=self._script_keys(scripts.LOG_KEYS, origin=page.origin),
+            args=[page.origin, page.through, page.numbering],
+        )
         return applied
 
     async def own_changes(
         self, after: int, have: set[int], max_changes: int = PAGE_CHANGES
-    ) -> tuple[list[ContextChanged], int, bool]:
+    ) -> tuple[str, list[ContextChanged], int, bool]:
         """One catch-up page: this site's own changes numbered above `after`, but for
         those in `have`, oldest first, at most `max_changes` and about PAGE_BYTES of
-        content. Returns (changes, through, more): with these, the asker holds all of
-        1..through; `more`: ask again for the rest. Index reads, no scan."""
+        content. Returns (numbering, changes, through, more): with these, the asker
+        holds all of 1..through; `more`: ask again for the rest. Index reads, no scan."""
         changes: list[ContextChanged] = []
         size = 0
+        numbering = ""
         while True:
-            counter, flat = await self._own_page(
-                keys=[self._key("own"), self._key("own-seq")], args=[after, max_changes]
+            numbering, counter, flat = await self._own_page(
+                keys=self._script_keys(scripts.LOG_KEYS), args=[after, max_changes]
             )
             refs = [(str(flat[i]), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
             wanted = [(ref, seq) for ref, seq in refs if seq not in have]
-            events = await self._own_events(wanted)
+            events = await self._own_events(wanted, str(numbering))
             for (_, seq), event in zip(wanted, events, strict=True):
-                if event is None:  # dropped by the history retention since
+                if event is None:
                     continue
                 if changes and (len(changes) >= max_changes or size >= PAGE_BYTES):
-                    return changes, after, True
+                    return str(numbering), changes, after, True
                 changes.append(event)
-                size += len(event.version.content if event.version else event.entry.text)  # type: ignore[union-attr]
+                size += _size(event)
                 after = seq
             if len(refs) < max_changes:
-                return changes, max(after, int(counter)), False
-            after = refs[-1][1]  # a page of changes all held or dropped: read on
+                return str(numbering), changes, max(after, int(counter)), False
+            after = refs[-1][1]  # a page of changes all held already: read on
 
-    async def _own_events(self, refs: list[tuple[str, int]]) -> list[ContextChanged | None]:
+    async def _own_events(
+        self, refs: list[tuple[str, int]], numbering: str
+    ) -> list[ContextChanged | None]:
+        """The changes behind `own` refs: a version (or, when the retention dropped it,
+        what it replaced), or a log entry. None for one that cannot be read."""
         async with self.client.pipeline(transaction=False) as pipe:
             for ref, _ in refs:
                 kind, rest = ref.split("|", 1)
                 if kind == "log":
-                    pipe.hget(self._key("log-entries"), rest)
+                    pipe.hmget(self._key("log-entries"), [rest])
                 else:
                     doc, version_id = rest.split("|", 1)  # doc names hold no '|'
                     pipe.hget(self._key("vers", doc), version_id)
-            found = await pipe.execute()
+                    pipe.hget(self._key("tomb", doc), version_id)
+            replies = iter(await pipe.execute())
         events: list[ContextChanged | None] = []
-        for (ref, seq), raw in zip(refs, found, strict=True):
+        for ref, seq in refs:
             kind, rest = ref.split("|", 1)
-            if raw is None:
-                events.append(None)
-            elif kind == "log":
-                entry = LogEntry(entry_id=rest, **json.loads(raw))
-                events.append(ContextChanged(origin=self.site, entry=entry, seq=seq))
+            if kind == "log":
+                [raw], tomb = next(replies), None
             else:
-                doc = rest.split("|", 1)[0]
-                version = DocVersion(doc=doc, **json.loads(raw))
-                events.append(ContextChanged(origin=self.site, version=version, seq=seq))
+                raw, tomb = next(replies), next(replies)
+            event = ContextChanged(origin=self.site, seq=seq, numbering=numbering)
+            try:
+                if kind == "log" and raw is not None:
+                    entry = LogEntry(entry_id=rest, **json.loads(raw))
+                    events.append(event.model_copy(update={"entry": entry}))
+                elif raw is not None:
+                    version = DocVersion(doc=rest.split("|", 1)[0], **json.loads(raw))
+                    events.append(event.model_copy(update={"version": version}))
+                elif kind == "doc" and tomb is not None:
+                    doc, version_id = rest.split("|", 1)
+                    hlc, site = version_id.split("|", 1)
+                    dropped = DroppedVersion(doc=doc, hlc=hlc, site=site, base=str(tomb))
+                    events.append(event.model_copy(update={"dropped": dropped}))
+                else:
+                    events.append(None)
+            except ValueError as exc:  # a record this release cannot read: not sent
+                log.error("context: cannot send %s: %s", ref, exc)
+                events.append(None)
         return events
-
-    async def advance(self, origin: str, through: int) -> int:
-        """A catch-up page from `origin` is applied: this site holds all of 1..through."""
-        return int(
-            await self._advance(
-                keys=[self._key("got"), self._key("above", origin)], args=[origin, through]
-            )
-        )
 
     async def upgrade(self) -> int:
         """Bring a store from an earlier release to this layout (idempotent; once): every
@@ -530,28 +544,14 @@ class ContextStore:
             return 0
         numbered = 0
         for doc in await self.docs():
-            k = self._doc_keys(doc)
             numbered += int(
                 await self._upgrade_doc(
-                    keys=[
-                        k["doc"],
-                        k["hist"],
-                        k["known"],
-                        k["heads"],
-                        k["gone"],
-                        k["vers"],
-                        self._key("conflicts"),
-                        k["dconf"],
-                        self._key("own-seq"),
-                        self._key("own"),
-                    ],
+                    keys=self._script_keys(scripts.DOC_KEYS, doc),
                     args=[doc, self.site, self.history_keep],
                 )
             )
         numbered += int(
-            await self._upgrade_log(
-                keys=[self._key("log"), self._key("own-seq"), self._key("own")], args=[self.site]
-            )
+            await self._upgrade_log(keys=self._script_keys(scripts.LOG_KEYS), args=[self.site])
         )
         await self.client.set(self._key("layout"), LAYOUT)
         return numbered
@@ -577,6 +577,17 @@ class ContextStore:
 
 
 LAYOUT = "2"  # versions kept by id, own changes numbered
+
+
+def _check_hlc(doc: str, hlc: str) -> None:
+    if int(hlc) >= 2**53:  # Lua numbers are doubles: exact only below 2^53
+        raise PermanentError(f"{doc}: hlc {hlc} is out of range")
+
+
+def _size(event: ContextChanged) -> int:
+    if event.version is not None:
+        return len(event.version.content.encode())
+    return len(event.entry.text.encode()) if event.entry is not None else 100
 
 
 def _info(version: DocVersion, current: str, heads: set[str]) -> VersionInfo:
@@ -623,8 +634,9 @@ def _doc_event(site: str, doc: str, f: dict[str, str], seq: int | None = None) -
 
 def _outbox_event(site: str, f: dict[str, str]) -> ContextChanged:
     seq = int(f["seq"]) if "seq" in f else None  # none in entries from before numbering
+    numbering = f.get("numbering")
     if f["kind"] == "doc":
-        return _doc_event(site, f["doc"], f, seq)
+        return _doc_event(site, f["doc"], f, seq).model_copy(update={"numbering": numbering})
     entry = LogEntry(
         entry_id=f["entry_id"],
         text=f["text"],
@@ -632,4 +644,4 @@ def _outbox_event(site: str, f: dict[str, str]) -> ContextChanged:
         site=f["site"],
         written_at=f["written_at"],
     )
-    return ContextChanged(origin=site, entry=entry, seq=seq)
+    return ContextChanged(origin=site, entry=entry, seq=seq, numbering=numbering)

@@ -257,7 +257,7 @@ async def old_version(
     ref: int | str
     if match := GLOBAL_TAG.fullmatch(version):
         ref = f"{match.group(1)}|{match.group(2)}"
-    elif version.isdigit():
+    elif version.isascii() and version.isdigit():
         ref = int(version)
     else:
         raise ApiError(

@@ -32,6 +32,17 @@ class DocVersion(BusMessage):
     written_at: str = Field(description="Wall-clock time of the write (ISO 8601, UTC).")
 
 
+class DroppedVersion(BusMessage):
+    """A version its site's history retention dropped: what it replaced, without its
+    content (catch-up sends this instead, so the other site still learns what it
+    superseded)."""
+
+    doc: str = Field(pattern=DOC_PATTERN, description="portfolio, briefing or project/NAME.")
+    hlc: str = Field(pattern=r"^\d{1,19}$", description="Hybrid-logical-clock timestamp.")
+    site: str = Field(description="The site that wrote it.")
+    base: str = Field(description="As in DocVersion.")
+
+
 class LogEntry(BusMessage):
     """One session-log entry; never changed once written."""
 
@@ -50,6 +61,14 @@ class ContextChanged(BusMessage):
     origin: str = Field(description="The site where the change was made.")
     version: DocVersion | None = Field(default=None, description="A new document version.")
     entry: LogEntry | None = Field(default=None, description="A new log entry.")
+    dropped: DroppedVersion | None = Field(
+        default=None, description="A version of the origin's that its retention dropped."
+    )
+    numbering: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The name of the numbering `seq` belongs to (see ContextSyncPage).",
+    )
     seq: int | None = Field(
         default=None,
         ge=1,
@@ -98,8 +117,10 @@ class ContextSyncPage(BusMessage):
     origin: str = Field(description="The answering site (whose changes these are).")
     site: str = Field(description="The site that asked.")
     numbering: str = Field(
-        description="Names the origin's numbering of its changes (a new one when its store "
-        "lost its data and numbers from 1 again)."
+        max_length=64,
+        description="Names the origin's numbering of its changes: a new name after its "
+        "Redis restarted (which may have lost its last changes and give their numbers "
+        "again), and the page then answers from the start.",
     )
     changes: list[ContextChanged] = Field(description="Each with its `seq`.")
     through: int = Field(

@@ -5,15 +5,20 @@ by an earlier release (versions in its record, no numbers)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 
 from context_store import store as store_module
 from context_store.store import ContextStore
-from proto.context import ContextChanged
+from proto.context import ContextChanged, DocVersion
+from services.private_servers import PrivateRedis
+from services.redis_client import connect
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +54,7 @@ def texts(changes: list[ContextChanged]) -> list[str]:
 
 async def test_catch_up_sends_only_what_is_missing_in_bounded_pages(client: redis.Redis) -> None:
     desktop, vps = site(client, "desktop"), site(client, "vps")
+    assert await catch_up(vps, desktop) == [[]]  # the first contact: which numbering
     written = []
     for n in range(250):
         if n % 3:
@@ -61,6 +67,7 @@ async def test_catch_up_sends_only_what_is_missing_in_bounded_pages(client: redi
         written.append(text)
     events = [event for _, event in await desktop.read_outbox("0-0", count=1000)]
     assert [e.seq for e in events] == list(range(1, 251))
+    assert {e.numbering for e in events} == {(await vps.catch_up_request()).numberings["desktop"]}
     # Some arrived live, out of order: 1..41, and every fifth after (46, 51, ...).
     live = events[:40] + events[40::5]
     for event in reversed(live):
@@ -79,26 +86,42 @@ async def test_catch_up_sends_only_what_is_missing_in_bounded_pages(client: redi
     assert await vps.log_size() == 250 - 84
 
 
-async def test_a_page_is_bounded_by_size_and_skips_what_retention_dropped(
+async def test_a_page_is_bounded_by_size(client: redis.Redis) -> None:
+    desktop, vps = site(client, "desktop"), site(client, "vps")
+    big = "x" * 400_000
+    for n in range(4):
+        current = await desktop.get("portfolio")
+        await desktop.write("portfolio", f"{n} {big}", current.version if current else 0)
+    pages = await catch_up(vps, desktop)
+    assert [[c.seq for c in page] for page in pages] == [[1, 2, 3], [4]]  # 1.2 MB, then 0.4
+
+
+async def test_what_the_retention_dropped_is_still_told_so_no_conflict_appears(
     client: redis.Redis,
 ) -> None:
+    """The VPS holds the desktop's first version; the live events of the next nine are
+    lost, and the desktop's retention (3) drops five of them. Catch-up tells the VPS of
+    the dropped ones (what each replaced, without content), so the first version is
+    superseded on the VPS too: no conflict record appears, and both sites keep the same
+    history."""
     desktop, vps = site(client, "desktop"), site(client, "vps")
-    desktop.history_keep = 2
-    big = "x" * 400_000
-    for n in range(6):
-        current = await desktop.get("portfolio")
-        await desktop.write("portfolio", f"{n} {big}", current.version if current else 0)
-    # Versions 0..2 were dropped by the retention (current + 2 superseded kept).
+    desktop.history_keep = vps.history_keep = 3
+    await catch_up(vps, desktop)
+    await desktop.write("briefing", "d0", 0)
+    [first] = [event for _, event in await desktop.read_outbox("0-0")]
+    await vps.apply(first)
+    for n in range(1, 10):
+        current = await desktop.get("briefing")
+        await desktop.write("briefing", f"d{n}", current.version)  # type: ignore[union-attr]
     pages = await catch_up(vps, desktop)
-    assert [[c.seq for c in page] for page in pages] == [[4, 5, 6]]  # 1.2 MB: one page
-    for n in range(6, 12):
-        current = await desktop.get("portfolio")
-        await desktop.write("portfolio", f"{n} {big}", current.version if current else 0)
-    desktop.history_keep = 100
-    pages = await catch_up(vps, desktop)
-    assert [[c.seq for c in page] for page in pages] == [[10, 11, 12]]
-    await vps.write("briefing", "so that the VPS has something of its own", 0)
-    assert (await holdings(vps))[0] == {"desktop": 12}
+    changes = [change for page in pages for change in page]
+    assert [c.seq for c in changes] == list(range(2, 11))
+    assert [c.dropped is not None for c in changes] == [True] * 5 + [False] * 4
+    assert await vps.conflicts() == [] and await desktop.conflicts() == []
+    assert (await vps.get("briefing")).content == "d9"  # type: ignore[union-attr]
+    desktop_history = [v.model_dump() for v in await desktop.history("briefing")]
+    assert [v.model_dump() for v in await vps.history("briefing")] == desktop_history
+    assert [v["state"] for v in desktop_history] == ["superseded"] * 3 + ["current"]
 
 
 async def test_a_store_from_an_earlier_release_is_upgraded_and_caught_up(
@@ -143,23 +166,126 @@ async def test_a_store_from_an_earlier_release_is_upgraded_and_caught_up(
     assert await vps.conflicts() == []
 
 
-async def test_a_site_that_lost_its_data_numbers_again_and_is_still_caught_up(
+async def test_a_redis_that_went_back_in_time_numbers_anew_and_is_still_caught_up(
+    client: redis.Redis, tmp_path: Path
+) -> None:
+    """The desktop's Redis restarts from an older copy of its files (a restored backup;
+    or an AOF without fsync that lost its last second): its numbers 6..10 are given
+    again, to new changes. The VPS held 1..10 of the old numbering; the new 6..8 must
+    reach it all the same, by catch-up alone (their live events lost)."""
+    if not PrivateRedis.available():
+        pytest.skip("needs redis-server (Debian's package)")
+    server = PrivateRedis(tmp_path / "desktop")
+    server.start()
+    desktop = ContextStore(connect(server.url), "rollback", "desktop")
+    vps = site(client, "vps")
+    try:
+        for n in range(5):
+            await desktop.append_log(f"kept {n}")
+        await asyncio.to_thread(server.stop)
+        shutil.copytree(tmp_path / "desktop", tmp_path / "backup")
+        await asyncio.to_thread(server.start)
+        await desktop.client.connection_pool.disconnect()  # (its connections are gone)
+        for n in range(5):
+            await desktop.append_log(f"lost {n}")
+        await catch_up(vps, desktop)
+        assert (await holdings(vps))[0] == {"desktop": 10}
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(tmp_path / "desktop")
+        shutil.copytree(tmp_path / "backup", tmp_path / "desktop")
+        await asyncio.to_thread(server.start)
+        await desktop.client.connection_pool.disconnect()
+        assert await desktop.log_size() == 5
+        for n in range(3):
+            await desktop.append_log(f"after {n}")
+        await catch_up(vps, desktop)
+        texts = {entry.text for entry in await vps.log(100)}
+        assert {"after 0", "after 1", "after 2"} <= texts
+        assert (await holdings(vps))[0] == {"desktop": 8}
+        assert await catch_up(vps, desktop) == []
+    finally:
+        await desktop.client.aclose()
+        await asyncio.to_thread(server.stop)
+
+
+async def test_a_store_of_the_previous_release_is_upgraded_and_caught_up(
     client: redis.Redis,
 ) -> None:
-    """The desktop's Redis restarts without AOF: its store is empty and its numbers
-    start at 1 again. The VPS holds 1..5 of the old numbering; the new changes 1..3
-    must reach it all the same (by catch-up alone: their live events were lost)."""
+    """The previous release's layout: versions kept by id (heads, gone, vers), but no
+    numbers, no index of superseded versions, and its record (`hist`) held each
+    version in full."""
+    from proto.context import DocVersion
+
     desktop, vps = site(client, "desktop"), site(client, "vps")
-    for n in range(5):
-        await desktop.append_log(f"before {n}")
-    await catch_up(vps, desktop)
-    assert (await holdings(vps))[0] == {"desktop": 5}
-    names = [name async for name in client.scan_iter(match=f"{desktop.prefix}:*")]
-    await client.delete(*names)  # the data is gone
-    for n in range(3):
-        await desktop.append_log(f"after {n}")
+    first = await desktop.write("briefing", "one", 0)
+    await desktop.write("briefing", "two", first.version)
+    theirs = DocVersion(
+        doc="briefing",
+        content="theirs",
+        hlc=str(int(first.hlc) - 5),
+        site="elsewhere",
+        base="",
+        sha256="x",
+        written_at=first.written_at,
+    )
+    await desktop.apply(ContextChanged(origin="elsewhere", version=theirs))
+    await desktop.append_log("an entry")
+    before = [v.model_dump() for v in await desktop.history("briefing")]
+    key = desktop._key
+    await client.delete(key("own"), key("own-count"), key("numbering"), key("layout"))
+    await client.delete(key("old", "briefing"), key("tomb", "briefing"))
+    versions = {v.hlc: v for v in await desktop.known_versions("briefing")}
+    await client.delete(key("hist", "briefing"))
+    for n, hlc in enumerate(sorted(h for h, v in versions.items() if v.site == "desktop"), 1):
+        v = versions[hlc]
+        fields = {"version": str(n), **v.model_dump(exclude={"doc"})}
+        await client.xadd(key("hist", "briefing"), fields)  # type: ignore[arg-type]
+
+    assert await desktop.upgrade() == 3  # its two versions and its entry
+    assert [v.model_dump() for v in await desktop.history("briefing")] == before
     pages = await catch_up(vps, desktop)
-    assert [texts(page) for page in pages] == [["after 0", "after 1", "after 2"]]
+    assert sorted(texts(pages[0])) == ["an entry", "one", "two"]
+    # "theirs" is not the desktop's to send: it comes from its own site ("elsewhere").
+    await vps.apply(ContextChanged(origin="elsewhere", version=theirs))
+    assert [v.model_dump() for v in await vps.history("briefing")] == before
+    assert [c.model_dump() for c in await vps.conflicts()] == [
+        c.model_dump() for c in await desktop.conflicts()
+    ]
+
+
+async def test_a_change_that_cannot_be_applied_does_not_stop_the_ones_after_it(
+    client: redis.Redis,
+) -> None:
+    from proto.context import ContextSyncPage, LogEntry
+
+    vps = site(client, "vps")
+
+    def entry(n: int, hlc: str) -> ContextChanged:
+        e = LogEntry(entry_id=f"e{n}", text=f"entry {n}", hlc=hlc, site="desktop", written_at="t")
+        return ContextChanged(origin="desktop", entry=e, seq=n, numbering="n1")
+
+    bad = ContextChanged(
+        origin="desktop",
+        version=DocVersion(
+            doc="briefing",
+            content="from the far future",
+            hlc=str(2**60),  # beyond what the store's clock can hold exactly
+            site="desktop",
+            base="",
+            sha256="x",
+            written_at="t",
+        ),
+        seq=2,
+        numbering="n1",
+    )
+    page = ContextSyncPage(
+        origin="desktop",
+        site="vps",
+        numbering="n1",
+        changes=[entry(1, "1000"), bad, entry(3, "3000")],
+        through=3,
+        more=False,
+    )
+    assert await vps.apply_page(page) == 2
+    assert [e.text for e in await vps.log(10)] == ["entry 3", "entry 1"]
     assert (await holdings(vps))[0] == {"desktop": 3}
-    assert await vps.log_size() == 8
-    assert await catch_up(vps, desktop) == []
