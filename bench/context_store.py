@@ -1,11 +1,15 @@
-"""Context store: prompt assembly latency for realistic tiers, and sync lag between
-two sites (two real Redis servers, two sync processes) under a steady write load.
+"""Context store: prompt assembly latency for realistic tiers, sync lag between
+two sites (two real Redis servers, two sync processes) under a steady write load,
+and what a catch-up costs for a site that lacks nothing, the last 10 changes, or
+everything.
 
     python bench/context_store.py            # table + bench/results/context_store.json
     python bench/context_store.py --quick
 
 Baselines measured in the same run: assembly against reading the same documents
-and entries from Redis without assembling; sync lag against one local write.
+and entries from Redis without assembling; sync lag against one local write;
+catch-up against reading every change the site holds in full (what each catch-up
+did before changes were numbered).
 """
 
 from __future__ import annotations
@@ -175,18 +179,104 @@ async def bench_sync(seconds: float, rate: float) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+async def bench_catch_up(url: str, versions: int, entries: int) -> dict:
+    """One site with `versions` document versions (over five documents, the default
+    retention) and `entries` log entries; another asks to catch up."""
+    namespace = f"catch{uuid.uuid4().hex[:6]}"
+    desktop = ContextStore(connect(url), namespace, "desktop")
+    vps = ContextStore(connect(url), f"{namespace}v", "vps")
+    docs = ["portfolio", "briefing", "project/a", "project/b", "project/c"]
+    for n in range(max(versions, entries)):
+        if n < versions:
+            doc = docs[n % len(docs)]
+            current = await desktop.get(doc)
+            await desktop.write(doc, PARAGRAPH * 8 + str(n), current.version if current else 0)
+        if n < entries:
+            await desktop.append_log(PARAGRAPH + str(n))
+
+    async def full_read() -> int:  # the baseline: every change held, in full
+        sizes = 0
+        for doc in docs:
+            sizes += len(await desktop.client.hgetall(desktop._key("vers", doc)))
+        return sizes + len(await desktop.client.hgetall(desktop._key("log-entries")))
+
+    answer_ms: list[float] = []
+
+    async def catch_up() -> tuple[int, int, int]:
+        pages = changes = size = 0
+        answer_ms.clear()
+        while True:
+            request = await vps.catch_up_request()
+            started = time.perf_counter()
+            page = await desktop.answer(request)
+            answer_ms.append((time.perf_counter() - started) * 1000)
+            if page is None:
+                return pages, changes, size
+            pages, changes = pages + 1, changes + len(page.changes)
+            size += len(page.model_dump_json())
+            await vps.apply_page(page)
+            if not page.more:
+                return pages, changes, size
+
+    async def timed(work):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        result = await work()
+        return (time.perf_counter() - started) * 1000, result
+
+    try:
+        read_ms, held = await timed(full_read)
+        everything_ms, (pages, sent, size) = await timed(catch_up)
+        for n in range(10):
+            await desktop.append_log(f"new {n}")
+        last_ms, (_, last_sent, last_size) = await timed(catch_up)
+        last_answer_ms = sum(answer_ms)
+        nothing_ms, (_, none_sent, _) = await timed(catch_up)
+        nothing_answer_ms = sum(answer_ms)
+        return {
+            "own_changes": versions + entries + 10,
+            "held_in_full": held,
+            "full_read_ms": round(read_ms, 2),
+            "lacks_everything": {
+                "ms": round(everything_ms, 1),
+                "pages": pages,
+                "changes": sent,
+                "bytes": size,
+            },
+            "lacks_last_10": {
+                "ms": round(last_ms, 2),
+                "answer_ms": round(last_answer_ms, 2),
+                "changes": last_sent,
+                "bytes": last_size,
+                "answer_vs_full_read": round(last_answer_ms / read_ms, 3),
+            },
+            "lacks_nothing": {
+                "ms": round(nothing_ms, 2),
+                "answer_ms": round(nothing_answer_ms, 2),
+                "changes": none_sent,
+                "answer_vs_full_read": round(nothing_answer_ms / read_ms, 3),
+            },
+        }
+    finally:
+        for store in (desktop, vps):
+            names = [n async for n in store.client.scan_iter(match=f"{store.prefix}:*")]
+            if names:
+                await store.client.delete(*names)
+            await store.client.aclose()
+
+
 async def main(quick: bool) -> dict:
     folder = Path(__import__("tempfile").mkdtemp(prefix="ctx-asm-"))
     server, url = start_redis(folder)
     store = ContextStore(connect(url), "bench", "desktop")
     try:
         assembly = await bench_assembly(store, 20 if quick else 100)
+        catch_up = await bench_catch_up(url, 500 if quick else 2000, 500 if quick else 2000)
     finally:
         await store.client.aclose()
         server.terminate()
         shutil.rmtree(folder, ignore_errors=True)
     sync = await bench_sync(3 if quick else 10, 50)
-    return {"assembly": assembly, "sync": sync}
+    return {"assembly": assembly, "sync": sync, "catch_up": catch_up}
 
 
 if __name__ == "__main__":
@@ -206,6 +296,19 @@ if __name__ == "__main__":
         f"\nsync lag desktop -> vps at {s['rate_per_s']}/s: p50 {s['lag_p50_ms']} ms, "
         f"p99 {s['lag_p99_ms']} ms ({s['arrived']}/{s['writes']} arrived; "
         f"{s['lag_vs_local_write']}x one local write of {s['local_write_p50_ms']} ms)"
+    )
+    c = result["catch_up"]
+    e, last, none = c["lacks_everything"], c["lacks_last_10"], c["lacks_nothing"]
+    print(
+        f"\ncatch-up from a site with {c['own_changes']} own changes "
+        f"({c['held_in_full']} held in full; reading them all: {c['full_read_ms']} ms):\n"
+        f"  lacks everything: {e['changes']} changes in {e['pages']} pages, "
+        f"{e['bytes']} bytes, {e['ms']} ms\n"
+        f"  lacks the last 10: {last['changes']} changes, {last['bytes']} bytes, "
+        f"{last['ms']} ms with applying them; the answer {last['answer_ms']} ms "
+        f"({last['answer_vs_full_read']}x the full read)\n"
+        f"  lacks nothing: {none['changes']} changes, {none['ms']} ms; the answer "
+        f"{none['answer_ms']} ms ({none['answer_vs_full_read']}x the full read)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -97,7 +97,7 @@ local function fmt(n) return string.format('%.0f', n) end
 
 -- The numbering's name: the run id of this Redis process (see above).
 local function numbering_name()
-  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or 'unnamed'
   if redis.call('GET', numbering) ~= run then redis.call('SET', numbering, run) end
   return run
 end
@@ -266,6 +266,7 @@ WRITE_DOC = (
     DOC_PREAMBLE
     + DOC_FUNCTIONS
     + """
+local name = numbering_name()  -- (before any write: INFO is the one call that may be refused)
 take_over(ARGV[7])
 local cur = tonumber(redis.call('HGET', doc, 'version') or '0')
 local cur_id = current_id() or ''
@@ -287,7 +288,6 @@ add_version(id, cjson.encode({content = ARGV[2], hlc = h, site = ARGV[3], base =
 settle(ARGV[7])
 trim(ARGV[3], tonumber(ARGV[9]))
 redis.call('SADD', docs, ARGV[7])
-local name = numbering_name()
 local seq = own_seq('doc|' .. ARGV[7] .. '|' .. id)
 redis.call('XADD', outbox, 'MAXLEN', '~', '100000', '*', 'kind', 'doc', 'doc', ARGV[7],
            'content', ARGV[2], 'hlc', h, 'site', ARGV[3], 'base', base, 'sha256', ARGV[5],
@@ -346,6 +346,7 @@ APPEND_LOG = (
     LOG_PREAMBLE
     + SEQ_FUNCTIONS
     + """
+local name = numbering_name()  -- (before any write)
 local last = tonumber(redis.call('GET', hlc) or '0')
 local now = math.max(tonumber(ARGV[4]) * 1000, last + 1)
 local h = fmt(now)
@@ -353,7 +354,6 @@ redis.call('SET', hlc, h)
 redis.call('ZADD', log, 0, string.format('%019.0f', now) .. '|' .. ARGV[3] .. '|' .. ARGV[1])
 redis.call('HSET', entries, ARGV[1], cjson.encode({text = ARGV[2], hlc = h, site = ARGV[3],
                                                    written_at = ARGV[5]}))
-local name = numbering_name()
 local seq = own_seq('log|' .. ARGV[1])
 redis.call('XADD', outbox, 'MAXLEN', '~', '100000', '*', 'kind', 'log', 'entry_id', ARGV[1],
            'text', ARGV[2], 'hlc', h, 'site', ARGV[3], 'written_at', ARGV[5], 'seq', seq,
@@ -382,6 +382,23 @@ if redis.call('HEXISTS', entries, ARGV[1]) == 0 then
 end
 record_seq(ARGV[7], ARGV[8], ARGV[9])
 return result
+"""
+)
+
+# What this site holds of the other sites' numbers, read at one instant: `got`,
+# `numberings`, and the first `count` numbers of each `above:ORIGIN` (ARGV[1]: the
+# prefix of those keys, which depend on the origins found).
+# ARGV: above prefix, count
+HOLDINGS = (
+    LOG_PREAMBLE
+    + """
+local held = redis.call('HGETALL', got)
+local early = {}
+for i = 1, #held, 2 do
+  early[#early + 1] = held[i]
+  early[#early + 1] = redis.call('ZRANGE', ARGV[1] .. held[i], 0, tonumber(ARGV[2]) - 1)
+end
+return {held, redis.call('HGETALL', numberings), early, redis.call('HGETALL', seen)}
 """
 )
 

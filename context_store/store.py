@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
@@ -29,6 +29,7 @@ from proto.context import (
     VersionInfo,
 )
 from services.errors import PermanentError
+from services.redis_client import worth_waiting_out
 
 # The client decodes replies (`decode_responses=True`, services.redis_client), so every
 # key, field and value read back is a str; redis-py types them as `bytes | str` whatever
@@ -93,6 +94,7 @@ class ContextStore:
         self._apply_dropped = client.register_script(scripts.APPLY_DROPPED)
         self._advance = client.register_script(scripts.ADVANCE)
         self._adopt = client.register_script(scripts.ADOPT_NUMBERING)
+        self._holdings = client.register_script(scripts.HOLDINGS)
         self._own_page = client.register_script(scripts.OWN_PAGE)
         self._upgrade_doc = client.register_script(scripts.UPGRADE_DOC)
         self._upgrade_log = client.register_script(scripts.UPGRADE_LOG)
@@ -388,6 +390,7 @@ class ContextStore:
             return bool(int(applied))
         if event.entry is not None:
             e = event.entry
+            _check_hlc("the log", e.hlc)
             applied = await self._apply_log(
                 keys=self._script_keys(scripts.LOG_KEYS, origin=event.origin),
                 args=[
@@ -407,22 +410,22 @@ class ContextStore:
 
     async def catch_up_request(self) -> ContextSyncRequest:
         """What this site holds of the other sites' changes: per origin, n (all of 1..n
-        held), the numbers above n held, and the numbering those count."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self._key("got"))
-            pipe.hgetall(self._key("numberings"))
-            got, numberings = await pipe.execute()
-        after = {site: int(n) for site, n in cast(_Fields, got).items()}
-        have: dict[str, list[int]] = {}
-        for site in after:
-            above = cast(
-                "list[str]",
-                await self.client.zrange(self._key("above", site), 0, HAVE_LISTED - 1),
-            )
-            if above:
-                have[site] = [int(n) for n in above]
+        held), the numbers above n held, and the numbering those count; read at one
+        instant. (`since`, the newest hlc applied from each, is for a site still on
+        the release before numbering.)"""
+        got, numberings, early, seen = await self._holdings(
+            keys=self._script_keys(scripts.LOG_KEYS), args=[self._key("above", ""), HAVE_LISTED]
+        )
         return ContextSyncRequest(
-            site=self.site, after=after, have=have, numberings=cast(_Fields, numberings)
+            site=self.site,
+            after={site: int(n) for site, n in _pairs(got).items()},
+            have={
+                site: [int(n) for n in numbers]
+                for site, numbers in _pairs(early).items()
+                if numbers
+            },
+            numberings=_pairs(numberings),
+            since=_pairs(seen),
         )
 
     async def answer(self, request: ContextSyncRequest) -> ContextSyncPage | None:
@@ -458,6 +461,8 @@ class ContextStore:
             try:
                 applied += await self.apply(change)
             except (PermanentError, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and worth_waiting_out(exc):
+                    raise  # Redis out of memory, busy, read-only: the page waits
                 log.error("context: passing over change %s of %s: %s", change.seq, page.origin, exc)
         await self._advance(
             keys=self._script_keys(scripts.LOG_KEYS, origin=page.origin),
@@ -542,18 +547,25 @@ class ContextStore:
         site's own changes numbered for catch-up. Returns how many were numbered."""
         if await self.client.get(self._key("layout")) == LAYOUT:
             return 0
-        numbered = 0
+        numbered, failed = 0, 0
         for doc in await self.docs():
-            numbered += int(
-                await self._upgrade_doc(
-                    keys=self._script_keys(scripts.DOC_KEYS, doc),
-                    args=[doc, self.site, self.history_keep],
+            try:
+                numbered += int(
+                    await self._upgrade_doc(
+                        keys=self._script_keys(scripts.DOC_KEYS, doc),
+                        args=[doc, self.site, self.history_keep],
+                    )
                 )
-            )
+            except ResponseError as exc:
+                if worth_waiting_out(exc):
+                    raise
+                failed += 1  # the others go on; this one is tried again at the next start
+                log.error("context: cannot upgrade %s: %s", doc, exc)
         numbered += int(
             await self._upgrade_log(keys=self._script_keys(scripts.LOG_KEYS), args=[self.site])
         )
-        await self.client.set(self._key("layout"), LAYOUT)
+        if not failed:
+            await self.client.set(self._key("layout"), LAYOUT)
         return numbered
 
     async def read_outbox(self, after: str, count: int = 100) -> list[tuple[str, ContextChanged]]:
@@ -582,6 +594,11 @@ LAYOUT = "2"  # versions kept by id, own changes numbered
 def _check_hlc(doc: str, hlc: str) -> None:
     if int(hlc) >= 2**53:  # Lua numbers are doubles: exact only below 2^53
         raise PermanentError(f"{doc}: hlc {hlc} is out of range")
+
+
+def _pairs(flat: list[Any]) -> dict[str, Any]:
+    """A flat [key, value, key, value, ...] reply as a dict."""
+    return {str(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
 
 def _size(event: ContextChanged) -> int:

@@ -125,6 +125,7 @@ class SyncDaemon:
                 self._forever("publishing local changes", self._publish_outbox),
                 self._forever("asking the other sites to catch up", self._catch_up_loop),
                 self._forever("recording its state", self._report_loop),
+                self._forever("upgrading the store", self._upgrade),
             )
         finally:
             await connection.close()
@@ -181,10 +182,14 @@ class SyncDaemon:
     def _request_catch_up_soon(self) -> None:
         self._wake.set()
 
-    async def _catch_up_loop(self) -> None:
-        # A store from an earlier release numbers its own changes first (once). Answers
-        # given before that are still right: the numbers it adds come after the rest.
+    async def _upgrade(self) -> None:
+        """A store from an earlier release numbers its own changes (once). Answers given
+        before that are still right: the numbers it adds come after the rest."""
         await self.store.upgrade()
+        self._going("upgrading the store")
+        await self._stopping.wait()
+
+    async def _catch_up_loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()  # before asking: a wake during the ask is not lost
             request = await self.store.catch_up_request()

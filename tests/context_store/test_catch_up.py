@@ -282,10 +282,11 @@ async def test_a_change_that_cannot_be_applied_does_not_stop_the_ones_after_it(
         origin="desktop",
         site="vps",
         numbering="n1",
-        changes=[entry(1, "1000"), bad, entry(3, "3000")],
-        through=3,
+        changes=[entry(1, "1000"), bad, entry(3, "3000"), entry(4, str(2**60))],
+        through=4,
         more=False,
     )
     assert await vps.apply_page(page) == 2
     assert [e.text for e in await vps.log(10)] == ["entry 3", "entry 1"]
-    assert (await holdings(vps))[0] == {"desktop": 3}
+    assert (await holdings(vps))[0] == {"desktop": 4}
+    assert int(await vps.stamp() or 0) < 2**53  # the clock did not follow them
