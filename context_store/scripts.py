@@ -46,6 +46,8 @@ records what it holds of another site's numbering (below) last.
 # another's changes records which numbers of the named numbering it holds: `got`
 # (origin -> n, every one of 1..n held) and `above:ORIGIN` (numbers above n held),
 # under the name in `numberings` (set from catch-up pages). Catch-up asks for the rest.
+# A site that finds its numbering renamed (its Redis restarted) also asks the others
+# once to send back its own changes they hold (`want-back`): those it lost.
 DOC_KEYS = (
     "doc",
     "hist",
@@ -67,6 +69,7 @@ DOC_KEYS = (
     "got",
     "numberings",
     "above",
+    "want-back",
 )
 LOG_KEYS = (
     "log",
@@ -80,6 +83,7 @@ LOG_KEYS = (
     "got",
     "numberings",
     "above",
+    "want-back",
 )
 
 
@@ -98,7 +102,12 @@ local function fmt(n) return string.format('%.0f', n) end
 -- The numbering's name: the run id of this Redis process (see above).
 local function numbering_name()
   local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or 'unnamed'
-  if redis.call('GET', numbering) ~= run then redis.call('SET', numbering, run) end
+  local stored = redis.call('GET', numbering)
+  if stored ~= run then
+    redis.call('SET', numbering, run)
+    -- Restarted: it may have lost its last changes, which the other sites hold.
+    if stored then redis.call('SET', want_back, '1') end
+  end
   return run
 end
 
@@ -391,14 +400,17 @@ return result
 # ARGV: above prefix, count
 HOLDINGS = (
     LOG_PREAMBLE
+    + SEQ_FUNCTIONS
     + """
+numbering_name()  -- (notices a restart)
 local held = redis.call('HGETALL', got)
 local early = {}
 for i = 1, #held, 2 do
   early[#early + 1] = held[i]
   early[#early + 1] = redis.call('ZRANGE', ARGV[1] .. held[i], 0, tonumber(ARGV[2]) - 1)
 end
-return {held, redis.call('HGETALL', numberings), early, redis.call('HGETALL', seen)}
+return {held, redis.call('HGETALL', numberings), early, redis.call('HGETALL', seen),
+        redis.call('GET', want_back) or ''}
 """
 )
 

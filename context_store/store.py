@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
@@ -21,6 +21,7 @@ from proto.context import (
     ContextChanged,
     ContextSyncPage,
     ContextSyncRequest,
+    ContextSyncReturn,
     Document,
     DocVersion,
     DroppedVersion,
@@ -413,9 +414,12 @@ class ContextStore:
         held), the numbers above n held, and the numbering those count; read at one
         instant. (`since`, the newest hlc applied from each, is for a site still on
         the release before numbering.)"""
-        got, numberings, early, seen = await self._holdings(
+        got, numberings, early, seen, want_back = await self._holdings(
             keys=self._script_keys(scripts.LOG_KEYS), args=[self._key("above", ""), HAVE_LISTED]
         )
+        send_back = None
+        if want_back:
+            send_back = cast("str | None", await self.client.get(self._key("back-cursor"))) or ""
         return ContextSyncRequest(
             site=self.site,
             after={site: int(n) for site, n in _pairs(got).items()},
@@ -426,6 +430,7 @@ class ContextStore:
             },
             numberings=_pairs(numberings),
             since=_pairs(seen),
+            send_back=send_back,
         )
 
     async def answer(self, request: ContextSyncRequest) -> ContextSyncPage | None:
@@ -456,18 +461,82 @@ class ContextStore:
             keys=self._script_keys(scripts.LOG_KEYS, origin=page.origin),
             args=[page.origin, page.numbering],
         )
+        applied = await self._apply_each(page.changes, page.origin)
+        await self._advance(
+            keys=self._script_keys(scripts.LOG_KEYS, origin=page.origin),
+            args=[page.origin, page.through, page.numbering],
+        )
+        return applied
+
+    async def _apply_each(self, changes: list[ContextChanged], sender: str) -> int:
         applied = 0
-        for change in page.changes:  # oldest first; each one atomic
+        for change in changes:  # oldest first; each one atomic
             try:
                 applied += await self.apply(change)
             except (PermanentError, ResponseError) as exc:
                 if isinstance(exc, ResponseError) and worth_waiting_out(exc):
                     raise  # Redis out of memory, busy, read-only: the page waits
-                log.error("context: passing over change %s of %s: %s", change.seq, page.origin, exc)
-        await self._advance(
-            keys=self._script_keys(scripts.LOG_KEYS, origin=page.origin),
-            args=[page.origin, page.through, page.numbering],
+                log.error("context: passing over change %s from %s: %s", change.seq, sender, exc)
+        return applied
+
+    async def give_back(self, request: ContextSyncRequest) -> ContextSyncReturn | None:
+        """For an asker whose Redis restarted (`send_back`): one page of its own changes
+        this site holds, after the cursor: its versions (document by document), then
+        its log entries. None when it did not ask."""
+        if request.send_back is None:
+            return None
+        changes: list[ContextChanged] = []
+        size, cursor = 0, request.send_back
+        async for ref, change in self._changes_of(request.site, request.send_back):
+            if changes and (len(changes) >= PAGE_CHANGES or size >= PAGE_BYTES):
+                return ContextSyncReturn(
+                    origin=self.site, site=request.site, changes=changes, cursor=cursor, more=True
+                )
+            changes.append(change)
+            size += _size(change)
+            cursor = ref
+        return ContextSyncReturn(
+            origin=self.site, site=request.site, changes=changes, cursor=cursor, more=False
         )
+
+    async def _changes_of(self, site: str, after: str) -> AsyncIterator[tuple[str, ContextChanged]]:
+        """`site`'s versions and log entries held here, in cursor order, after `after`
+        ('doc|NAME|ID' or 'log|MEMBER'; '' from the start)."""
+        if not after.startswith("log|"):
+            after_doc, after_id = after[4:].split("|", 1) if after else ("", "")
+            for doc in await self.docs():
+                if doc < after_doc:
+                    continue
+                held = cast(_Fields, await self.client.hgetall(self._key("vers", doc)))
+                for version_id in sorted(held):
+                    mine = version_id.endswith(f"|{site}")
+                    if not mine or (doc == after_doc and version_id <= after_id):
+                        continue
+                    version = DocVersion(doc=doc, **json.loads(held[version_id]))
+                    yield f"doc|{doc}|{version_id}", ContextChanged(origin=site, version=version)
+            after = ""
+        start = f"({after[4:]}" if after else "-"
+        while True:
+            members = cast(
+                "list[str]",
+                await self.client.zrangebylex(self._key("log"), start, "+", 0, 500),
+            )
+            if not members:
+                return
+            wanted = [m for m in members if m.split("|", 2)[1] == site]
+            entries = {e.entry_id: e for e in await self._entries(wanted)}
+            for member in wanted:
+                if entry := entries.get(member.rsplit("|", 1)[1]):
+                    yield f"log|{member}", ContextChanged(origin=site, entry=entry)
+            start = f"({members[-1]}"
+
+    async def apply_return(self, returned: ContextSyncReturn) -> int:
+        """Take back this site's own changes another site held (after a Redis restart)."""
+        applied = await self._apply_each(returned.changes, returned.origin)
+        if returned.more:
+            await self.client.set(self._key("back-cursor"), returned.cursor)
+        else:
+            await self.client.delete(self._key("want-back"), self._key("back-cursor"))
         return applied
 
     async def own_changes(

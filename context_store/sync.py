@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from redis.exceptions import RedisError
 
 from context_store.store import ContextStore
-from proto.context import ContextChanged, ContextSyncPage, ContextSyncRequest
+from proto.context import ContextChanged, ContextSyncPage, ContextSyncRequest, ContextSyncReturn
 from services.bus import PUBLISH_FAILURES, Topology, connect, encode
 from services.errors import BusUnavailable
 from services.redis_client import Keys, worth_waiting_out
@@ -215,7 +215,9 @@ class SyncDaemon:
             self.last_published_at = time.time()
 
     async def _publish(
-        self, message: ContextChanged | ContextSyncRequest | ContextSyncPage, key: str
+        self,
+        message: ContextChanged | ContextSyncRequest | ContextSyncPage | ContextSyncReturn,
+        key: str,
     ) -> None:
         assert self._exchange is not None
         # Bounded: a publish begun while the connection is being restored can wait for a
@@ -260,6 +262,12 @@ class SyncDaemon:
             page = ContextSyncPage.model_validate_json(message.body)
             if page.site == self.site and page.origin != self.site:
                 await self._apply_page(page)
+        elif kind == "context_sync_return":
+            returned = ContextSyncReturn.model_validate_json(message.body)
+            if returned.site == self.site and returned.origin != self.site:
+                self.applied += await self.store.apply_return(returned)
+                if returned.more:
+                    self._request_catch_up_soon()
 
     async def _answer(self, request: ContextSyncRequest) -> None:
         """One page of what the asker lacks of this site's changes."""
@@ -270,6 +278,10 @@ class SyncDaemon:
                 request.site,
             )
             return
+        returned = await self.store.give_back(request)
+        if returned is not None:  # its Redis restarted: what it may have lost, first
+            await self._publish(returned, f"to.{request.site}")
+            log.info("sent %d of its own change(s) back to %s", len(returned.changes), request.site)
         page = await self.store.answer(request)
         if page is None:
             return  # it holds everything already

@@ -101,6 +101,13 @@ class ContextSyncRequest(BusMessage):
         description="Origin site -> sequence numbers above `after` the asker holds "
         "already (at most a thousand listed; more are merely sent again).",
     )
+    send_back: str | None = Field(
+        default=None,
+        max_length=400,
+        description="The asker's Redis restarted and may have lost its last changes: send "
+        "back, in ContextSyncReturns, its own changes you hold, after this cursor ('' "
+        "from the start).",
+    )
     numberings: dict[str, str] = Field(
         default_factory=dict,
         description="Origin site -> the numbering `after` and `have` count (from its "
@@ -130,6 +137,19 @@ class ContextSyncPage(BusMessage):
         "origin's history retention dropped them).",
     )
     more: bool = Field(description="More changes follow: ask again after applying these.")
+
+
+class ContextSyncReturn(BusMessage):
+    """Answer to a request with `send_back`: one bounded page of the asker's own
+    changes (versions and log entries) that the answering site holds."""
+
+    type: Literal["context_sync_return"] = Field(default="context_sync_return", description="Type.")
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    origin: str = Field(description="The answering site.")
+    site: str = Field(description="The site that asked (whose changes these are).")
+    changes: list[ContextChanged] = Field(description="Oldest first, without numbers.")
+    cursor: str = Field(max_length=400, description="Ask again after this one.")
+    more: bool = Field(description="More follow: ask again with `send_back` = `cursor`.")
 
 
 # -- REST -----------------------------------------------------------------------------

@@ -34,7 +34,11 @@ async def catch_up(asker: ContextStore, origin: ContextStore) -> list[list[Conte
     over the broker): the changes of each page."""
     pages = []
     while True:
-        page = await origin.answer(await asker.catch_up_request())
+        request = await asker.catch_up_request()
+        returned = await origin.give_back(request)
+        if returned is not None:  # the asker's Redis restarted: its own changes, back
+            await asker.apply_return(returned)
+        page = await origin.answer(request)
         if page is None:
             return pages
         pages.append(page.changes)
@@ -172,7 +176,8 @@ async def test_a_redis_that_went_back_in_time_numbers_anew_and_is_still_caught_u
     """The desktop's Redis restarts from an older copy of its files (a restored backup;
     or an AOF without fsync that lost its last second): its numbers 6..10 are given
     again, to new changes. The VPS held 1..10 of the old numbering; the new 6..8 must
-    reach it all the same, by catch-up alone (their live events lost)."""
+    reach it all the same, by catch-up alone (their live events lost). And the desktop
+    gets back from the VPS the five entries it lost."""
     if not PrivateRedis.available():
         pytest.skip("needs redis-server (Debian's package)")
     server = PrivateRedis(tmp_path / "desktop")
@@ -203,6 +208,12 @@ async def test_a_redis_that_went_back_in_time_numbers_anew_and_is_still_caught_u
         assert {"after 0", "after 1", "after 2"} <= texts
         assert (await holdings(vps))[0] == {"desktop": 8}
         assert await catch_up(vps, desktop) == []
+        await catch_up(desktop, vps)  # the desktop asks, and is sent back what it lost
+        assert [e.model_dump() for e in await desktop.log(100)] == [
+            e.model_dump() for e in await vps.log(100)
+        ]
+        assert await desktop.log_size() == 13
+        assert (await desktop.catch_up_request()).send_back is None  # once
     finally:
         await desktop.client.aclose()
         await asyncio.to_thread(server.stop)
