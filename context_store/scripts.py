@@ -48,6 +48,18 @@ records what it holds of another site's numbering (below) last.
 # under the name in `numberings` (set from catch-up pages). Catch-up asks for the rest.
 # A site that finds its numbering renamed (its Redis restarted) also asks the others
 # once to send back its own changes they hold (`want-back`): those it lost.
+_SITE_KEYS = (  # what every script may touch besides its document or the log
+    "hlc",
+    "outbox",
+    "seen",
+    "own",
+    "own-count",
+    "numbering",
+    "got",
+    "numberings",
+    "above",
+    "want-back",
+)
 DOC_KEYS = (
     "doc",
     "hist",
@@ -58,33 +70,11 @@ DOC_KEYS = (
     "old",
     "tomb",
     "dconf",
-    "hlc",
-    "outbox",
     "docs",
     "conflicts",
-    "seen",
-    "own",
-    "own-count",
-    "numbering",
-    "got",
-    "numberings",
-    "above",
-    "want-back",
+    *_SITE_KEYS,
 )
-LOG_KEYS = (
-    "log",
-    "entries",
-    "hlc",
-    "outbox",
-    "seen",
-    "own",
-    "own-count",
-    "numbering",
-    "got",
-    "numberings",
-    "above",
-    "want-back",
-)
+LOG_KEYS = ("log", "entries", *_SITE_KEYS)
 
 
 def _preamble(names: tuple[str, ...]) -> str:
@@ -252,6 +242,15 @@ local function trim(site, keep)
   redis.call('ZREMRANGEBYRANK', old, 0, extra - 1)
 end
 
+-- The end of applying a change from another site: settled, trimmed, and its number
+-- recorded (last: a script does not roll back). True when the current one changed.
+local function finish(name, this_site, keep, origin, seq, numbering_of_seq)
+  local changed = settle(name)
+  trim(this_site, tonumber(keep))
+  record_seq(origin, seq, numbering_of_seq)
+  return changed
+end
+
 -- A change from another site that moved the clock: past it, and past now.
 local function observe(remote_hlc, site, now_ms)
   local last = tonumber(redis.call('GET', hlc) or '0')
@@ -322,9 +321,7 @@ if add_version(id, version, ARGV[5]) then
   redis.call('SADD', docs, ARGV[1])
   result = 0
 end
-if settle(ARGV[1]) then result = 1 end
-trim(ARGV[13], tonumber(ARGV[12]))
-record_seq(ARGV[9], ARGV[10], ARGV[11])
+if finish(ARGV[1], ARGV[13], ARGV[12], ARGV[9], ARGV[10], ARGV[11]) then result = 1 end
 return {result}
 """
 )
@@ -342,11 +339,8 @@ local id = ARGV[2] .. '|' .. ARGV[3]
 supersede_bases(ARGV[4])
 supersede(id)
 if redis.call('SADD', known, id) == 1 then observe(ARGV[2], ARGV[3], ARGV[5]) end
-local result = 0
-if settle(ARGV[1]) then result = 1 end
-trim(ARGV[10], tonumber(ARGV[9]))
-record_seq(ARGV[6], ARGV[7], ARGV[8])
-return {result}
+if finish(ARGV[1], ARGV[10], ARGV[9], ARGV[6], ARGV[7], ARGV[8]) then return {1} end
+return {0}
 """
 )
 
@@ -371,7 +365,8 @@ return h
 """
 )
 
-# ARGV: entry_id, text, hlc, site, written_at, now_ms, origin, seq ('' when none), numbering
+# ARGV: entry_id, text, hlc, site, written_at, now_ms, origin, seq ('' when none),
+#       numbering, keep, this site (the last six as every apply script takes them)
 APPLY_LOG = (
     LOG_PREAMBLE
     + SEQ_FUNCTIONS

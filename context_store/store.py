@@ -196,25 +196,31 @@ class ContextStore:
     async def history(self, doc: str) -> list[VersionInfo]:
         """Every version of `doc` this site holds, oldest first by (hlc, site), with
         its state: the same list on every site that holds the same versions."""
+        return [info for _, info in await self._held(doc)]
+
+    async def known_versions(self, doc: str) -> list[DocVersion]:
+        """Every version of `doc` this site holds (its own and the other sites',
+        current, superseded or conflicting), oldest first by (hlc, site)."""
+        return [version for version, _ in await self._held(doc)]
+
+    async def _held(
+        self, doc: str, version_id: str | None = None
+    ) -> list[tuple[DocVersion, VersionInfo]]:
+        """The versions of `doc` held (or the one `version_id`), with their states,
+        oldest first by (hlc, site); read at one instant."""
         k = self._doc_keys(doc)
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(k["vers"])
+            if version_id is None:
+                pipe.hvals(k["vers"])
+            else:
+                pipe.hmget(k["vers"], [version_id])
             pipe.smembers(k["heads"])
             pipe.hmget(k["doc"], ["hlc", "site"])
             raw, heads, (hlc, site) = await pipe.execute()
         current = f"{hlc}|{site}"
-        versions = [
-            _info(DocVersion(doc=doc, **json.loads(value)), current, cast("set[str]", heads))
-            for value in cast(_Fields, raw).values()
-        ]
-        return sorted(versions, key=lambda v: (int(v.hlc), v.site))
-
-    async def known_versions(self, doc: str) -> list[DocVersion]:
-        """Every version of `doc` this site knows (its own and the other sites',
-        current, superseded or conflicting), oldest first by (hlc, site)."""
-        raw = cast(_Fields, await self.client.hgetall(self._key("vers", doc)))
-        versions = [DocVersion(doc=doc, **json.loads(value)) for value in raw.values()]
-        return sorted(versions, key=lambda v: (int(v.hlc), v.site))
+        versions = [DocVersion(doc=doc, **json.loads(value)) for value in raw if value]
+        versions.sort(key=lambda v: (int(v.hlc), v.site))
+        return [(v, _info(v, current, cast("set[str]", heads))) for v in versions]
 
     async def version(self, doc: str, ref: int | str) -> OldVersion | None:
         """One version `doc` had, by its id ('hlc|site', or 'hlc-site' as in the history
@@ -228,16 +234,10 @@ class ContextStore:
             if found is None:
                 return None
             ref = found
-        k = self._doc_keys(doc)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hget(k["vers"], ref)
-            pipe.smembers(k["heads"])
-            pipe.hmget(k["doc"], ["hlc", "site"])
-            raw, heads, (hlc, site) = await pipe.execute()
-        if raw is None:
+        held = await self._held(doc, ref)
+        if not held:
             return None
-        version = DocVersion(doc=doc, **json.loads(raw))
-        info = _info(version, f"{hlc}|{site}", cast("set[str]", heads))
+        [(version, info)] = held
         return OldVersion(**info.model_dump(), content=version.content)
 
     async def _id_of_number(self, doc: str, number: int) -> str | None:
@@ -318,7 +318,7 @@ class ContextStore:
                 current.version if current else 0,
                 f"{current.hlc}|{current.site}" if current else "",
             )
-        expected, kept = record.winner, await self.version_by_id(record.doc, record.winner)
+        expected, kept = record.winner, await self.version(record.doc, record.winner)
         if kept is None:  # a record from before versions were kept by id
             current = await self.get(record.doc)
             if current is None:
@@ -336,38 +336,26 @@ class ContextStore:
         the history retention dropped since."""
         return cast("set[str]", await self.client.smembers(self._key("known", doc)))
 
-    async def version_by_id(self, doc: str, version_id: str) -> DocVersion | None:
-        """A known version of `doc` by its 'hlc|site'."""
-        raw = await self.client.hget(self._key("vers", doc), version_id)
-        return DocVersion(doc=doc, **json.loads(raw)) if raw else None
-
     # -- sync ---------------------------------------------------------------------------
 
     async def apply(self, event: ContextChanged) -> bool:
         """Apply a change from another site; idempotent. True when it changed anything."""
         now_ms, _ = _now(self.clock)
-        seq = "" if event.seq is None else str(event.seq)
-        numbering = event.numbering or ""
+        # Every apply script takes these last (scripts.APPLY_DOC, APPLY_DROPPED, APPLY_LOG).
+        common: list[str | int] = [
+            now_ms,
+            event.origin,
+            "" if event.seq is None else str(event.seq),
+            event.numbering or "",
+            self.history_keep,
+            self.site,
+        ]
         if event.version is not None:
             v = event.version
             _check_hlc(v.doc, v.hlc)
             [applied] = await self._apply_doc(
                 keys=self._script_keys(scripts.DOC_KEYS, v.doc, event.origin),
-                args=[
-                    v.doc,
-                    v.content,
-                    v.hlc,
-                    v.site,
-                    v.base,
-                    v.sha256,
-                    v.written_at,
-                    now_ms,
-                    event.origin,
-                    seq,
-                    numbering,
-                    self.history_keep,
-                    self.site,
-                ],
+                args=[v.doc, v.content, v.hlc, v.site, v.base, v.sha256, v.written_at, *common],
             )
             return int(applied) >= 0
         if event.dropped is not None:
@@ -375,18 +363,7 @@ class ContextStore:
             _check_hlc(d.doc, d.hlc)
             [applied] = await self._apply_dropped(
                 keys=self._script_keys(scripts.DOC_KEYS, d.doc, event.origin),
-                args=[
-                    d.doc,
-                    d.hlc,
-                    d.site,
-                    d.base,
-                    now_ms,
-                    event.origin,
-                    seq,
-                    numbering,
-                    self.history_keep,
-                    self.site,
-                ],
+                args=[d.doc, d.hlc, d.site, d.base, *common],
             )
             return bool(int(applied))
         if event.entry is not None:
@@ -394,17 +371,7 @@ class ContextStore:
             _check_hlc("the log", e.hlc)
             applied = await self._apply_log(
                 keys=self._script_keys(scripts.LOG_KEYS, origin=event.origin),
-                args=[
-                    e.entry_id,
-                    e.text,
-                    e.hlc,
-                    e.site,
-                    e.written_at,
-                    now_ms,
-                    event.origin,
-                    seq,
-                    numbering,
-                ],
+                args=[e.entry_id, e.text, e.hlc, e.site, e.written_at, *common],
             )
             return bool(int(applied))
         return False
@@ -503,17 +470,18 @@ class ContextStore:
         """`site`'s versions and log entries held here, in cursor order, after `after`
         ('doc|NAME|ID' or 'log|MEMBER'; '' from the start)."""
         if not after.startswith("log|"):
-            after_doc, after_id = after[4:].split("|", 1) if after else ("", "")
+            after_doc, after_id = after[4:].split("|", 1) if after else ("", "0|")
+            after_hlc, _ = after_id.split("|", 1)
             for doc in await self.docs():
                 if doc < after_doc:
                     continue
-                held = cast(_Fields, await self.client.hgetall(self._key("vers", doc)))
-                for version_id in sorted(held):
-                    mine = version_id.endswith(f"|{site}")
-                    if not mine or (doc == after_doc and version_id <= after_id):
+                for version in await self.known_versions(doc):  # oldest first
+                    if version.site != site or (
+                        doc == after_doc and int(version.hlc) <= int(after_hlc)
+                    ):
                         continue
-                    version = DocVersion(doc=doc, **json.loads(held[version_id]))
-                    yield f"doc|{doc}|{version_id}", ContextChanged(origin=site, version=version)
+                    ref = f"doc|{doc}|{version.hlc}|{version.site}"
+                    yield ref, ContextChanged(origin=site, version=version)
             after = ""
         start = f"({after[4:]}" if after else "-"
         while True:
