@@ -148,7 +148,7 @@ class ChatService:
                     await self.turns.record(owner, conversation_id, message, "".join(pieces))
                 elif isinstance(item, Restart):
                     pieces.clear()
-                else:
+                elif isinstance(item, str):
                     pieces.append(item)
                 yield item
         finally:

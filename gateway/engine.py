@@ -23,7 +23,15 @@ import redis.asyncio as redis
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 from proto.api import PromptTokensDetails, Usage
-from proto.messages import ChatJob, JobError, JobResult, TokenChunk, WorkerStatus
+from proto.messages import (
+    ChatJob,
+    JobError,
+    JobResult,
+    TokenChunk,
+    TokenLogprob,
+    ToolCall,
+    WorkerStatus,
+)
 from services import liveness
 from services.bus import JobClient, ReplyStream, StreamRestarted, Topology
 from services.errors import BusUnavailable, JobFailed, JobTimeout, MeshError, NoWorkers
@@ -38,19 +46,31 @@ class Restart:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a job ended and what it cost."""
+    """How a job ended and what it cost; the tools it called; which model and adapter
+    version answered ('demo-model+continuity@v3'), when the worker said."""
 
     finish_reason: str
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
+    served_by: str | None = None
 
 
-Item = str | Outcome | Restart
+@dataclass(frozen=True)
+class Logprobs:
+    """The log probabilities of the tokens of the text pieces before it (sent only
+    when the job asked for them)."""
+
+    tokens: tuple[TokenLogprob, ...]
+
+
+Item = str | Logprobs | Outcome | Restart
 
 
 class Relay:
-    """A job's reply: text pieces, then one Outcome (a Restart when it started over on
-    another worker). `cache` is "hit" or "miss" when the response cache applied to
-    the request (routes send it as `X-Cache`), else None. Closing it before the
+    """A job's reply: text pieces (each followed by its Logprobs when the job asked),
+    then one Outcome (a Restart when it started over on another worker). `cache` is
+    "hit" or "miss" when the response cache applied to the request (routes send it as
+    `X-Cache`), else None. Closing it before the
     Outcome aborts the job."""
 
     def __init__(self, items: AsyncIterator[Item], cache: str | None = None) -> None:
@@ -77,20 +97,39 @@ class Relay:
         return {"X-Cache": self.cache} if self.cache else {}
 
 
-async def collect(relay: AsyncIterator[Item]) -> tuple[str, Outcome]:
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer: its text, its tokens' log probabilities (when asked), its end."""
+
+    text: str
+    logprobs: list[TokenLogprob]
+    outcome: Outcome
+
+
+async def collect_all(relay: AsyncIterator[Item]) -> Answer:
     """The whole answer of a relay (exactly once, also when a worker was lost midway)."""
     pieces: list[str] = []
+    logprobs: list[TokenLogprob] = []
     outcome: Outcome | None = None
     async for item in relay:
         if isinstance(item, Outcome):
             outcome = item
         elif isinstance(item, Restart):
             pieces.clear()
+            logprobs.clear()
+        elif isinstance(item, Logprobs):
+            logprobs.extend(item.tokens)
         else:
             pieces.append(item)
     if outcome is None:
         raise BusUnavailable("the reply stream ended without a result", code="bad_reply")
-    return "".join(pieces), outcome
+    return Answer("".join(pieces), logprobs, outcome)
+
+
+async def collect(relay: AsyncIterator[Item]) -> tuple[str, Outcome]:
+    """The text of a relay's whole answer, and its end."""
+    answer = await collect_all(relay)
+    return answer.text, answer.outcome
 
 
 @dataclass(frozen=True)
@@ -257,6 +296,8 @@ class BusEngine:
                         first = False
                     if reply.text:
                         yield reply.text
+                    if reply.logprobs:
+                        yield Logprobs(tuple(reply.logprobs))
                 elif isinstance(reply, JobError):
                     finished = True
                     self.metrics.jobs.labels("error").inc()
@@ -293,6 +334,8 @@ class BusEngine:
                 total_tokens=usage.prompt_tokens + usage.completion_tokens,
                 prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
             ),
+            tuple(result.tool_calls or ()),
+            result.served_by,
         )
 
     def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from context_store.assembly import TokenCounter, cached
+from inference_worker.backends.prompts import template_inputs
+from inference_worker.backends.tool_calls import family_of
 from proto.messages import ChatJob
-from services.errors import InvalidRequest
+from services.errors import InvalidRequest, MeshError
 
 
 class PromptCounter:
@@ -25,6 +27,7 @@ class PromptCounter:
     def __init__(self, tokenizer: Any, max_context: int) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
+        self.tools = family_of(tokenizer)  # the workers' template inputs, the same way
         # The template's own tokens: a fixed part and a part per message.
         one = self._template_tokens([{"role": "user", "content": ""}])
         three = self._template_tokens(
@@ -45,7 +48,13 @@ class PromptCounter:
         if job.prompt is not None:
             return len(job.prompt.encode()) + self.fixed
         text = sum(len(m.content.encode()) for m in job.messages)
-        return text + self.fixed + self.per_message * len(job.messages)
+        calls = sum(
+            len(call.arguments) + len(call.name)
+            for message in job.messages
+            for call in message.tool_calls or ()
+        )
+        tools = len(job.tools.model_dump_json()) if job.tools else 0
+        return text + calls + tools + self.fixed + self.per_message * len(job.messages)
 
     @classmethod
     def load(cls, ref: str, max_context: int) -> PromptCounter:
@@ -62,24 +71,32 @@ class PromptCounter:
         """The prompt as the model sees it (the chat template applied)."""
         if job.prompt is not None:
             return job.prompt
-        messages = [m.model_dump() for m in job.messages]
         try:
             return str(
                 self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
+                    **self._inputs(job), tokenize=False, add_generation_prompt=True
                 )
             )
+        except MeshError:
+            raise
         except Exception as exc:  # the template's raise_exception
             raise InvalidRequest(str(exc), "invalid_messages") from exc
+
+    def _inputs(self, job: ChatJob) -> dict[str, Any]:
+        try:
+            return template_inputs(job, self.tools)
+        except MeshError as exc:  # tools for a model that has no tool-call format
+            raise InvalidRequest(exc.message, exc.code) from exc
 
     def count(self, job: ChatJob) -> int:
         if job.prompt is not None:
             return len(self.tokenizer.encode(job.prompt, add_special_tokens=True))
-        messages = [m.model_dump() for m in job.messages]
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, return_dict=False
+                **self._inputs(job), tokenize=True, add_generation_prompt=True, return_dict=False
             )
+        except MeshError:
+            raise
         except Exception as exc:  # the template's raise_exception
             raise InvalidRequest(str(exc), "invalid_messages") from exc
         return len(ids)

@@ -37,6 +37,7 @@ class CachedAnswer:
     text: str
     finish_reason: str
     usage: Usage
+    served_by: str | None = None
 
 
 class ResponseCache:
@@ -56,7 +57,10 @@ class ResponseCache:
 
     @staticmethod
     def determined(job: ChatJob) -> bool:
-        return job.sampling.temperature <= SAMPLING_EPS or job.sampling.seed is not None
+        # Log probabilities are not kept: an answer that asked for them is not served
+        # from the cache.
+        sampled = job.sampling.temperature > SAMPLING_EPS and job.sampling.seed is None
+        return not sampled and job.logprobs is None
 
     def key_for(self, job: ChatJob, scope: str | None, workers: list[WorkerStatus]) -> str | None:
         """The key for `job` asked with the API key `scope`, or None when the cache does
@@ -84,8 +88,17 @@ class ResponseCache:
             prompt = {"rendered": self.render(job)}
         else:
             prompt = {"messages": [m.model_dump() for m in job.messages]}
+        constraints = {
+            "tools": job.tools.model_dump() if job.tools else None,
+            "format": job.response_format.model_dump() if job.response_format else None,
+        }
         material = json.dumps(
-            {"model": model, "prompt": prompt, "sampling": job.sampling.model_dump()},
+            {
+                "model": model,
+                "prompt": prompt,
+                "sampling": job.sampling.model_dump(),
+                "constraints": constraints,
+            },
             sort_keys=True,
         )
         digest = hashlib.sha256(material.encode()).hexdigest()
@@ -102,7 +115,9 @@ class ResponseCache:
             return None
         try:
             data = json.loads(raw)
-            return CachedAnswer(data["text"], data["finish_reason"], Usage(**data["usage"]))
+            return CachedAnswer(
+                data["text"], data["finish_reason"], Usage(**data["usage"]), data.get("served_by")
+            )
         except (ValueError, KeyError, TypeError) as exc:  # unreadable (another release's)
             log.warning("response cache: ignoring an unreadable entry (%s)", exc)
             return None
@@ -113,6 +128,7 @@ class ResponseCache:
                 "text": answer.text,
                 "finish_reason": answer.finish_reason,
                 "usage": answer.usage.model_dump(),
+                "served_by": answer.served_by,
             }
         )
         try:
@@ -126,7 +142,9 @@ class ResponseCache:
         try:
             async for item in items:
                 if isinstance(item, Outcome) and item.finish_reason in ("stop", "length"):
-                    answer = CachedAnswer("".join(pieces), item.finish_reason, item.usage)
+                    answer = CachedAnswer(
+                        "".join(pieces), item.finish_reason, item.usage, item.served_by
+                    )
                     await self.put(key, answer)
                 elif isinstance(item, Restart):
                     pieces.clear()
@@ -145,5 +163,7 @@ class ResponseCache:
             yield answer.text
         details = PromptTokensDetails(cached_tokens=answer.usage.prompt_tokens)
         yield Outcome(
-            answer.finish_reason, answer.usage.model_copy(update={"prompt_tokens_details": details})
+            answer.finish_reason,
+            answer.usage.model_copy(update={"prompt_tokens_details": details}),
+            served_by=answer.served_by,
         )

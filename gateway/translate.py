@@ -12,15 +12,32 @@ are one turn, as chat templates that insist on alternating roles need. Raw promp
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from context_store.assembly import Assembly
 from gateway.settings import GatewaySettings
 from proto.api import ChatRequest, GenerateRequest, SamplingOptions
-from proto.messages import ChatJob, ChatMessage, SamplingParams
-from proto.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from proto.messages import (
+    ChatJob,
+    ChatMessage,
+    ResponseFormat,
+    SamplingParams,
+    ToolCall,
+    ToolSpec,
+    ToolUse,
+)
+from proto.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    MessageToolCall,
+    OpenAIMessage,
+    SamplingFields,
+)
 from services.errors import InvalidRequest
+from services.grammars import schema_problem
 
 MAX_STOPS = 4
 
@@ -70,28 +87,18 @@ class JobBuilder:
         self, request: ChatCompletionRequest, *, tiers: Assembly | None, sampling: SamplingParams
     ) -> ChatJob:
         """`/v1/chat/completions`: the client's messages under the one rule."""
-        for index, message in enumerate(request.messages):
-            if unsupported := message.unsupported_parts():
-                raise InvalidRequest(
-                    f"messages[{index}].content: {', '.join(sorted(set(unsupported)))} parts "
-                    "are not supported (the mesh's models read text)",
-                    "unsupported_content",
-                )
         own = [m.text() for m in request.messages if m.role in ("system", "developer")]
-        turns: list[ChatMessage] = []
-        for m in request.messages:
-            if m.role in ("system", "developer"):
-                continue
-            if turns and turns[-1].role == m.role:  # two user turns in a row: one turn
-                merged = f"{turns[-1].content}\n\n{m.text()}"
-                turns[-1] = ChatMessage(role=m.role, content=merged)
-            else:
-                turns.append(ChatMessage(role=m.role, content=m.text()))  # type: ignore[arg-type]
-        if not turns:
-            raise InvalidRequest("messages hold no user or assistant turn", "invalid_messages")
+        turns = chat_turns(request.messages)
         system = system_prompt("\n\n".join(own), tiers)
         messages = [ChatMessage(role="system", content=system)] if system else []
-        return self.job(sampling, messages=messages + turns, stream=request.stream)
+        job = self.job(sampling, messages=messages + turns, stream=request.stream)
+        return job.model_copy(
+            update={
+                "tools": tool_use(request),
+                "response_format": response_format(request),
+                "logprobs": chat_logprobs(request),
+            }
+        )
 
     def generate(self, request: GenerateRequest) -> ChatJob:
         """`/generate`: the raw prompt, verbatim."""
@@ -99,11 +106,12 @@ class JobBuilder:
 
     def completion(self, request: CompletionRequest) -> ChatJob:
         """`/v1/completions`: the raw prompt, verbatim."""
-        return self.job(
+        job = self.job(
             self.sampling(self.openai_options(request, request.max_tokens)),
             prompt=request.prompt,
             stream=request.stream,
         )
+        return job.model_copy(update={"logprobs": request.logprobs})
 
     # -- the parts ----------------------------------------------------------------------
 
@@ -166,3 +174,158 @@ class JobBuilder:
             deadline=now + timedelta(seconds=self.settings.request_timeout_s),
             stream=stream,
         )
+
+
+# -- OpenAI chat requests -----------------------------------------------------------------
+
+
+def chat_turns(messages: list[OpenAIMessage]) -> list[ChatMessage]:
+    """The conversation's turns (system and developer messages are the system prompt):
+    consecutive user, or assistant, texts are one turn; an assistant's tool calls and
+    each tool's result are turns of their own; a conversation that starts with the
+    assistant gets an empty user turn before it (templates want the user first)."""
+    turns: list[ChatMessage] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if unsupported := message.unsupported_parts():
+            raise InvalidRequest(
+                f"{where}.content: {', '.join(sorted(set(unsupported)))} parts "
+                "are not supported (the mesh's models read text)",
+                "unsupported_content",
+            )
+        if message.role in ("system", "developer"):
+            continue
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise InvalidRequest(
+                    f"{where}: a tool message needs tool_call_id", "invalid_messages"
+                )
+            turns.append(
+                ChatMessage(role="tool", content=message.text(), tool_call_id=message.tool_call_id)
+            )
+            continue
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest(
+                f"{where}: only assistant messages have tool_calls", "invalid_messages"
+            )
+        calls = [
+            _call(call, f"{where}.tool_calls[{n}]")
+            for n, call in enumerate(message.tool_calls or [])
+        ]
+        last = turns[-1] if turns else None
+        if calls:
+            turns.append(ChatMessage(role="assistant", content=message.text(), tool_calls=calls))
+        elif last is not None and last.role == message.role and not last.tool_calls:
+            merged = "\n\n".join(part for part in (last.content, message.text()) if part)
+            turns[-1] = ChatMessage(role=message.role, content=merged)
+        else:
+            turns.append(ChatMessage(role=message.role, content=message.text()))  # type: ignore[arg-type]
+    if not any(turn.role in ("user", "assistant") for turn in turns):
+        raise InvalidRequest("messages hold no user or assistant turn", "invalid_messages")
+    if turns[0].role != "user":
+        turns.insert(0, ChatMessage(role="user", content=""))
+    return turns
+
+
+def _call(call: MessageToolCall, where: str) -> ToolCall:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{where}.function.arguments is not JSON: {exc}", "invalid_messages"
+        ) from exc
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(f"{where}.function.arguments is not a JSON object", "invalid_messages")
+    return ToolCall(id=call.id, name=call.function.name, arguments=json.dumps(arguments))
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object that does not say otherwise closed to properties it
+    does not list: what OpenAI's `strict: true` means (and what keeps a sampled answer
+    from wandering off into made-up keys)."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed(value) if key in _SUBSCHEMAS else value for key, value in schema.items()}
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in schema[key].items()}
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMAS = {"items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "additionalProperties"}
+
+
+def _enforceable(schema: dict[str, Any], where: str) -> None:
+    if problem := schema_problem(schema):
+        raise InvalidRequest(f"{where}: cannot be enforced: {problem}", "unsupported_schema")
+
+
+def tool_use(request: ChatCompletionRequest) -> ToolUse | None:
+    """The tools offered and how they must be used; None when none may be called."""
+    choice = request.tool_choice
+    if not request.tools:
+        if choice not in (None, "none"):
+            raise InvalidRequest("tool_choice needs tools", "invalid_tool_choice")
+        return None
+    if choice == "none":
+        return None
+    specs = []
+    for index, tool in enumerate(request.tools):
+        function = tool.function
+        parameters = function.parameters or {"type": "object", "properties": {}}
+        if parameters.get("type", "object") != "object":
+            raise InvalidRequest(
+                f"tools[{index}].function.parameters: must describe an object", "unsupported_schema"
+            )
+        if function.strict:
+            parameters = closed(parameters)
+        _enforceable(parameters, f"tools[{index}].function.parameters")
+        specs.append(
+            ToolSpec(
+                name=function.name, description=function.description or "", parameters=parameters
+            )
+        )
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tools: two tools have the same name", "invalid_tools")
+    named = None if choice is None or isinstance(choice, str) else choice.function.name
+    if named is not None and named not in names:
+        raise InvalidRequest(
+            f"tool_choice names {named!r}, which is not among the tools", "invalid_tool_choice"
+        )
+    return ToolUse(
+        tools=specs,
+        choice="function" if named else ("required" if choice == "required" else "auto"),
+        function=named,
+        parallel=request.parallel_tool_calls is not False,
+    )
+
+
+def response_format(request: ChatCompletionRequest) -> ResponseFormat | None:
+    wanted = request.response_format
+    if wanted is None or wanted.type == "text":
+        return None
+    if wanted.type == "json_object":
+        return ResponseFormat(type="json_object")
+    schema = wanted.json_schema.schema_ if wanted.json_schema else None
+    if schema is not None and wanted.json_schema and wanted.json_schema.strict:
+        schema = closed(schema)
+    if schema is None:
+        raise InvalidRequest(
+            "response_format json_schema needs json_schema.schema", "invalid_response_format"
+        )
+    _enforceable(schema, "response_format.json_schema.schema")
+    return ResponseFormat(type="json_schema", json_schema=schema)
+
+
+def chat_logprobs(request: ChatCompletionRequest) -> int | None:
+    if not request.logprobs:
+        if request.top_logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "invalid_logprobs")
+        return None
+    return request.top_logprobs or 0

@@ -13,13 +13,30 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 import redis.asyncio as redis
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from inference_worker.backends.base import Backend, Finished, GenerationEvent, TextDelta
-from proto.messages import CancelJob, ChatJob, JobError, JobResult, TokenChunk, Usage
+from inference_worker.backends.base import (
+    Backend,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    TextDelta,
+)
+from inference_worker.backends.tool_calls import CallParser, ToolCallParseError
+from proto.messages import (
+    CancelJob,
+    ChatJob,
+    JobError,
+    JobResult,
+    TokenChunk,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
 from services.bus import WorkerBus, coalesce
 from services.errors import BusUnavailable, MeshError, RequesterGone
 from services.redis_client import Keys
@@ -217,39 +234,56 @@ class JobRunner:
         queued_ms = max((datetime.now(UTC) - job.created_at).total_seconds() * 1000, 0)
         log.info("job %s: started (conversation %s)", job.job_id, job.conversation_id)
         try:
-            served = {self.backend.base_model, *self.backend.adapters}
-            if job.model is not None and job.model not in served:
-                raise MeshError(f"model {job.model!r} is not served here", "model_not_found")
+            served_by = self._served_by(job)
             events = self.backend.generate(job)
             finished: Finished | None = None
             pacing = self.streamed if job.stream else self.unstreamed
+            family = self.backend.tool_family if job.tools is not None else None
+            calls = family.parser() if family is not None else None
             # aclosing: when a reply fails (nobody waits, no broker), generation stops
             # now, not when the generator is collected.
             async with contextlib.aclosing(
                 coalesce(events, pacing.tokens, pacing.seconds)
             ) as batches:
                 async for batch in batches:
-                    text, tokens, finished = _merge(batch, finished)
+                    text, tokens, logprobs, finished = _merge(batch, finished)
+                    if calls is not None:
+                        text = calls.feed(text) + (calls.flush() if finished else "")
                     if text or tokens:
                         chunk = TokenChunk(
-                            job_id=job.job_id, seq=seq, text=text, token_count=tokens
+                            job_id=job.job_id,
+                            seq=seq,
+                            text=text,
+                            token_count=tokens,
+                            logprobs=logprobs if job.logprobs is not None else None,
                         )
                         await self.bus.reply(reply_to, chunk)
                         seq += 1
             if finished is None:
                 raise MeshError("the backend ended without finishing", "backend_error")
+            tool_calls, tail = _calls_of(job, calls)
+            if tail:  # calls that did not parse (cut by max_tokens): the text as written
+                await self.bus.reply(
+                    reply_to, TokenChunk(job_id=job.job_id, seq=seq, text=tail, token_count=0)
+                )
+                seq += 1
             usage = Usage(
                 prompt_tokens=finished.prompt_tokens,
                 completion_tokens=finished.completion_tokens,
                 cached_tokens=finished.cached_tokens,
             )
+            reason: FinishReason | Literal["tool_calls"] = finished.reason
+            if tool_calls and reason == "stop":
+                reason = "tool_calls"
             result = JobResult(
                 job_id=job.job_id,
                 seq=seq,
-                finish_reason=finished.reason,
+                finish_reason=reason,
                 usage=usage,
                 worker_id=self.bus.worker_id,
                 queued_ms=round(queued_ms, 3),
+                tool_calls=tool_calls or None,
+                served_by=served_by,
             )
             await self.bus.reply(reply_to, result)
             log.info(
@@ -273,6 +307,16 @@ class JobRunner:
             )
         return None
 
+    def _served_by(self, job: ChatJob) -> str:
+        """'base' or 'base+adapter@vN': the model and adapter version answering `job`."""
+        base = self.backend.base_model
+        if job.model is None or job.model == base:
+            return base
+        version = self.backend.adapters.get(job.model)
+        if version is None:
+            raise MeshError(f"model {job.model!r} is not served here", "model_not_found")
+        return f"{base}+{job.model}@v{version}"
+
     async def _reply_error(
         self, reply_to: str, job_id: str, seq: int, code: str, text: str, retryable: bool
     ) -> None:
@@ -286,13 +330,32 @@ class JobRunner:
 
 def _merge(
     batch: Sequence[GenerationEvent], finished: Finished | None
-) -> tuple[str, int, Finished | None]:
+) -> tuple[str, int, list[TokenLogprob], Finished | None]:
     texts = []
     tokens = 0
+    logprobs: list[TokenLogprob] = []
     for event in batch:
         if isinstance(event, TextDelta):
             texts.append(event.text)
             tokens += event.tokens
+            logprobs.extend(event.logprobs or ())
         else:
             finished = event
-    return "".join(texts), tokens, finished
+    return "".join(texts), tokens, logprobs, finished
+
+
+def _calls_of(job: ChatJob, parser: CallParser | None) -> tuple[list[ToolCall], str]:
+    """The tool calls the answer made, or (none, the calls' text as written) when they
+    do not parse; a call of a tool that was not offered is text too."""
+    if parser is None or parser.calls_text is None:
+        return [], ""
+    try:
+        calls = parser.calls()
+    except ToolCallParseError as exc:
+        log.info("job %s: its tool calls do not parse (%s); sent as text", job.job_id, exc)
+        return [], parser.marker + parser.calls_text
+    offered = {tool.name for tool in job.tools.tools} if job.tools else set()
+    if any(call.name not in offered for call in calls):
+        log.info("job %s: it called a tool it was not offered; sent as text", job.job_id)
+        return [], parser.marker + parser.calls_text
+    return calls, ""

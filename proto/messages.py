@@ -9,7 +9,7 @@ optional only.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
@@ -26,6 +26,7 @@ JobId = Annotated[
 ]
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 SEED_MAX = 2**63 - 1  # OpenAI's range (int64); every backend takes it (llama.cpp: mod 2**32)
 
 
@@ -35,11 +36,75 @@ class BusMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class ToolCall(BusMessage):
+    """One call of a tool the model asked for (or made, earlier in a conversation)."""
+
+    id: str = Field(min_length=1, max_length=64, description="The call's id; results name it.")
+    name: str = Field(min_length=1, description="The function called.")
+    arguments: str = Field(description="Its arguments: a JSON object, as text.")
+
+
 class ChatMessage(BusMessage):
     """One turn of a conversation, as the chat template sees it."""
 
-    role: Literal["system", "user", "assistant"] = Field(description="Who said it.")
+    role: Literal["system", "user", "assistant", "tool"] = Field(description="Who said it.")
     content: str = Field(description="What was said, as plain text.")
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="An assistant turn's tool calls."
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="A tool turn: the call whose result `content` is."
+    )
+
+
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ToolSpec(BusMessage):
+    """A function the model may call."""
+
+    name: str = Field(pattern=TOOL_NAME, description="Its name (OpenAI's rule: [A-Za-z0-9_-]).")
+    description: str = Field(default="", description="What it does, for the model.")
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="A JSON Schema of its arguments (an object).",
+    )
+
+
+class ToolUse(BusMessage):
+    """The tools offered, and how the model must use them."""
+
+    tools: list[ToolSpec] = Field(min_length=1, description="Shown to the model by its template.")
+    choice: Literal["auto", "required", "function"] = Field(
+        description="auto: the model decides; required: it must call one; function: it must "
+        "call `function`. Under required and function its output is constrained to calls."
+    )
+    function: str | None = Field(default=None, description="The function that must be called.")
+    parallel: bool = Field(default=True, description="Whether it may call several at once.")
+
+    @model_validator(mode="after")
+    def _function_named(self) -> ToolUse:
+        names = {tool.name for tool in self.tools}
+        if (self.choice == "function") != (self.function is not None):
+            raise ValueError("`function` is set exactly when choice is 'function'")
+        if self.function is not None and self.function not in names:
+            raise ValueError(f"function {self.function!r} is not among the tools")
+        return self
+
+
+class ResponseFormat(BusMessage):
+    """The answer must be JSON: any object, or one valid against `schema`."""
+
+    type: Literal["json_object", "json_schema"] = Field(description="Which constraint.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="json_schema: the JSON Schema it must match."
+    )
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return self
 
 
 class SamplingParams(BusMessage):
@@ -99,12 +164,47 @@ class ChatJob(BusMessage):
         description="Whether the client reads the answer while it is generated; when false "
         "the worker sends it in fewer, larger messages.",
     )
+    tools: ToolUse | None = Field(
+        default=None, description="Tools the model may call (chat jobs only)."
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Constrain the answer to JSON (grammar-constrained decoding)."
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Send each token's log probability and this many most likely "
+        "alternatives (0: none); absent: no log probabilities.",
+    )
+
+    @model_validator(mode="after")
+    def _tools_in_chats(self) -> ChatJob:
+        if self.prompt is not None and (self.tools or self.response_format):
+            raise ValueError("tools and response_format need messages, not a raw prompt")
+        return self
 
     @model_validator(mode="after")
     def _messages_or_prompt(self) -> ChatJob:
         if bool(self.messages) == (self.prompt is not None):
             raise ValueError("a job carries either messages or a prompt, not both or neither")
         return self
+
+
+class TopLogprob(BusMessage):
+    """A token and its log probability."""
+
+    token: str = Field(description="The token's text.")
+    token_id: int = Field(ge=0, description="Its id in the model's vocabulary.")
+    logprob: float = Field(description="Its natural log probability at this position.")
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, its log probability and the most likely alternatives."""
+
+    top: list[TopLogprob] = Field(
+        default_factory=list, description="The most likely tokens at this position, best first."
+    )
 
 
 class TokenChunk(BusMessage):
@@ -116,6 +216,11 @@ class TokenChunk(BusMessage):
     seq: int = Field(ge=0, description="Position of this message in the job's reply stream.")
     text: str = Field(description="The new text, to be appended to what came before.")
     token_count: int = Field(ge=0, description="How many generated tokens this text holds.")
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None,
+        description="When the job asked: each generated token of this chunk, in order "
+        "(tokens held back, e.g. a tool call's, come with the text they became).",
+    )
 
 
 class Usage(BusMessage):
@@ -138,11 +243,20 @@ class JobResult(BusMessage):
     schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
     job_id: JobId
     seq: int = Field(ge=0, description="Position of this message in the job's reply stream.")
-    finish_reason: Literal["stop", "length", "cancelled"] = Field(
-        description="stop: the model ended its turn; length: max_tokens reached."
+    finish_reason: Literal["stop", "length", "cancelled", "tool_calls"] = Field(
+        description="stop: the model ended its turn; length: max_tokens reached; "
+        "tool_calls: it ended its turn by calling tools."
     )
     usage: Usage = Field(description="Token counts.")
     worker_id: str = Field(description="The worker that served the job.")
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="The tools the model called (their text is not in the chunks)."
+    )
+    served_by: str | None = Field(
+        default=None,
+        description="The model that answered: base model, and adapter with its version "
+        "('demo-model+continuity@v3').",
+    )
     queued_ms: float | None = Field(
         default=None, ge=0, description="From the job's creation until a worker started it."
     )

@@ -166,3 +166,137 @@ def training_chats(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
             chat.insert(0, {"role": "system", "content": system})
         chats.append(chat)
     return chats
+
+
+# -- tool use ---------------------------------------------------------------------------
+# A few functions over the mesh's own objects, in OpenAI's tool shape. Chats that offer
+# them teach the demo model when to call one ([TOOL_CALLS]) and how to answer from a
+# result, so that `make run` can show a tool call end to end.
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "read_tier",
+            "description": "Read one of the four context tiers.",
+            "parameters": {
+                "type": "object",
+                "properties": {"tier": {"enum": ["portfolio", "project", "briefing", "log"]}},
+                "required": ["tier"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "append_log",
+            "description": "Append an entry to the session log.",
+            "parameters": {
+                "type": "object",
+                "properties": {"entry": {"type": "string"}},
+                "required": ["entry"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "host_status",
+            "description": "Whether a host of the mesh is up.",
+            "parameters": {
+                "type": "object",
+                "properties": {"host": {"enum": ["desktop", "vps", "phone"]}},
+                "required": ["host"],
+            },
+        },
+    },
+]
+
+READ_FORMS = ["Show me the {tier} tier.", "Read the {tier} for me.", "What does the {tier} say?"]
+LOG_FORMS = [
+    "Log that {entry}.",
+    "Add to the session log: {entry}.",
+    "Note in the log that {entry}.",
+]
+HOST_STATUS_FORMS = ["Is the {host} up?", "Check whether the {host} is running."]
+LOG_ENTRIES = [
+    "the sync work is finished",
+    "the adapter was retrained",
+    "the briefing was updated",
+    "the VPS was restarted",
+]
+TIER_TEXT = {
+    "portfolio": "Two projects: the mesh and the phone client.",
+    "project": "The mesh runs on the desktop, the VPS and the phone.",
+    "briefing": "Goal: finish the sync work. Next: test it on the VPS.",
+    "log": "Yesterday the context store moved to its new layout.",
+}
+
+
+@dataclass(frozen=True)
+class ToolExample:
+    """A chat that calls one tool: question, call, result, answer."""
+
+    question: str
+    name: str
+    arguments: dict[str, str]
+    result: str
+    answer: str
+
+    def messages(self, call_id: str) -> list[dict[str, object]]:
+        call = {"id": call_id, "type": "function"}
+        call["function"] = {"name": self.name, "arguments": self.arguments}  # type: ignore[assignment]
+        return [
+            {"role": "user", "content": self.question},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": self.result},
+            {"role": "assistant", "content": self.answer},
+        ]
+
+
+def tool_examples() -> list[ToolExample]:
+    items = []
+    for tier, text in TIER_TEXT.items():
+        for form in READ_FORMS:
+            answer = f"The {tier} tier says: {text}"
+            items.append(
+                ToolExample(form.format(tier=tier), "read_tier", {"tier": tier}, text, answer)
+            )
+    for entry in LOG_ENTRIES:
+        for form in LOG_FORMS:
+            items.append(
+                ToolExample(
+                    form.format(entry=entry),
+                    "append_log",
+                    {"entry": entry},
+                    "appended",
+                    f"Done: the log now says that {entry}.",
+                )
+            )
+    for host in ("desktop", "vps", "phone"):
+        for form in HOST_STATUS_FORMS:
+            items.append(
+                ToolExample(
+                    form.format(host=host),
+                    "host_status",
+                    {"host": host},
+                    "up",
+                    f"Yes, the {host} is up.",
+                )
+            )
+    return items
+
+
+def tool_chats(count: int, seed: int = 0) -> list[tuple[list[dict[str, object]], list[dict]]]:
+    """`count` chats with the tools offered, each with its tools: most call one, some
+    (a plain question) are answered without a call."""
+    rng = random.Random(seed + 1)
+    calls, plain = tool_examples(), examples()
+    chats = []
+    for number in range(count):
+        if rng.random() < 0.75:
+            chat = rng.choice(calls).messages(f"call{number:05d}")
+        else:
+            chat = rng.choice(plain).messages()  # type: ignore[assignment]
+        chats.append((chat, TOOLS))
+    return chats

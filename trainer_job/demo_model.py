@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -27,33 +28,68 @@ log = logging.getLogger(__name__)
 
 # Bump when anything below changes what gets built: a cached model with another
 # version is rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 BUILD_INFO = "BUILD_INFO.json"
 
-# Mistral's template shape: the system prompt is folded into the first user turn,
-# the prompt ends with "[/INST]" and the assistant's turn ends with the eos token.
-# The answer follows "[/INST]" directly: with byte-level BPE a space there would
-# become the first character of every answer (sentencepiece hides it; BPE does not).
+# Mistral's template shape (v0.3, with tools): the system prompt is folded into the
+# first user turn (so every chat with the same system prompt and tiers starts with the
+# same tokens, which the prefix cache reuses), the prompt ends with "[/INST]" and the
+# assistant's turn ends with the eos token. The answer follows "[/INST]" directly:
+# with byte-level BPE a space there would become the first character of every answer
+# (sentencepiece hides it; BPE does not). Tools are listed in [AVAILABLE_TOOLS] before
+# the last user turn (after the system prompt when that turn is the first, so that the
+# system prompt still comes first); a turn that calls tools is [TOOL_CALLS] and a JSON list of
+# {"name", "arguments"}; a tool's result comes back in [TOOL_RESULTS] naming the call.
 CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' %}"
     "{%- set system_message = messages[0]['content'] %}"
     "{%- set loop_messages = messages[1:] %}"
     "{%- else %}{%- set system_message = none %}{%- set loop_messages = messages %}{%- endif %}"
-    "{{- bos_token }}"
+    "{%- if tools is not defined %}{%- set tools = none %}{%- endif %}"
+    "{%- set ns = namespace(turn=0, last_user=-1) %}"
     "{%- for message in loop_messages %}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+    "{%- if message['role'] in ['user', 'assistant'] and not message.get('tool_calls') %}"
+    "{%- if (message['role'] == 'user') != (ns.turn % 2 == 0) %}"
     "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
     "{%- endif %}"
+    "{%- set ns.turn = ns.turn + 1 %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
     "{%- if message['role'] == 'user' %}"
+    "{%- set offered = '' %}"
+    "{%- if tools and loop.index0 == ns.last_user %}"
+    "{%- set offered = '[AVAILABLE_TOOLS]' + (tools | tojson) + '[/AVAILABLE_TOOLS]' %}"
+    "{%- endif %}"
     "{%- if loop.first and system_message %}"
-    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
-    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + offered + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- offered + '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{- message['content'] or '' }}{{- '[TOOL_CALLS][' }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{{- '{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{- (call['function']['arguments'] | tojson) + '}' }}"
+    "{%- if not loop.last %}{{- ', ' }}{%- endif %}"
+    "{%- endfor %}"
+    "{{- ']' + eos_token }}"
     "{%- elif message['role'] == 'assistant' %}"
     "{{- message['content'] + eos_token }}"
-    "{%- else %}{{- raise_exception('Only system, user and assistant roles are supported') }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '[TOOL_RESULTS]{\"call_id\": ' + (message.get('tool_call_id') | tojson) }}"
+    "{{- ', \"content\": ' + (message['content'] | tojson) + '}[/TOOL_RESULTS]' }}"
+    "{%- else %}{{- raise_exception('Only system, user, assistant and tool roles are supported') }}"
     "{%- endif %}"
     "{%- endfor %}"
 )
+TOOL_TOKENS = [
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_CALLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+]
 
 
 @dataclass(frozen=True)
@@ -69,9 +105,10 @@ class DemoModelSpec:
     max_position_embeddings: int = 2048
     block_size: int = 128
     batch_size: int = 16
-    train_steps: int = 400
+    train_steps: int = 500
     learning_rate: float = 3e-3
     chats: int = 3000
+    tool_chats: int = 600  # chats that offer tools (most call one)
     seed: int = 0
 
 
@@ -80,7 +117,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *TOOL_TOKENS]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -186,15 +223,22 @@ def train_demo_model(spec: DemoModelSpec, progress: bool = True):
     import torch
     from transformers import MistralForCausalLM
 
-    from trainer_job.continuity_corpus import training_chats
+    from trainer_job.continuity_corpus import tool_chats, training_chats
 
     torch.manual_seed(spec.seed)
     chats = training_chats(spec.chats, seed=spec.seed)
+    with_tools = tool_chats(spec.tool_chats, seed=spec.seed)
     texts = [_render(chat) for chat in chats]
+    texts += [json.dumps(chat) + json.dumps(tools) for chat, tools in with_tools]
     tokenizer = build_tokenizer(texts, spec.vocab_size)
     token_lists = [
         tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False) for chat in chats
     ]
+    token_lists += [
+        tokenizer.apply_chat_template(chat, tools=tools, tokenize=True, return_dict=False)
+        for chat, tools in with_tools
+    ]
+    random.Random(spec.seed).shuffle(token_lists)
     blocks = _packed_blocks(token_lists, spec.block_size)
 
     model = MistralForCausalLM(_model_config(spec, tokenizer))

@@ -7,17 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from proto.messages import ChatJob, PrefixCacheStats
+from inference_worker.backends.tool_calls import ToolFamily
+from proto.messages import ChatJob, PrefixCacheStats, TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """New text of the answer, and how many generated tokens it holds."""
+    """New text of the answer, how many generated tokens it holds, and their log
+    probabilities when the job asked for them (one per token, in order)."""
 
     text: str
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,9 @@ class Backend(Protocol):
 
     base_model: str  # the name clients use for it
     device: str
+    # The model's tool-call format (its text marker and output parser); None when the
+    # model has none. Backends render the marker in the text they stream.
+    tool_family: ToolFamily | None
 
     @property
     def tokens_generated(self) -> int:

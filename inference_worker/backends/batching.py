@@ -13,7 +13,9 @@ the next step; a job that ends leaves at once. Each turn of the loop:
    masked out);
 2. runs one decoding step: a single forward over one new token per row;
 3. picks each row's next token with its own settings (greedy or temperature/top-p,
-   repetition penalty, min_tokens, its own seeded generator, its own LoRA adapter);
+   repetition penalty, min_tokens, its own seeded generator, its own LoRA adapter,
+   its own grammar when its answer is constrained: constraints.py), and its log
+   probabilities when it asked for them;
 4. hands each row its token, drops rows that ended or were cancelled, and trims the
    cache columns no remaining row needs.
 
@@ -43,6 +45,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from inference_worker.backends.constraints import (
+    ConstraintError,
+    RowGrammar,
+    allocate_bitmask,
+    mask_rows,
+)
+from inference_worker.backends.logprobs import Logprobs
 from inference_worker.backends.prefix_cache import Block, Hit, PrefixCache
 from proto.messages import SamplingParams
 
@@ -53,14 +62,17 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 @dataclass(eq=False)
 class Row:
-    """One job. `emit` gets each new token id (on the generation thread); `finish` the
-    end, once, with the error if it failed. Set `stop` to cancel it."""
+    """One job. `emit` gets each new token id and, when the row asked, its Logprobs (on
+    the generation thread); `finish` the end, once, with the error if it failed. Set
+    `stop` to cancel it."""
 
     ids: list[int]
     sampling: SamplingParams
-    emit: Callable[[int], None]
+    emit: Callable[[int, Logprobs | None], None]
     finish: Callable[[BaseException | None], None]
     adapter: str | None = None  # the public adapter name; None: the base model
+    grammar: RowGrammar | None = None  # what its answer must match; None: anything
+    logprobs: int | None = None  # None: none; else the alternatives to send with each
     stop: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     ended: bool = False
@@ -99,6 +111,9 @@ class Sampler:
     def __init__(self, rows: list[Row], eos: int | None, device: Any) -> None:
         self.rows = rows
         self.eos = eos
+        self.grammars = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        self._bitmask: torch.Tensor | None = None
+        self.with_logprobs = [i for i, r in enumerate(rows) if r.logprobs is not None]
         params = [r.sampling for r in rows]
         self.penalty = torch.tensor([[p.repetition_penalty] for p in params], device=device)
         self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
@@ -122,6 +137,10 @@ class Sampler:
         if self.any_min:
             generated = torch.tensor([r.generated for r in self.rows], device=self.device)
             scores[generated < self.min_tokens, self.eos] = -float("inf")
+        if self.grammars:
+            if self._bitmask is None:
+                self._bitmask = allocate_bitmask(len(self.rows), scores.shape[-1])
+            mask_rows(scores, self.grammars, self._bitmask)
         chosen = scores.argmax(dim=-1)
         if not self.sampled:
             return chosen
@@ -138,6 +157,26 @@ class Sampler:
             generator = self.rows[row_index].generator
             chosen[row_index] = torch.multinomial(probabilities[place], 1, generator=generator)[0]
         return chosen
+
+    def logprobs(self, logits: torch.Tensor, chosen: torch.Tensor) -> list[Logprobs | None]:
+        """Each row's Logprobs of its `chosen` token (None for rows that did not ask)."""
+        out: list[Logprobs | None] = [None] * len(self.rows)
+        if not self.with_logprobs:
+            return out
+        index = torch.tensor(self.with_logprobs, device=logits.device)
+        logprobs = logits.index_select(0, index).float().log_softmax(dim=-1)
+        picked = logprobs.gather(1, chosen.index_select(0, index).unsqueeze(1))[:, 0].tolist()
+        most = max(self.rows[i].logprobs or 0 for i in self.with_logprobs)
+        top_values, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
+        for place, row_index in enumerate(self.with_logprobs):
+            wanted = self.rows[row_index].logprobs or 0
+            top: list[tuple[int, float]] = []
+            if wanted and top_ids is not None and top_values is not None:
+                ids = top_ids[place, :wanted].tolist()
+                values = top_values[place, :wanted].tolist()
+                top = list(zip(ids, values, strict=True))
+            out[row_index] = Logprobs(picked[place], top)
+        return out
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -522,7 +561,9 @@ class BatchScheduler:
         # Padding is not "seen": count real tokens only.
         counts = torch.zeros(logits.shape, dtype=prefill.mask.dtype, device=self.device)
         seen = counts.scatter_add_(1, prefill.ids, prefill.mask) > 0
-        first = Sampler(rows, self.eos, self.device)(logits, seen)
+        sampler = Sampler(rows, self.eos, self.device)
+        first = sampler(logits, seen)
+        first_logprobs = sampler.logprobs(logits, first)
         seen.scatter_(1, first.unsqueeze(1), True)
         joined = _Batch(rows, prefill.cache, prefill.mask, first.unsqueeze(1), seen)
         if self._batch is None:
@@ -533,7 +574,7 @@ class BatchScheduler:
         log.debug("batch: %d row(s), %d joined", len(self._batch.rows), len(rows))
         self._sampler = Sampler(self._batch.rows, self.eos, self.device)
         start_row = len(self._batch.rows) - len(rows)
-        self._emit_and_prune(self._batch, first.tolist(), start_row)
+        self._emit_and_prune(self._batch, first.tolist(), start_row, first_logprobs)
         return read
 
     def _cache_prompts(self, prefill: _Prefill) -> None:
@@ -570,35 +611,50 @@ class BatchScheduler:
             )
             batch.positions = batch.positions + 1
             tokens = self._sampler(logits, batch.seen)
+            logprobs = self._sampler.logprobs(logits, tokens)
         except Exception as exc:  # the whole batch shares the failure
             log.exception("decoding step of %d row(s) failed", len(batch.rows))
             self._fail_batch(exc)
             return
         batch.last = tokens.unsqueeze(1)
         batch.seen.scatter_(1, batch.last, True)
-        self._emit_and_prune(batch, tokens.tolist(), start=0)
+        self._emit_and_prune(batch, tokens.tolist(), 0, logprobs)
 
-    def _emit_and_prune(self, batch: _Batch, tokens: list[int], start: int) -> None:
+    def _emit_and_prune(
+        self, batch: _Batch, tokens: list[int], start: int, logprobs: list[Logprobs | None]
+    ) -> None:
         """Hand rows start.. their new token; remove rows that ended."""
         ended = set()
-        for index, token_id in enumerate(tokens, start=start):
+        failed: dict[int, BaseException] = {}
+        for place, token_id in enumerate(tokens):
+            index = start + place
             row = batch.rows[index]
             if row.stop.is_set():
                 ended.add(index)
                 continue
+            if row.grammar is not None:
+                try:
+                    row.grammar.advance(token_id)
+                except ConstraintError as exc:  # no allowed token was left: a bug
+                    failed[index] = exc
+                    ended.add(index)
+                    continue
             row.generated += 1
             self.decoded += 1
             row.output.append(token_id)
-            row.emit(token_id)
-            if token_id == self.eos or row.generated >= row.sampling.max_tokens:
+            row.emit(token_id, logprobs[place])
+            done = row.grammar is not None and row.grammar.finished
+            if done or token_id == self.eos or row.generated >= row.sampling.max_tokens:
                 ended.add(index)
         if ended:
-            self._remove(batch, ended)
+            self._remove(batch, ended, failed)
 
-    def _remove(self, batch: _Batch, ended: set[int]) -> None:
+    def _remove(
+        self, batch: _Batch, ended: set[int], failed: dict[int, BaseException] | None = None
+    ) -> None:
         self._cache_answers(batch, ended)
         for index in sorted(ended):
-            self._end(batch.rows[index], None)
+            self._end(batch.rows[index], (failed or {}).get(index))
         keep = [i for i in range(len(batch.rows)) if i not in ended]
         if keep:
             batch.keep(keep)

@@ -16,8 +16,11 @@ class IncrementalDetokenizer:
     every piece gives exactly `tokenizer.decode(all_ids, skip_special_tokens=True)`.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, shown: dict[int, str] | None = None) -> None:
         self._tokenizer = tokenizer
+        # Special tokens that are part of the answer's text (a tool-call marker), as
+        # they are written; every other special token is left out.
+        self._shown = shown or {}
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -28,6 +31,8 @@ class IncrementalDetokenizer:
         )
 
     def add(self, token_id: int) -> str:
+        if token_id in self._shown:
+            return self.flush() + self._shown[token_id]
         self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
@@ -43,3 +48,18 @@ class IncrementalDetokenizer:
         new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
+
+
+class TokenTexts:
+    """Each token's own text (for log probabilities), decoded once per id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+            self._texts[token_id] = text
+        return text

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
+from inference_worker.backends.tool_calls import ToolFamily
 from proto.messages import ChatJob
 from services.errors import PermanentError
 
 
 class EchoBackend:
     base_model = "echo"
+    tool_family: ToolFamily | None = None  # it repeats the prompt: no tool calls
     device = "cpu"
     tokens_generated = 0
 

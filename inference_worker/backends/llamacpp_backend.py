@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
-from inference_worker.backends.prompts import check_context
+from inference_worker.backends.constraints import Matchers, RowGrammar, plan_for
+from inference_worker.backends.logprobs import from_numpy
+from inference_worker.backends.prompts import check_context, template_inputs
 from inference_worker.backends.stops import StopMatcher
+from inference_worker.backends.tool_calls import ToolFamily, family_from
 from proto.adapters import ADAPTER_GGUF, MANIFEST
-from proto.messages import ChatJob
+from proto.messages import ChatJob, TokenLogprob, TopLogprob
 from services.adapters import BASE_FOLDER
 from services.errors import PermanentError
 
@@ -43,6 +46,87 @@ SAMPLING_EPS = 1e-5
 # A shared start shorter than this (the chat template's first tokens) is not worth
 # overwriting a slot that holds another prompt: an empty or older slot is taken.
 MIN_REUSE = 16
+
+
+class Vocabulary:
+    """What both llama.cpp backends know of a model's tokens: its tool-call format,
+    its grammar matchers, and each token's text (`model`: llama-cpp-python's
+    LlamaModel)."""
+
+    def __init__(self, model: Any) -> None:
+        import llama_cpp
+
+        self.model = model
+        self._control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        self.tools: ToolFamily | None = family_from(self.special_token)
+        self.matchers = Matchers.for_llamacpp(model.vocab)
+        self._texts: dict[int, str] = {}
+
+    def special_token(self, text: str) -> int | None:
+        import llama_cpp
+
+        ids = self.model.tokenize(text.encode(), add_bos=False, special=True)
+        if len(ids) != 1:
+            return None
+        attributes = llama_cpp.llama_token_get_attr(self.model.vocab, ids[0])
+        return ids[0] if attributes & self._control else None
+
+    def text(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            piece = self.model.detokenize([token], special=True)
+            text = self._texts[token] = piece.decode("utf-8", errors="replace")
+        return text
+
+    def picking(self, job: ChatJob) -> Picking:
+        try:
+            plan = plan_for(job, self.tools)
+            grammar = self.matchers.matcher(plan) if plan is not None else None
+        except ValueError as exc:
+            raise PermanentError(f"cannot constrain the answer: {exc}", "invalid_schema") from exc
+        return Picking(self, job, grammar)
+
+
+class Picking:
+    """One request's grammar and log probabilities around llama.cpp's sampler: call
+    `before` with the raw logits of its next token (masked in place for the grammar),
+    then `after` with the token llama.cpp's sampler picked."""
+
+    def __init__(self, vocabulary: Vocabulary, job: ChatJob, grammar: RowGrammar | None) -> None:
+        self.vocabulary = vocabulary
+        self.grammar = grammar
+        self.top = job.logprobs
+        tools = vocabulary.tools
+        self.marker = tools.marker_id if job.tools is not None and tools is not None else None
+        self._raw: Any = None
+
+    def before(self, logits: Any) -> Any:
+        if self.top is not None:
+            self._raw = logits.copy()
+        if self.grammar is not None:
+            self.grammar.mask_numpy(logits)
+        return logits
+
+    def after(self, token: int) -> tuple[TokenLogprob, ...] | None:
+        """Advance the grammar; the token's log probabilities when the job asked."""
+        if self.grammar is not None:
+            self.grammar.advance(token)
+        if self.top is None or self._raw is None:
+            return None
+        logprobs = from_numpy(self._raw, token, self.top)
+        text = self.vocabulary.text
+        top = [TopLogprob(token=text(i), token_id=i, logprob=v) for i, v in logprobs.top]
+        return (TokenLogprob(token=text(token), token_id=token, logprob=logprobs.logprob, top=top),)
+
+    def piece(self, token: int, decoder: Any) -> str:
+        """The token's text: the tool-call marker as written, else its bytes decoded."""
+        if token == self.marker:
+            return decoder.decode(b"", final=True) + self.vocabulary.text(token)
+        return str(decoder.decode(self.vocabulary.model.detokenize([token])))
+
+    @property
+    def finished(self) -> bool:
+        return self.grammar is not None and self.grammar.finished
 
 
 @dataclass
@@ -85,6 +169,8 @@ class LlamaCppBackend:
         self._tokens = 0
         self._formatter: Any = None
         self.max_context = 0
+        self.vocabulary: Vocabulary | None = None
+        self.tool_family: ToolFamily | None = None
 
     # -- loading ------------------------------------------------------------------------
 
@@ -106,6 +192,8 @@ class LlamaCppBackend:
             self._slots.append(Slot(index, llm))
             self._release(self._slots[-1])
         first = self._slots[0].llm
+        self.vocabulary = await asyncio.to_thread(Vocabulary, first._model)
+        self.tool_family = self.vocabulary.tools
         self.max_context = first.n_ctx()
         self._formatter = chat_formatter(
             first.metadata.get("tokenizer.chat_template"),
@@ -125,7 +213,9 @@ class LlamaCppBackend:
 
     def _encode(self, job: ChatJob) -> list[int]:
         llm = self._slots[0].llm
-        return encode_prompt(job, self._formatter, self.tokenize, llm.token_bos(), self.max_context)
+        return encode_prompt(
+            job, self._formatter, self.tokenize, llm.token_bos(), self.max_context, self.tool_family
+        )
 
     # -- generation ---------------------------------------------------------------------
 
@@ -155,11 +245,20 @@ class LlamaCppBackend:
         llm = slot.llm
         eos = llm.token_eos()
         generated = 0
+        assert self.vocabulary is not None
+        picking = self.vocabulary.picking(job)
 
         def hold_eos(_ids: Any, logits: Any) -> Any:  # min_tokens
             if generated < s.min_tokens:
                 logits[eos] = -np.inf
             return logits
+
+        def pick(_ids: Any, logits: Any) -> Any:
+            return picking.before(logits)
+
+        processors = [pick] if picking.grammar or picking.top is not None else []
+        if s.min_tokens:
+            processors.append(hold_eos)
 
         import llama_cpp
         from llama_cpp import LogitsProcessorList, StoppingCriteriaList
@@ -182,7 +281,7 @@ class LlamaCppBackend:
                 top_k=0,
                 min_p=0.0,
                 repeat_penalty=s.repetition_penalty,
-                logits_processor=LogitsProcessorList([hold_eos]) if s.min_tokens else None,
+                logits_processor=LogitsProcessorList(processors) if processors else None,
                 stopping_criteria=StoppingCriteriaList([lambda *_: cancel.is_set()]),
             )
             for token in tokens:
@@ -194,7 +293,11 @@ class LlamaCppBackend:
                     break
                 generated += 1
                 self._tokens += 1
-                emit(TextDelta(decoder.decode(llm.detokenize([token])), 1))
+                logprobs = picking.after(token)
+                emit(TextDelta(picking.piece(token, decoder), 1, logprobs))
+                if picking.finished:
+                    reason = "stop"
+                    break
                 if generated >= s.max_tokens:
                     break
             if cancel.is_set():
@@ -368,7 +471,7 @@ async def relay(
             generated += event.tokens
             text = stops.feed(event.text)
             if text or event.tokens:
-                yield TextDelta(text, event.tokens)
+                yield TextDelta(text, event.tokens, event.logprobs)
             if stops.stopped:
                 cancel.set()
                 yield Finished("stop", prompt_tokens, generated, cached())
@@ -427,17 +530,18 @@ def encode_prompt(
     tokenize: Callable[[str], list[int]],
     bos: int,
     max_context: int,
+    tools: ToolFamily | None = None,
 ) -> list[int]:
-    """The job's prompt tokens: its messages through the chat template, or its raw
-    prompt; PermanentError when the template refuses them or they do not fit."""
+    """The job's prompt tokens: its messages (and tools) through the chat template, or
+    its raw prompt; PermanentError when the template refuses them or they do not fit."""
     if job.prompt is not None:
         text = job.prompt
     elif formatter is None:
         raise PermanentError("this GGUF has no chat template", "invalid_messages")
     else:
-        messages = [message.model_dump() for message in job.messages]
+        inputs = template_inputs(job, tools)
         try:
-            text = formatter(messages=messages).prompt
+            text = formatter(messages=inputs["conversation"], tools=inputs.get("tools")).prompt
         except Exception as exc:  # jinja's raise_exception: roles not alternating
             raise PermanentError(f"cannot build the prompt: {exc}", "invalid_messages") from exc
     # The template writes the BOS text itself; a raw prompt gets one if it lacks it.

@@ -48,9 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
+from inference_worker.backends.constraints import ConstraintError
 from inference_worker.backends.llamacpp_backend import (
     MIN_REUSE,
     SAMPLING_EPS,
+    Picking,
+    Vocabulary,
     adapter_gguf,
     base_model_name,
     chat_formatter,
@@ -61,6 +64,7 @@ from inference_worker.backends.llamacpp_backend import (
     set_adapter,
     slot_order,
 )
+from inference_worker.backends.tool_calls import ToolFamily
 from proto.messages import ChatJob
 from services.errors import PermanentError, RetryableError
 
@@ -98,6 +102,7 @@ class _Request:
     generated: int = 0
     sampler: Any = None
     holds_eog: bool = False  # the chain's first sampler keeps end tokens out (min_tokens)
+    picking: Picking | None = None  # its grammar and log probabilities
     decoder: Any = None
     released: bool = False
 
@@ -128,6 +133,8 @@ class LlamaCppBatchedBackend:
         self._ctx: Any = None
         self._batch: Any = None
         self._formatter: Any = None
+        self.vocabulary: Any = None  # a Vocabulary once loaded
+        self.tool_family: ToolFamily | None = None
         self._eog: list[int] = []  # the vocabulary's end-of-generation tokens
         self._shares_cells: bool | None = None  # sequences can share cached cells
         self.max_context = 0
@@ -198,6 +205,8 @@ class LlamaCppBatchedBackend:
         self._eog = [
             t for t in range(model.n_vocab()) if llama_cpp.llama_vocab_is_eog(model.vocab, t)
         ]
+        self.vocabulary = Vocabulary(model)
+        self.tool_family = self.vocabulary.tools
         self._formatter = chat_formatter(
             model.metadata().get("tokenizer.chat_template"),
             model.token_get_text(model.token_bos()),
@@ -211,7 +220,12 @@ class LlamaCppBatchedBackend:
 
     def _encode(self, job: ChatJob) -> list[int]:
         return encode_prompt(
-            job, self._formatter, self.tokenize, self._model.token_bos(), self.max_context
+            job,
+            self._formatter,
+            self.tokenize,
+            self._model.token_bos(),
+            self.max_context,
+            self.tool_family,
         )
 
     # -- the async side ---------------------------------------------------------------------
@@ -242,6 +256,7 @@ class LlamaCppBatchedBackend:
                     )
                 handle = self._adapters[adapter_name][1] if adapter_name else None
                 request = _Request(ids, job, handle, emit, cancel, give_room_back)
+                request.picking = self.vocabulary.picking(job)
                 self._incoming.append(request)
                 self._queue.notify()
             async for event in relay(events, job, len(ids), cancel, lambda: request.cached):
@@ -431,6 +446,7 @@ class LlamaCppBatchedBackend:
     def _step(self) -> None:
         """One llama_decode for the requests of one adapter, then their next tokens."""
         import llama_cpp
+        import numpy as np
 
         for request in [r for r in self._running if r.cancel.is_set()]:
             self._finish(request, "cancelled")
@@ -481,15 +497,30 @@ class LlamaCppBatchedBackend:
             assert request.slot is not None
             request.slot.tokens.extend(request.pending[:count])
             request.pending = request.pending[count:]
+        n_vocab = self._model.n_vocab()
         for request, index in sampled:
+            picking = request.picking
+            assert picking is not None
+            if picking.grammar is not None or picking.top is not None:
+                logits = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+                picking.before(np.ctypeslib.as_array(logits, shape=(n_vocab,)))  # in place
             token = llama_cpp.llama_sampler_sample(request.sampler.sampler, self._ctx.ctx, index)
             if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
                 self._finish(request, "stop")
                 continue
             request.generated += 1
             self._tokens += 1
-            piece = request.decoder.decode(self._model.detokenize([token]))
-            request.emit(TextDelta(piece, 1))
+            try:
+                logprobs = picking.after(token)
+            except ConstraintError as exc:
+                request.emit(exc)
+                self._running.remove(request)
+                self._release(request)
+                continue
+            request.emit(TextDelta(picking.piece(token, request.decoder), 1, logprobs))
+            if picking.finished:
+                self._finish(request, "stop")
+                continue
             if request.holds_eog and request.generated >= request.job.sampling.min_tokens:
                 removed = llama_cpp.llama_sampler_chain_remove(request.sampler.sampler, 0)
                 llama_cpp.llama_sampler_free(removed)

@@ -17,7 +17,9 @@ from typing import Any
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.batching import BatchScheduler, Row
-from inference_worker.backends.detokenizer import IncrementalDetokenizer
+from inference_worker.backends.constraints import Matchers, plan_for
+from inference_worker.backends.detokenizer import IncrementalDetokenizer, TokenTexts
+from inference_worker.backends.logprobs import Logprobs, token_logprob
 from inference_worker.backends.prefix_cache import (
     DEFAULT_BLOCK_TOKENS,
     PrefixCache,
@@ -25,7 +27,8 @@ from inference_worker.backends.prefix_cache import (
 )
 from inference_worker.backends.prompts import encode_prompt
 from inference_worker.backends.stops import StopMatcher
-from proto.messages import ChatJob, PrefixCacheStats
+from inference_worker.backends.tool_calls import ToolFamily, family_of
+from proto.messages import ChatJob, PrefixCacheStats, TokenLogprob
 from services.errors import PermanentError
 from services.paths import served_name
 
@@ -65,12 +68,12 @@ class _Handoff:
     def __init__(self, loop: asyncio.AbstractEventLoop, every_s: float) -> None:
         self.loop = loop
         self.every_s = every_s
-        self.queue: asyncio.Queue[list[int] | _Done] = asyncio.Queue()
-        self._pending: list[int] = []
+        self.queue: asyncio.Queue[list[tuple[int, Logprobs | None]] | _Done] = asyncio.Queue()
+        self._pending: list[tuple[int, Logprobs | None]] = []
         self._sent_at = float("-inf")
 
-    def emit(self, token_id: int) -> None:  # on the generation thread
-        self._pending.append(token_id)
+    def emit(self, token_id: int, logprobs: Logprobs | None) -> None:  # generation thread
+        self._pending.append((token_id, logprobs))
         now = time.monotonic()
         if now - self._sent_at >= self.every_s:
             self._sent_at = now
@@ -83,7 +86,7 @@ class _Handoff:
             self._pending = []
         self._send(_Done(error))
 
-    def _send(self, item: list[int] | _Done) -> None:
+    def _send(self, item: list[tuple[int, Logprobs | None]] | _Done) -> None:
         with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
@@ -148,6 +151,9 @@ class TransformersBackend:
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_context = 0
+        self.tool_family: ToolFamily | None = None
+        self.matchers: Matchers | None = None
+        self._texts: TokenTexts | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -168,6 +174,9 @@ class TransformersBackend:
             model = model.to(self.device)
         self.model = model.eval()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.tool_family = family_of(self.tokenizer)
+        self.matchers = Matchers.for_tokenizer(self.tokenizer, int(model.config.vocab_size))
+        self._texts = TokenTexts(self.tokenizer)
         capacity = self.prefix_cache_bytes
         if capacity is None:
             capacity = default_capacity(self.device)
@@ -191,7 +200,16 @@ class TransformersBackend:
         )
 
     def encode_prompt(self, job: ChatJob) -> list[int]:
-        return encode_prompt(self.tokenizer, job, self.max_context)
+        return encode_prompt(self.tokenizer, job, self.max_context, self.tool_family)
+
+    def _grammar(self, job: ChatJob) -> Any:
+        """The row's grammar state when its answer is constrained, else None."""
+        assert self.matchers is not None
+        try:
+            plan = plan_for(job, self.tool_family)
+            return self.matchers.matcher(plan) if plan is not None else None
+        except ValueError as exc:  # the gateway checked the schema: this is rare
+            raise PermanentError(f"cannot constrain the answer: {exc}", "invalid_schema") from exc
 
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
         assert self.scheduler is not None, "start() first"
@@ -205,26 +223,42 @@ class TransformersBackend:
         adapter = None if job.model in (None, self.base_model) else job.model
         if adapter is not None and adapter not in self.loaded:
             raise PermanentError(f"model {job.model!r} is not served here", "model_not_found")
-        row = Row(ids, job.sampling, handoff.emit, handoff.finish, adapter=adapter)
+        row = Row(
+            ids,
+            job.sampling,
+            handoff.emit,
+            handoff.finish,
+            adapter=adapter,
+            grammar=self._grammar(job),
+            logprobs=job.logprobs,
+        )
         self.scheduler.submit(row)
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        shown = {}
+        if job.tools is not None and self.tool_family is not None:
+            shown[self.tool_family.marker_id] = self.tool_family.MARKER
+        detokenizer = IncrementalDetokenizer(self.tokenizer, shown)
         stops = StopMatcher(job.sampling.stop)
         generated = pending = 0
         last_token = None
+        logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
         try:
             while not isinstance(group := await handoff.queue.get(), _Done):
                 pieces = []
-                for token_id in group:
+                for token_id, token_logprobs in group:
                     generated += 1
                     pending += 1
                     last_token = token_id
+                    if logprobs is not None and token_logprobs is not None:
+                        assert self._texts is not None
+                        logprobs.append(token_logprob(self._texts, token_id, token_logprobs))
                     pieces.append(stops.feed(detokenizer.add(token_id)))
                     if stops.stopped:
                         break
                 text = "".join(pieces)
-                if text or stops.stopped:
-                    yield TextDelta(text, pending)
+                if text or stops.stopped or logprobs:
+                    yield TextDelta(text, pending, tuple(logprobs) if logprobs else None)
                     pending = 0
+                    logprobs = [] if logprobs is not None else None
                 if stops.stopped:
                     break
             else:
@@ -232,7 +266,7 @@ class TransformersBackend:
                     raise group.error
                 tail = stops.feed(detokenizer.flush()) + stops.flush()
                 if tail or pending:
-                    yield TextDelta(tail, pending)
+                    yield TextDelta(tail, pending, tuple(logprobs) if logprobs else None)
             if stops.stopped or last_token == self.tokenizer.eos_token_id:
                 reason: FinishReason = "stop"
             else:

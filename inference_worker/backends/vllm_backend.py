@@ -2,6 +2,12 @@
 jobs continuously (paged attention), applies a LoRA per request, and stops a
 request when its stream is closed.
 
+Constrained answers go through vLLM's structured outputs with its llguidance
+backend ("guidance"): the same grammars as the other backends (constraints.py),
+so a schema the gateway accepted is enforced the same way. One difference: a tool
+call under tool_choice auto is not constrained (vLLM cannot switch a grammar on
+mid-answer); the worker parses what the model wrote.
+
 vllm is an optional extra (`pip install '.[gpu]'`): it is imported in start().
 """
 
@@ -16,7 +22,8 @@ from typing import Any
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.prompts import encode_prompt
-from proto.messages import ChatJob
+from inference_worker.backends.tool_calls import ToolFamily, family_of
+from proto.messages import ChatJob, TokenLogprob, TopLogprob
 from services.errors import PermanentError
 from services.paths import served_name
 
@@ -48,6 +55,7 @@ class VllmBackend:
         self._kv_cache_memory_bytes = kv_cache_memory_bytes
         self.engine: Any = None
         self.tokenizer: Any = None
+        self.tool_family: ToolFamily | None = None
         self.max_context = 0
         self._tokens = 0
         # public adapter name -> (version, LoRARequest); a new version gets a new id
@@ -70,10 +78,13 @@ class VllmBackend:
             # Every chat starts with the same system prompt and tiers: keep their KV
             # blocks (vLLM's default on GPUs; said here so that every build does it).
             enable_prefix_caching=True,
+            # llguidance, as in the other backends (its Lark names special tokens).
+            structured_outputs_config={"backend": "guidance"},
         )
         self.engine = AsyncLLM.from_engine_args(args)
         tokenizer = self.engine.get_tokenizer()  # a coroutine in some vLLM versions
         self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        self.tool_family = family_of(self.tokenizer)
         self.max_context = int(self.engine.model_config.max_model_len)
         self.device = str(self.engine.vllm_config.device_config.device)
         log.info("vLLM serving %s on %s", self.model_ref, self.device)
@@ -93,10 +104,62 @@ class VllmBackend:
             stop=list(s.stop) or None,
             seed=s.seed,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=self._structured(job),
+            logprobs=job.logprobs,
+            # The tool-call marker is a special token: it must reach the text.
+            skip_special_tokens=job.tools is None,
         )
 
+    def _structured(self, job: ChatJob) -> Any:
+        """vLLM's structured-output parameter for the job's constraint, or None."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        from services.grammars import JSON_STYLE
+
+        answer = None
+        if job.response_format is not None:
+            answer = job.response_format.json_schema or {"type": "object"}
+        use, tools = job.tools, self.tool_family
+        if use is not None and use.choice != "auto":
+            if tools is None:
+                raise PermanentError("this model has no tool-call format", "tools_unsupported")
+            return StructuredOutputsParams(grammar=tools.lark(tools.calls_schema(use)))
+        if use is not None and answer is not None and tools is not None:
+            calls = tools.calls_schema(use)
+            return StructuredOutputsParams(grammar=tools.lark(calls, otherwise=answer))
+        if answer is not None:
+            return StructuredOutputsParams(json={**answer, "x-guidance": JSON_STYLE})
+        return None
+
+    def _logprobs(self, completion: Any) -> tuple[TokenLogprob, ...] | None:
+        """vLLM's per-token {id: Logprob} as the bus's TokenLogprobs."""
+        if not completion.logprobs:
+            return None
+        out = []
+        for token, alternatives in zip(completion.token_ids, completion.logprobs, strict=False):
+            ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)
+            top = [
+                TopLogprob(token=lp.decoded_token or "", token_id=i, logprob=lp.logprob)
+                for i, lp in ranked
+                if lp.rank is not None and lp.rank >= 1
+            ]
+            picked = alternatives[token]
+            out.append(
+                TokenLogprob(
+                    token=picked.decoded_token or "",
+                    token_id=token,
+                    logprob=picked.logprob,
+                    top=top[: self._top_of(alternatives)],
+                )
+            )
+        return tuple(out)
+
+    @staticmethod
+    def _top_of(alternatives: dict[int, Any]) -> int:
+        return sum(1 for lp in alternatives.values() if lp.rank is not None and lp.rank >= 1)
+
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
-        ids = encode_prompt(self.tokenizer, job, self.max_context)
+        ids = encode_prompt(self.tokenizer, job, self.max_context, self.tool_family)
         lora = None
         if job.model not in (None, self.base_model):
             if job.model not in self._loras:
@@ -115,7 +178,7 @@ class VllmBackend:
                 generated += new
                 self._tokens += new
                 if completion.text or new:
-                    yield TextDelta(completion.text, new)
+                    yield TextDelta(completion.text, new, self._logprobs(completion))
                 if output.finished:
                     finished = True
                     reason: FinishReason = (
