@@ -110,6 +110,7 @@ async def chat(
         finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
         usage=outcome.usage,
         context=answer.context,
+        served_by=outcome.served_by,
     )
 
 
@@ -166,6 +167,7 @@ async def chat_stream(body: ChatRequest, key: ChatKey, service: Chat) -> Streami
                         finish_reason=item.finish_reason,  # type: ignore[arg-type]
                         usage=item.usage,
                         context=answer.context,
+                        served_by=item.served_by,
                     )
                     yield sse_event("done", done.model_dump_json())
                 elif isinstance(item, str):

@@ -110,6 +110,11 @@ class ChatResponse(ApiModel):
     context: ContextReport | None = Field(
         default=None, description="Which context tiers went into the prompt, and how much."
     )
+    served_by: str | None = Field(
+        default=None,
+        description="The model that answered: base model, and adapter with its version "
+        "('demo-model+continuity@v3'); OpenAI's system_fingerprint carries the same.",
+    )
 
 
 class GenerateResponse(ApiModel):
@@ -204,6 +209,11 @@ class StreamDone(ApiModel):
     finish_reason: Literal["stop", "length", "cancelled"]
     usage: Usage
     context: ContextReport | None = None
+    served_by: str | None = Field(
+        default=None,
+        description="The model that answered: base model, and adapter with its version "
+        "('demo-model+continuity@v3'); OpenAI's system_fingerprint carries the same.",
+    )
 
 
 class ErrorDetail(ApiModel):

@@ -137,3 +137,58 @@ async def test_a_second_request_with_the_same_prefix_reads_only_the_rest(
     assert 0 < second[1].cached_tokens < second[1].prompt_tokens
     # vLLM caches whole blocks: all of them but the one where the prompts part.
     assert second[1].cached_tokens >= second[1].prompt_tokens // 2
+
+
+async def test_structured_outputs_tool_calls_and_logprobs(backend: VllmBackend) -> None:
+    """The same constraints as the other backends, through vLLM's structured outputs
+    (llguidance): sampled JSON validates, a required call parses, and the greedy
+    tokens' log probabilities are the model's own."""
+    import json
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference_worker.backends.tool_calls import CallParser
+    from proto.messages import ResponseFormat, ToolSpec, ToolUse
+    from tests.schemas import TASK_SCHEMA, valid_task
+    from trainer_job.continuity_corpus import TOOLS
+
+    structured = ResponseFormat(type="json_schema", json_schema=TASK_SCHEMA)
+    sampled = [
+        job("Describe the next task.", 300, temperature=1.0, seed=seed).model_copy(
+            update={"response_format": structured}
+        )
+        for seed in range(4)
+    ]
+    for text, finished in await asyncio.gather(*(run(backend, chat) for chat in sampled)):
+        assert finished.reason == "stop", text
+        valid_task(json.loads(text))
+
+    use = ToolUse(tools=[ToolSpec(**t["function"]) for t in TOOLS], choice="required")
+    text, _ = await run(backend, job("Show me the log tier.", 60).model_copy(update={"tools": use}))
+    assert backend.tool_family is not None
+    parser = CallParser(backend.tool_family.MARKER)
+    assert parser.feed(text) + parser.flush() == ""
+    assert [c.name for c in parser.calls()] == ["read_tier"]
+
+    chat = job(QUESTION, 5, repetition_penalty=1.0).model_copy(update={"logprobs": 2})
+    logprobs = [
+        lp
+        async for event in backend.generate(chat)
+        if isinstance(event, TextDelta)
+        for lp in event.logprobs or ()
+    ]
+    assert len(logprobs) == 5
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    model = AutoModelForCausalLM.from_pretrained(DEMO).eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_dict=False
+    )
+    with torch.inference_mode():
+        rows = model(torch.tensor([prompt + [lp.token_id for lp in logprobs]])).logits[0]
+    expected = rows.log_softmax(-1)
+    for place, entry in enumerate(logprobs):
+        row = expected[len(prompt) - 1 + place]
+        assert math.isclose(entry.logprob, float(row[entry.token_id]), abs_tol=1e-3)
+        assert [alt.token_id for alt in entry.top] == row.topk(2).indices.tolist()

@@ -74,9 +74,13 @@ class Matchers:
     @classmethod
     def for_llamacpp(cls, vocab: Any) -> Matchers:
         """A llama.cpp model's vocabulary (about a second for 32k tokens)."""
+        import warnings
+
         import llguidance.llamacpp
 
-        return cls(llguidance.llamacpp.lltokenizer_from_vocab(vocab))
+        with warnings.catch_warnings():  # it asks each token's kind the deprecated way
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cls(llguidance.llamacpp.lltokenizer_from_vocab(vocab))
 
     def matcher(self, plan: Plan) -> RowGrammar:
         return RowGrammar(llguidance.LLMatcher(self.tokenizer, plan.grammar), plan.trigger)

@@ -68,7 +68,7 @@ class Vocabulary:
         ids = self.model.tokenize(text.encode(), add_bos=False, special=True)
         if len(ids) != 1:
             return None
-        attributes = llama_cpp.llama_token_get_attr(self.model.vocab, ids[0])
+        attributes = llama_cpp.llama_vocab_get_attr(self.model.vocab, ids[0])
         return ids[0] if attributes & self._control else None
 
     def text(self, token: int) -> str:

@@ -55,6 +55,8 @@ def test_publish_then_chat_with_the_adapter(
         m for m in models if m["id"] == "helper"
     ).items()
 
+    fingerprints = []
+
     def ask(model: str) -> str:
         body = {
             "model": model,
@@ -65,8 +67,18 @@ def test_publish_then_chat_with_the_adapter(
         reply = httpx.post(
             f"{mesh.url}/v1/chat/completions", json=body, headers=headers, timeout=60
         ).json()
+        fingerprints.append(reply["system_fingerprint"])
         return reply["choices"][0]["message"]["content"]
 
     expected = peft_greedy(demo_model, mesh.registry / "helper" / "1", 24)  # type: ignore[attr-defined]
     assert ask("helper") == expected != ask("demo-model")
+    # Which model answered, with the adapter's version; /chat says the same.
+    assert fingerprints == ["demo-model+helper@v1", "demo-model"]
+    chat = httpx.post(
+        f"{mesh.url}/chat",
+        json={"message": QUESTION, "model": "helper", "max_tokens": 4},
+        headers=headers,
+        timeout=60,
+    ).json()
+    assert chat["served_by"] == "demo-model+helper@v1"
     assert mesh.children["worker"].pid == worker_pid and mesh.children["worker"].poll() is None
