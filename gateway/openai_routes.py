@@ -42,6 +42,7 @@ from proto.openai import (
     CompletionRequest,
     Delta,
     FinishReason,
+    FunctionDelta,
     Model,
     ModelList,
     TokenLogprobOut,
@@ -183,9 +184,9 @@ async def chat_completions(
         first = True  # the first chunk names the role and carries the context report
 
         def choice(piece: Piece | None, outcome: Outcome | None) -> list[Any]:
-            """A text piece's chunk; at the end, one chunk per tool call (OpenAI sends
-            a call's name, then pieces of its arguments; a call is sent whole here,
-            once it is complete), then the finish."""
+            """A text piece's chunk; at the end, each tool call as OpenAI streams one
+            (its id and name, then its arguments; here the arguments come in one
+            piece, once the call is complete), then the finish."""
             role: Any = "assistant" if first else None
             if piece is not None:
                 text, tokens = piece
@@ -194,10 +195,12 @@ async def chat_completions(
             assert outcome is not None
             out: list[Any] = []
             for index, call in enumerate(_tool_calls(outcome) or []):
-                delta = ToolCallDelta(
-                    index=index, id=call.id, type="function", function=call.function
-                )
-                out.append([ChunkChoice(delta=Delta(role=role, tool_calls=[delta]))])
+                name = FunctionDelta(name=call.function.name, arguments="")
+                opening = ToolCallDelta(index=index, id=call.id, type="function", function=name)
+                arguments = FunctionDelta(arguments=call.function.arguments)
+                rest = ToolCallDelta(index=index, function=arguments)
+                out.append([ChunkChoice(delta=Delta(role=role, tool_calls=[opening]))])
+                out.append([ChunkChoice(delta=Delta(tool_calls=[rest]))])
                 role = None
             finish = _finish(outcome.finish_reason)
             out.append([ChunkChoice(delta=Delta(role=role), finish_reason=finish)])

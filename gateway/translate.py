@@ -224,7 +224,32 @@ def chat_turns(messages: list[OpenAIMessage]) -> list[ChatMessage]:
         raise InvalidRequest("messages hold no user or assistant turn", "invalid_messages")
     if turns[0].role != "user":
         turns.insert(0, ChatMessage(role="user", content=""))
-    return turns
+    return _answered(turns)
+
+
+def _answered(turns: list[ChatMessage]) -> list[ChatMessage]:
+    """Every tool call followed by its results (as OpenAI requires), and a user turn
+    after tool results preceded by an (empty) assistant answer: templates that insist
+    on alternating user and assistant turns count calls and results as neither."""
+    out: list[ChatMessage] = []
+    for index, turn in enumerate(turns):
+        previous = out[-1] if out else None
+        if previous is not None and previous.tool_calls and turn.role != "tool":
+            raise InvalidRequest(
+                f"an assistant message with tool_calls must be followed by tool messages "
+                f"(turn {index})",
+                "invalid_messages",
+            )
+        if turn.role == "tool" and not (
+            previous is not None and (previous.tool_calls or previous.role == "tool")
+        ):
+            raise InvalidRequest(
+                "a tool message must follow the assistant's tool_calls", "invalid_messages"
+            )
+        if previous is not None and previous.role == "tool" and turn.role == "user":
+            out.append(ChatMessage(role="assistant", content=""))
+        out.append(turn)
+    return out
 
 
 def _call(call: MessageToolCall, where: str) -> ToolCall:

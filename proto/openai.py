@@ -219,11 +219,18 @@ class ChatCompletion(OpenAIResponse):
     )
 
 
+class FunctionDelta(OpenAIResponse):
+    name: str | None = None
+    arguments: str | None = None
+
+
 class ToolCallDelta(OpenAIResponse):
+    """A piece of a streamed tool call: first its id, type and name, then its arguments."""
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
-    function: CalledFunction
+    function: FunctionDelta
 
 
 class Delta(OpenAIResponse):

@@ -156,14 +156,16 @@ def test_calls_from_other_clients_and_many_system_messages_are_accepted(
         },
         {"role": "tool", "tool_call_id": "call_8f3a2b1c9d0e4f5a6b7c8d9e", "content": "up"},
     ]
-    completion = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
-        tools=TOOLS,  # type: ignore[arg-type]
-        temperature=0,
-        max_tokens=30,
-    )
-    assert completion.choices[0].finish_reason in ("stop", "length")
+    # ... and a user turn right after the result (no answer between them)
+    for conversation in (messages, [*messages, {"role": "user", "content": "And the vps?"}]):
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=conversation,  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=30,
+        )
+        assert completion.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 def test_bad_tools_are_a_400_naming_the_problem(client: openai.OpenAI) -> None:

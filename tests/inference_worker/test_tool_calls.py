@@ -145,6 +145,29 @@ def test_bad_messages_are_refused_naming_the_problem(fields: dict, says: str) ->
     assert says in caught.value.message
 
 
+def test_results_then_a_user_turn_get_an_empty_answer_between_them() -> None:
+    call = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
+    turns = chat_turns(
+        [
+            message(role="user", content="q"),
+            message(role="assistant", tool_calls=[call]),
+            message(role="tool", tool_call_id="c1", content="r"),
+            message(role="user", content="and now?"),
+        ]
+    )
+    assert [(t.role, t.content) for t in turns][2:] == [
+        ("tool", "r"),
+        ("assistant", ""),
+        ("user", "and now?"),
+    ]
+    for unanswered in (
+        [message(role="assistant", tool_calls=[call]), message(role="user", content="x")],
+        [message(role="assistant", content="text"), message(role="tool", tool_call_id="c1")],
+    ):
+        with pytest.raises(InvalidRequest):
+            chat_turns([message(role="user", content="q"), *unanswered])
+
+
 def test_strict_closes_every_object_that_does_not_say_otherwise() -> None:
     schema = {
         "type": "object",
