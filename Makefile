@@ -108,6 +108,7 @@ bench: install
 	$(PY) bench/worker_throughput.py
 	$(PY) bench/adapter_swap.py
 	$(PY) bench/prefix_cache.py
+	$(PY) bench/constrained_decoding.py
 	$(PY) bench/training.py
 
 clean:
