@@ -273,7 +273,7 @@ class JobRunner:
                 cached_tokens=finished.cached_tokens,
             )
             reason: FinishReason | Literal["tool_calls"] = finished.reason
-            if tool_calls and reason == "stop":
+            if tool_calls and reason in ("stop", "length"):  # the calls parsed: complete
                 reason = "tool_calls"
             result = JobResult(
                 job_id=job.job_id,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -191,12 +191,23 @@ class ChatJob(BusMessage):
         return self
 
 
+LOGPROB_FLOOR = -9999.0  # what stands for a probability of 0 (JSON has no -inf)
+
+
 class TopLogprob(BusMessage):
     """A token and its log probability."""
 
     token: str = Field(description="The token's text.")
     token_id: int = Field(ge=0, description="Its id in the model's vocabulary.")
-    logprob: float = Field(description="Its natural log probability at this position.")
+    logprob: float = Field(
+        ge=LOGPROB_FLOOR, le=0.0, description="Its natural log probability at this position."
+    )
+
+    @field_validator("logprob", mode="before")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        """-inf (and any rounding above 0) kept within what JSON can carry."""
+        return min(max(float(value), LOGPROB_FLOOR), 0.0)
 
 
 class TokenLogprob(TopLogprob):
@@ -219,7 +230,8 @@ class TokenChunk(BusMessage):
     logprobs: list[TokenLogprob] | None = Field(
         default=None,
         description="When the job asked: each generated token of this chunk, in order "
-        "(tokens held back, e.g. a tool call's, come with the text they became).",
+        "(a tool call's tokens come in chunks of their own, with no text: the call is "
+        "in the result).",
     )
 
 

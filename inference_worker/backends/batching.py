@@ -131,6 +131,8 @@ class Sampler:
         """The next token of every row: logits [rows, vocab], seen [rows, vocab] (bool,
         the tokens already in each row's prompt or answer)."""
         scores = logits.float()
+        if scores is logits and (self.any_min or self.grammars):
+            scores = scores.clone()  # masked below; the log probabilities read `logits`
         if self.any_penalty:
             penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
             scores = torch.where(seen, penalised, scores)

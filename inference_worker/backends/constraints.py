@@ -135,16 +135,22 @@ def mask_rows(
     scores: torch.Tensor, grammars: list[tuple[int, RowGrammar]], bitmask: torch.Tensor
 ) -> None:
     """Mask, in place, the logits of the rows in `grammars` (row index, grammar) that
-    are under their grammar now; the other rows are left alone."""
-    import llguidance.torch
+    are under their grammar now; the other rows are left alone.
 
+    The bits are unpacked with plain tensor operations on the logits' device, not
+    llguidance's helper: that one is a torch.compile kernel, which needs a compiler
+    at run time and stalls the first call for seconds."""
     active = [(index, grammar) for index, grammar in grammars if grammar.active]
     if not active:
         return
-    bitmask.fill_(-1)  # every token allowed
-    for index, grammar in active:
-        grammar.fill(bitmask, index)
-    llguidance.torch.apply_token_bitmask_inplace(scores, bitmask[: scores.shape[0]])
+    rows = [index for index, _ in active]
+    for place, (_, grammar) in enumerate(active):
+        grammar.fill(bitmask, place)
+    words = bitmask[: len(rows)].to(scores.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : scores.shape[-1]]
+    index = torch.tensor(rows, device=scores.device)
+    scores[index] = scores[index].masked_fill(~allowed, -float("inf"))
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

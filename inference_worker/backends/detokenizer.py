@@ -61,5 +61,10 @@ class TokenTexts:
         text = self._texts.get(token_id)
         if text is None:
             text = self._tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+            # Decoded alone, a SentencePiece token loses the space it starts with
+            # ("▁word"); byte-level BPE keeps it ("Ġword" decodes to " word").
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text
             self._texts[token_id] = text
         return text

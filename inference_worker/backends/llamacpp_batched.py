@@ -235,6 +235,7 @@ class LlamaCppBatchedBackend:
         with self._queue:
             self._check_serving()  # a closed backend's model is gone: no tokenizing
         ids = self._encode(job)
+        picking = self.vocabulary.picking(job)  # before any room is taken: it may refuse
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()
         cancel = threading.Event()
@@ -256,7 +257,7 @@ class LlamaCppBatchedBackend:
                     )
                 handle = self._adapters[adapter_name][1] if adapter_name else None
                 request = _Request(ids, job, handle, emit, cancel, give_room_back)
-                request.picking = self.vocabulary.picking(job)
+                request.picking = picking
                 self._incoming.append(request)
                 self._queue.notify()
             async for event in relay(events, job, len(ids), cancel, lambda: request.cached):

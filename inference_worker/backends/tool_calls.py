@@ -47,6 +47,24 @@ def mistral_call_id(call_id: str) -> str:
     return "".join(chars)
 
 
+def rebased(schema: Any, root: str) -> Any:
+    """`schema` with its local references (`#`, `#/$defs/…`) made relative to `root`,
+    the JSON pointer of the place it is put in a larger schema."""
+    if isinstance(schema, list):
+        return [rebased(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = root + value[1:]
+        elif key in ("const", "enum", "default", "examples"):
+            out[key] = value  # data, not schema
+        else:
+            out[key] = rebased(value, root)
+    return out
+
+
 class ToolCallParseError(ValueError):
     """The model's tool-call text is not a list of calls."""
 
@@ -99,7 +117,7 @@ class CallParser:
             return []
         try:
             items = json.loads(self.calls_text.strip())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ToolCallParseError(f"the tool calls are not JSON: {exc}") from exc
         if isinstance(items, dict):
             items = [items]
@@ -109,6 +127,8 @@ class CallParser:
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise ToolCallParseError("a tool call has no name")
+            if not item["name"]:
+                raise ToolCallParseError("a tool call has an empty name")
             arguments = item.get("arguments", {})
             if isinstance(arguments, str):  # some models write the arguments as text
                 try:
@@ -183,11 +203,17 @@ class MistralTools:
             "anyOf": [
                 {
                     "type": "object",
-                    "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                    "properties": {
+                        "name": {"const": t.name},
+                        # a tool's own references ("#/$defs/…") point into it, here
+                        "arguments": rebased(
+                            t.parameters, f"#/items/anyOf/{place}/properties/arguments"
+                        ),
+                    },
                     "required": ["name", "arguments"],
                     "additionalProperties": False,
                 }
-                for t in tools
+                for place, t in enumerate(tools)
             ]
         }
         schema: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}

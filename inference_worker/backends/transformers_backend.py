@@ -248,10 +248,13 @@ class TransformersBackend:
                     generated += 1
                     pending += 1
                     last_token = token_id
-                    if logprobs is not None and token_logprobs is not None:
+                    piece = detokenizer.add(token_id)
+                    eos = token_id == self.tokenizer.eos_token_id  # not part of the text
+                    if logprobs is not None and token_logprobs is not None and not eos:
                         assert self._texts is not None
-                        logprobs.append(token_logprob(self._texts, token_id, token_logprobs))
-                    pieces.append(stops.feed(detokenizer.add(token_id)))
+                        entry = token_logprob(self._texts, token_id, token_logprobs)
+                        logprobs.append(entry.model_copy(update={"token": piece}))
+                    pieces.append(stops.feed(piece))
                     if stops.stopped:
                         break
                 text = "".join(pieces)

@@ -131,17 +131,21 @@ class VllmBackend:
             return StructuredOutputsParams(json={**answer, "x-guidance": JSON_STYLE})
         return None
 
-    def _logprobs(self, completion: Any) -> tuple[TokenLogprob, ...] | None:
-        """vLLM's per-token {id: Logprob} as the bus's TokenLogprobs."""
-        if not completion.logprobs:
+    @staticmethod
+    def _logprobs(completion: Any, wanted: int | None) -> tuple[TokenLogprob, ...] | None:
+        """vLLM's per-token {id: Logprob} (the picked token and the `wanted` most likely,
+        ranked from 1) as the bus's TokenLogprobs."""
+        if wanted is None or not completion.logprobs:
             return None
         out = []
         for token, alternatives in zip(completion.token_ids, completion.logprobs, strict=False):
-            ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)
+            ranked = sorted(
+                (item for item in alternatives.items() if 1 <= (item[1].rank or 0) <= wanted),
+                key=lambda item: item[1].rank,
+            )
             top = [
                 TopLogprob(token=lp.decoded_token or "", token_id=i, logprob=lp.logprob)
                 for i, lp in ranked
-                if lp.rank is not None and lp.rank >= 1
             ]
             picked = alternatives[token]
             out.append(
@@ -149,17 +153,17 @@ class VllmBackend:
                     token=picked.decoded_token or "",
                     token_id=token,
                     logprob=picked.logprob,
-                    top=top[: self._top_of(alternatives)],
+                    top=top,
                 )
             )
         return tuple(out)
 
-    @staticmethod
-    def _top_of(alternatives: dict[int, Any]) -> int:
-        return sum(1 for lp in alternatives.values() if lp.rank is not None and lp.rank >= 1)
-
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
         ids = encode_prompt(self.tokenizer, job, self.max_context, self.tool_family)
+        try:
+            sampling = self._sampling(job)
+        except ValueError as exc:  # vLLM refused the grammar (the gateway checked it)
+            raise PermanentError(f"cannot constrain the answer: {exc}", "invalid_schema") from exc
         lora = None
         if job.model not in (None, self.base_model):
             if job.model not in self._loras:
@@ -169,16 +173,14 @@ class VllmBackend:
         generated = cached = 0
         finished = False
         try:
-            async for output in self.engine.generate(
-                {"prompt_token_ids": ids}, self._sampling(job), request_id, lora_request=lora
-            ):
+            async for output in self._outputs(ids, sampling, request_id, lora):
                 completion = output.outputs[0]
                 cached = max(cached, output.num_cached_tokens or 0)
                 new = len(completion.token_ids)
                 generated += new
                 self._tokens += new
                 if completion.text or new:
-                    yield TextDelta(completion.text, new, self._logprobs(completion))
+                    yield TextDelta(completion.text, new, self._logprobs(completion, job.logprobs))
                 if output.finished:
                     finished = True
                     reason: FinishReason = (
@@ -188,6 +190,24 @@ class VllmBackend:
         finally:
             if not finished:  # the consumer went away: free the engine's slot
                 await self.engine.abort(request_id)
+
+    async def _outputs(
+        self, ids: list[int], sampling: Any, request_id: str, lora: Any
+    ) -> AsyncIterator[Any]:
+        """The engine's outputs; its refusal of a request (a grammar it cannot compile,
+        raised before any output) is the request's fault, not the worker's."""
+        outputs = self.engine.generate(
+            {"prompt_token_ids": ids}, sampling, request_id, lora_request=lora
+        )
+        try:
+            first = await anext(outputs)
+        except StopAsyncIteration:
+            return
+        except ValueError as exc:
+            raise PermanentError(f"the request was refused: {exc}", "invalid_request") from exc
+        yield first
+        async for output in outputs:
+            yield output
 
     @property
     def tokens_generated(self) -> int:

@@ -119,6 +119,31 @@ def test_a_tool_result_is_answered(client: openai.OpenAI) -> None:
     assert answer.message.content and " tier says: " in answer.message.content
 
 
+def test_a_pydantic_tool_with_references_is_called(client: openai.OpenAI) -> None:
+    """openai.pydantic_function_tool writes nested models as $defs and $ref."""
+
+    class Where(BaseModel):
+        host: Literal["desktop", "vps", "phone"]
+
+    class HostStatus(BaseModel):
+        """Whether a host of the mesh is up."""
+
+        where: Where
+        also: list[Where] = Field(max_length=2)
+
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is the desktop up?"}],
+        tools=[openai.pydantic_function_tool(HostStatus, name="host_status")],
+        tool_choice="required",
+        parallel_tool_calls=False,  # the small model repeats a call until max_tokens
+        temperature=0,
+        max_tokens=80,
+    )
+    call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
+    HostStatus.model_validate_json(call.function.arguments)  # type: ignore[union-attr]
+
+
 def test_tool_choice_none_and_plain_questions_get_text(client: openai.OpenAI) -> None:
     for choice in ("none", "auto"):
         completion = client.chat.completions.create(

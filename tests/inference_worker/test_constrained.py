@@ -145,13 +145,24 @@ async def test_sampled_tool_calls_parse(backend: Any) -> None:
         assert len(calls) == 1 and calls[0].name in {spec.name for spec in enums}
 
 
-async def test_logprobs_are_the_models_own(backend: Any, demo_model: Path) -> None:
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "json"])
+async def test_logprobs_are_the_models_own(
+    backend: Any, demo_model: Path, constrained: bool
+) -> None:
     """The greedy answer's log probabilities, against a plain forward pass of the
-    transformers model over the same tokens (llama.cpp reads the f16 file: close)."""
+    transformers model over the same tokens (llama.cpp reads the f16 file: close).
+    Under a grammar too: they are taken before the grammar's mask (and before
+    min_tokens' hold on the end token)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    chat = job("What is continuity?", logprobs=3, sampling={"max_tokens": 6})
+    if constrained:
+        structured = ResponseFormat(type="json_schema", json_schema=TASK_SCHEMA)
+        chat = job("What is continuity?", logprobs=3, sampling={"max_tokens": 6})
+        chat = chat.model_copy(update={"response_format": structured})
+    else:
+        sampling = {"max_tokens": 6, "min_tokens": 6}
+        chat = job("What is continuity?", logprobs=3, sampling=sampling)
     text, logprobs, finished = await run(backend, chat)
     assert len(logprobs) == finished.completion_tokens == 6
     assert "".join(entry.token for entry in logprobs) == text
@@ -170,8 +181,10 @@ async def test_logprobs_are_the_models_own(backend: Any, demo_model: Path) -> No
     for place, entry in enumerate(logprobs):
         row = expected[len(prompt) - 1 + place]
         assert math.isclose(entry.logprob, float(row[entry.token_id]), abs_tol=tolerance)
-        assert [alt.token_id for alt in entry.top][:1] == [entry.token_id]  # greedy
+        if not constrained:  # greedy: the picked token is the most likely
+            assert [alt.token_id for alt in entry.top][:1] == [entry.token_id]
         assert len(entry.top) == 3
+        assert entry.top == sorted(entry.top, key=lambda alt: -alt.logprob)
         assert all(
             math.isclose(alt.logprob, float(row[alt.token_id]), abs_tol=tolerance)
             for alt in entry.top
