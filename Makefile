@@ -73,7 +73,7 @@ $(VLLM_STAMP): constraints-vllm.txt
 test-vllm: $(VLLM_STAMP) demo-model
 	$(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider -q
 
-# The CUDA paths (fp16, NF4, the prefix cache on the GPU, QLoRA) on a host with CUDA and
+# The CUDA paths (fp16, NF4, the prefix cache and the grammar mask on the GPU, QLoRA) on a host with CUDA and
 # a CUDA build of torch; skipped elsewhere.
 test-gpu: install
 	$(PY) -m trainer_job build-demo-model

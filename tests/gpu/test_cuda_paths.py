@@ -85,3 +85,33 @@ def test_a_few_qlora_steps_on_cuda_lower_the_loss(demo_model: Path, tmp_path: Pa
     numbers = result.evaluation["eval"]
     assert numbers["eval_loss_after"] < numbers["eval_loss_before"]
     assert (config.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+async def test_constrained_rows_on_cuda_validate(demo_model: Path, quantization: str) -> None:
+    """The grammar mask on CUDA logits (the bitmask is filled on the CPU and moved):
+    eight sampled json_schema answers in one batch, in fp16 and NF4."""
+    import asyncio
+    import json
+
+    from proto.messages import ResponseFormat
+    from tests.inference_worker.test_constrained import job as constrained_job
+    from tests.inference_worker.test_constrained import run
+    from tests.schemas import TASK_SCHEMA, valid_task
+
+    backend = await cuda_backend(demo_model, "auto", quantization, None)
+    structured = ResponseFormat(type="json_schema", json_schema=TASK_SCHEMA)
+    jobs = [
+        constrained_job(
+            "Describe the next task.",
+            response_format=structured,
+            sampling={"temperature": 1.0, "seed": seed},
+        )
+        for seed in range(8)
+    ]
+    try:
+        for text, _, finished in await asyncio.gather(*(run(backend, chat) for chat in jobs)):
+            assert finished.reason == "stop", text
+            valid_task(json.loads(text))
+    finally:
+        await backend.close()
