@@ -272,7 +272,8 @@ async def completions(
                 return [[CompletionChoice(text="", finish_reason=finish)]]
             text, tokens = piece
             logprobs = completion_logprobs(tokens, sent) if tokens is not None else None
-            sent += len(text)
+            # the tokens' texts (a stop string's start may be held back from `text`)
+            sent += sum(len(t.token) for t in tokens) if tokens is not None else len(text)
             return [[CompletionChoice(text=text, logprobs=logprobs)]]
 
         def frame(choices: list[Any], usage: Usage | None, fingerprint: str | None) -> BaseModel:

@@ -44,17 +44,12 @@ class PromptCounter:
         )
 
     def upper_bound(self, job: ChatJob) -> int:
-        """At least as many tokens as the prompt has."""
+        """At least as many tokens as the prompt has (without tools: `check` counts
+        those)."""
         if job.prompt is not None:
             return len(job.prompt.encode()) + self.fixed
         text = sum(len(m.content.encode()) for m in job.messages)
-        calls = sum(
-            len(call.arguments) + len(call.name)
-            for message in job.messages
-            for call in message.tool_calls or ()
-        )
-        tools = len(job.tools.model_dump_json()) if job.tools else 0
-        return text + calls + tools + self.fixed + self.per_message * len(job.messages)
+        return text + self.fixed + self.per_message * len(job.messages)
 
     @classmethod
     def load(cls, ref: str, max_context: int) -> PromptCounter:
@@ -102,7 +97,9 @@ class PromptCounter:
         return len(ids)
 
     def check(self, job: ChatJob) -> None:
-        if self.upper_bound(job) + job.sampling.max_tokens <= self.max_context:
+        # Tools and calls render as JSON the bound does not foresee well: counted.
+        tools = job.tools is not None or any(m.tool_calls or m.role == "tool" for m in job.messages)
+        if not tools and self.upper_bound(job) + job.sampling.max_tokens <= self.max_context:
             return
         tokens = self.count(job)
         if tokens + job.sampling.max_tokens > self.max_context:

@@ -88,10 +88,13 @@ class ResponseCache:
             prompt = {"rendered": self.render(job)}
         else:
             prompt = {"messages": [m.model_dump() for m in job.messages]}
-        constraints = {
-            "tools": job.tools.model_dump() if job.tools else None,
-            "format": job.response_format.model_dump() if job.response_format else None,
-        }
+        # Serialized as given: a schema's property order is the answer's order.
+        constraints = json.dumps(
+            {
+                "tools": job.tools.model_dump() if job.tools else None,
+                "format": job.response_format.model_dump() if job.response_format else None,
+            }
+        )
         material = json.dumps(
             {
                 "model": model,

@@ -19,6 +19,7 @@ from typing import Any
 
 from context_store.assembly import Assembly
 from gateway.settings import GatewaySettings
+from inference_worker.backends.tool_calls import MistralTools
 from proto.api import ChatRequest, GenerateRequest, SamplingOptions
 from proto.messages import (
     ChatJob,
@@ -213,7 +214,12 @@ def chat_turns(messages: list[OpenAIMessage]) -> list[ChatMessage]:
             for n, call in enumerate(message.tool_calls or [])
         ]
         last = turns[-1] if turns else None
-        if calls:
+        if calls and last is not None and last.role == "assistant" and not last.tool_calls:
+            # what the assistant said, then its calls: one turn (templates count calls
+            # as no turn, so two assistant turns would follow each other)
+            text = "\n\n".join(part for part in (last.content, message.text()) if part)
+            turns[-1] = ChatMessage(role="assistant", content=text, tool_calls=calls)
+        elif calls:
             turns.append(ChatMessage(role="assistant", content=message.text(), tool_calls=calls))
         elif last is not None and last.role == message.role and not last.tool_calls:
             merged = "\n\n".join(part for part in (last.content, message.text()) if part)
@@ -323,12 +329,15 @@ def tool_use(request: ChatCompletionRequest) -> ToolUse | None:
         raise InvalidRequest(
             f"tool_choice names {named!r}, which is not among the tools", "invalid_tool_choice"
         )
-    return ToolUse(
+    use = ToolUse(
         tools=specs,
         choice="function" if named else ("required" if choice == "required" else "auto"),
         function=named,
         parallel=request.parallel_tool_calls is not False,
     )
+    # ... and together, as the workers compile them (each one's references rebased)
+    _enforceable(MistralTools.calls_schema(use), "tools")
+    return use
 
 
 def response_format(request: ChatCompletionRequest) -> ResponseFormat | None:

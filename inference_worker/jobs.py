@@ -37,7 +37,7 @@ from proto.messages import (
     ToolCall,
     Usage,
 )
-from services.bus import WorkerBus, coalesce
+from services.bus import READS_HEADER, WorkerBus, coalesce
 from services.errors import BusUnavailable, MeshError, RequesterGone
 from services.redis_client import Keys
 
@@ -145,7 +145,8 @@ class JobRunner:
             return
         if await self._set_aside(job, message, reply_to):
             return
-        task = asyncio.create_task(self._stream(job, reply_to))
+        reads = str((message.headers or {}).get(READS_HEADER, "")).split(",")
+        task = asyncio.create_task(self._stream(job, reply_to, "served_by" in reads))
         self._running[job.job_id] = task
         try:
             seq = await task
@@ -228,8 +229,9 @@ class JobRunner:
             return True
         return False
 
-    async def _stream(self, job: ChatJob, reply_to: str) -> int | None:
-        """Publish the job's chunks and its result; returns the last seq, None on error."""
+    async def _stream(self, job: ChatJob, reply_to: str, says_who: bool = True) -> int | None:
+        """Publish the job's chunks and its result; returns the last seq, None on error.
+        `says_who`: whether the requester reads `served_by` (an older gateway does not)."""
         seq = 0
         queued_ms = max((datetime.now(UTC) - job.created_at).total_seconds() * 1000, 0)
         log.info("job %s: started (conversation %s)", job.job_id, job.conversation_id)
@@ -283,7 +285,7 @@ class JobRunner:
                 worker_id=self.bus.worker_id,
                 queued_ms=round(queued_ms, 3),
                 tool_calls=tool_calls or None,
-                served_by=served_by,
+                served_by=served_by if says_who else None,
             )
             await self.bus.reply(reply_to, result)
             log.info(

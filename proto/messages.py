@@ -8,6 +8,7 @@ optional only.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -205,9 +206,11 @@ class TopLogprob(BusMessage):
 
     @field_validator("logprob", mode="before")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        """-inf (and any rounding above 0) kept within what JSON can carry."""
-        return min(max(float(value), LOGPROB_FLOOR), 0.0)
+    def _finite(cls, value: float | None) -> float:
+        """-inf, NaN or null (a probability of 0, or not a number) and any rounding
+        above 0 kept within what JSON can carry."""
+        number = LOGPROB_FLOOR if value is None else float(value)
+        return LOGPROB_FLOOR if math.isnan(number) else min(max(number, LOGPROB_FLOOR), 0.0)
 
 
 class TokenLogprob(TopLogprob):

@@ -188,12 +188,28 @@ async def _get(queue: asyncio.Queue[Q], within_s: float | None) -> Q:
         return await queue.get()
 
 
-def encode(message: BusMessage, **properties: object) -> aio_pika.Message:
-    """A bus message as an AMQP message: JSON body, `type`/`schema_version` headers."""
+# A job's header: the gateway that sent it reads the reply fields added with tools and
+# structured outputs (JobResult.served_by); a worker leaves them out for an older one.
+READS_HEADER = "x-mesh-reads"
+READS = "served_by"
+
+
+def encode(
+    message: BusMessage, headers: dict[str, str] | None = None, **properties: object
+) -> aio_pika.Message:
+    """A bus message as an AMQP message: JSON body, `type`/`schema_version` headers.
+
+    Fields that are null are left out: every optional field defaults to null, and a
+    peer of the release before, which refuses fields it does not know, then reads
+    the message of this one as long as it uses nothing new."""
     return aio_pika.Message(
-        body=message.model_dump_json().encode(),
+        body=message.model_dump_json(exclude_none=True).encode(),
         content_type=CONTENT_TYPE,
-        headers={"type": message.type, "schema_version": message.schema_version},  # type: ignore[attr-defined]
+        headers={
+            "type": message.type,  # type: ignore[attr-defined]
+            "schema_version": message.schema_version,  # type: ignore[attr-defined]
+            **(headers or {}),
+        },
         **properties,  # type: ignore[arg-type]
     )
 
@@ -579,6 +595,7 @@ class JobClient:
             expiration = max((job.deadline - datetime.now(UTC)).total_seconds(), 0.001)
         message = encode(
             job,
+            headers={READS_HEADER: READS},
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=job.job_id,
             correlation_id=job.job_id,

@@ -72,6 +72,7 @@ class Row:
     finish: Callable[[BaseException | None], None]
     adapter: str | None = None  # the public adapter name; None: the base model
     grammar: RowGrammar | None = None  # what its answer must match; None: anything
+    banned: int | None = None  # a token it may not pick (the tool-call marker, no tools)
     logprobs: int | None = None  # None: none; else the alternatives to send with each
     stop: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
@@ -114,6 +115,7 @@ class Sampler:
         self.grammars = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
         self._bitmask: torch.Tensor | None = None
         self.with_logprobs = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        self.bans = [(i, r.banned) for i, r in enumerate(rows) if r.banned is not None]
         params = [r.sampling for r in rows]
         self.penalty = torch.tensor([[p.repetition_penalty] for p in params], device=device)
         self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
@@ -131,7 +133,7 @@ class Sampler:
         """The next token of every row: logits [rows, vocab], seen [rows, vocab] (bool,
         the tokens already in each row's prompt or answer)."""
         scores = logits.float()
-        if scores is logits and (self.any_min or self.grammars):
+        if scores is logits and (self.any_min or self.grammars or self.bans):
             scores = scores.clone()  # masked below; the log probabilities read `logits`
         if self.any_penalty:
             penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
@@ -139,6 +141,8 @@ class Sampler:
         if self.any_min:
             generated = torch.tensor([r.generated for r in self.rows], device=self.device)
             scores[generated < self.min_tokens, self.eos] = -float("inf")
+        for row, token in self.bans:
+            scores[row, token] = -float("inf")
         if self.grammars:
             if self._bitmask is None:
                 self._bitmask = allocate_bitmask(len(self.rows), scores.shape[-1])

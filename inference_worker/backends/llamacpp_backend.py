@@ -35,7 +35,7 @@ from inference_worker.backends.constraints import Matchers, RowGrammar, plan_for
 from inference_worker.backends.logprobs import from_numpy
 from inference_worker.backends.prompts import check_context, template_inputs
 from inference_worker.backends.stops import StopMatcher
-from inference_worker.backends.tool_calls import ToolFamily, family_from
+from inference_worker.backends.tool_calls import ToolFamily, banned_marker, family_from
 from proto.adapters import ADAPTER_GGUF, MANIFEST
 from proto.messages import ChatJob, TokenLogprob, TopLogprob
 from services.adapters import BASE_FOLDER
@@ -98,11 +98,19 @@ class Picking:
         self.top = job.logprobs
         tools = vocabulary.tools
         self.marker = tools.marker_id if job.tools is not None and tools is not None else None
+        self.banned = banned_marker(job, tools)
         self._raw: Any = None
+
+    @property
+    def needed(self) -> bool:
+        """Whether `before` has anything to do for this request."""
+        return self.grammar is not None or self.top is not None or self.banned is not None
 
     def before(self, logits: Any) -> Any:
         if self.top is not None:
             self._raw = logits.copy()
+        if self.banned is not None:
+            logits[self.banned] = -float("inf")
         if self.grammar is not None:
             self.grammar.mask_numpy(logits)
         return logits
@@ -256,7 +264,7 @@ class LlamaCppBackend:
         def pick(_ids: Any, logits: Any) -> Any:
             return picking.before(logits)
 
-        processors = [pick] if picking.grammar or picking.top is not None else []
+        processors = [pick] if picking.needed else []
         if s.min_tokens:
             processors.append(hold_eos)
 

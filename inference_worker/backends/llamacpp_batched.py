@@ -502,7 +502,7 @@ class LlamaCppBatchedBackend:
         for request, index in sampled:
             picking = request.picking
             assert picking is not None
-            if picking.grammar is not None or picking.top is not None:
+            if picking.needed:
                 logits = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
                 picking.before(np.ctypeslib.as_array(logits, shape=(n_vocab,)))  # in place
             token = llama_cpp.llama_sampler_sample(request.sampler.sampler, self._ctx.ctx, index)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto.messages import ChatMessage, ToolCall, ToolUse
+from proto.messages import ChatJob, ChatMessage, ToolCall, ToolUse
 
 ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -56,6 +56,8 @@ def rebased(schema: Any, root: str) -> Any:
         return schema
     out = {}
     for key, value in schema.items():
+        if key == "$id":
+            continue  # a base for references would make "#/…" mean its own root again
         if key == "$ref" and isinstance(value, str) and value.startswith("#"):
             out[key] = root + value[1:]
         elif key in ("const", "enum", "default", "examples"):
@@ -249,6 +251,14 @@ class MistralTools:
 
 ToolFamily = MistralTools
 FAMILIES: tuple[type[MistralTools], ...] = (MistralTools,)
+
+
+def banned_marker(job: ChatJob, tools: ToolFamily | None) -> int | None:
+    """The token a chat job offered no tools (or told not to call any) may not pick:
+    its model's tool-call marker, so that it answers in text."""
+    if tools is None or job.tools is not None or job.prompt is not None:
+        return None
+    return tools.marker_id
 
 
 def family_of(tokenizer: Any) -> ToolFamily | None:

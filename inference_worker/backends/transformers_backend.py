@@ -27,7 +27,7 @@ from inference_worker.backends.prefix_cache import (
 )
 from inference_worker.backends.prompts import encode_prompt
 from inference_worker.backends.stops import StopMatcher
-from inference_worker.backends.tool_calls import ToolFamily, family_of
+from inference_worker.backends.tool_calls import ToolFamily, banned_marker, family_of
 from proto.messages import ChatJob, PrefixCacheStats, TokenLogprob
 from services.errors import PermanentError
 from services.paths import served_name
@@ -231,6 +231,7 @@ class TransformersBackend:
             adapter=adapter,
             grammar=self._grammar(job),
             logprobs=job.logprobs,
+            banned=banned_marker(job, self.tool_family),
         )
         self.scheduler.submit(row)
         shown = {}

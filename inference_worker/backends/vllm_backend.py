@@ -22,7 +22,7 @@ from typing import Any
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.prompts import encode_prompt
-from inference_worker.backends.tool_calls import ToolFamily, family_of
+from inference_worker.backends.tool_calls import ToolFamily, banned_marker, family_of
 from proto.messages import ChatJob, TokenLogprob, TopLogprob
 from services.errors import PermanentError
 from services.paths import served_name
@@ -105,10 +105,17 @@ class VllmBackend:
             seed=s.seed,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=self._structured(job),
+            logit_bias=self._bans(job),
             logprobs=job.logprobs,
             # The tool-call marker is a special token: it must reach the text.
             skip_special_tokens=job.tools is None,
         )
+
+    def _bans(self, job: ChatJob) -> dict[int, float] | None:
+        """A chat offered no tools may not write the tool-call marker (-100: vLLM's
+        strongest bias)."""
+        banned = banned_marker(job, self.tool_family)
+        return {banned: -100.0} if banned is not None else None
 
     def _structured(self, job: ChatJob) -> Any:
         """vLLM's structured-output parameter for the job's constraint, or None."""

@@ -25,6 +25,11 @@ from trainer_job.publish import write_version
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 
+# The random adapters' answers are near-ties after a dozen tokens, where Q4_K_M in a
+# two-request batch and llama.cpp called alone can round apart: compare the first ten.
+TOKENS = 10
+
+
 def prompt_ids(gguf: Path) -> list[int]:
     """The prompt as the backend builds it (the GGUF's own chat template)."""
     from inference_worker.backends.llamacpp_backend import LlamaCppBackend
@@ -71,7 +76,7 @@ def test_a_llama_cpp_worker_converts_its_model_and_serves_each_new_version(
             "messages": [{"role": "user", "content": "What is continuity?"}],
             "temperature": 0,
             "top_p": 1,
-            "max_tokens": 24,
+            "max_tokens": TOKENS,
             "repetition_penalty": 1.0,
         }
         reply = httpx.post(
@@ -100,14 +105,14 @@ def test_a_llama_cpp_worker_converts_its_model_and_serves_each_new_version(
         assert "converted" in log and "model-q4_k_m.gguf in" in log  # and how long it took
         ids = prompt_ids(gguf)
         base = ask("demo-model")
-        assert base == direct(gguf, ids, 24)
+        assert base == direct(gguf, ids, TOKENS)
 
         asyncio.run(make_current(settings, AdapterRegistry(registry).manifest("helper", 1)))
         wait_for(1)  # exported by the worker: v1 had no GGUF form
         v1 = registry / "helper/1/adapter-f16.gguf"
         assert AdapterRegistry(registry).manifest("helper", 1).files["adapter-f16.gguf"]
         first = ask("helper")
-        assert first == direct(gguf, ids, 24, v1) != base
+        assert first == direct(gguf, ids, TOKENS, v1) != base
 
         run = tmp_path / "run2"
         make_adapter(demo_model, run, 6)
@@ -119,7 +124,7 @@ def test_a_llama_cpp_worker_converts_its_model_and_serves_each_new_version(
         wait_for(2)
         v2 = registry / "helper/2/adapter-f16.gguf"
         second = ask("helper")
-        assert second == direct(gguf, ids, 24, v2) != first
+        assert second == direct(gguf, ids, TOKENS, v2) != first
 
         reply = httpx.post(
             f"{mesh.url}/admin/adapters/helper/rollback", json={"version": 1}, headers=headers

@@ -156,6 +156,17 @@ def test_tool_choice_none_and_plain_questions_get_text(client: openai.OpenAI) ->
         )
         assert completion.choices[0].message.tool_calls is None
         assert (completion.choices[0].message.content or "").startswith("Continuity means")
+    # a question the model answers with a call when it may: under none, text
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is the vps up?"}],
+        tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice="none",
+        temperature=0,
+        max_tokens=20,
+    )
+    content = completion.choices[0].message.content or ""
+    assert completion.choices[0].message.tool_calls is None and not content.startswith("[{")
 
 
 def test_calls_from_other_clients_and_many_system_messages_are_accepted(

@@ -131,6 +131,13 @@ async def test_tool_calls_are_written_after_the_marker_and_parse(backend: Any, c
         assert (calls[0].name, json.loads(calls[0].arguments)) == ("read_tier", {"tier": "log"})
 
 
+async def test_without_tools_the_marker_is_never_written(backend: Any) -> None:
+    """The demo model calls host_status for this question when tools are offered;
+    offered none (or tool_choice none), it must answer in text."""
+    text, _, _ = await run(backend, job("Is the vps up?", sampling={"max_tokens": 30}))
+    assert backend.tool_family.MARKER not in text and not text.startswith('[{"name"')
+
+
 async def test_sampled_tool_calls_parse(backend: Any) -> None:
     # Tools whose arguments are enums: a free string (append_log's entry) is where a
     # 4M-parameter model sampling at 1.0 can ramble until max_tokens.

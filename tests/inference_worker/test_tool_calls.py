@@ -147,6 +147,19 @@ def test_bad_messages_are_refused_naming_the_problem(fields: dict, says: str) ->
 
 def test_results_then_a_user_turn_get_an_empty_answer_between_them() -> None:
     call = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
+    said_then_called = chat_turns(
+        [
+            message(role="user", content="q"),
+            message(role="assistant", content="Let me check."),
+            message(role="assistant", tool_calls=[call]),
+            message(role="tool", tool_call_id="c1", content="r"),
+        ]
+    )
+    assert [(t.role, t.content, bool(t.tool_calls)) for t in said_then_called] == [
+        ("user", "q", False),
+        ("assistant", "Let me check.", True),
+        ("tool", "r", False),
+    ]
     turns = chat_turns(
         [
             message(role="user", content="q"),

@@ -90,3 +90,48 @@ def test_replies_dispatch_on_type() -> None:
         assert REPLY_ADAPTER.validate_json(message.model_dump_json()) == message
     with pytest.raises(ValidationError):
         REPLY_ADAPTER.validate_json(b'{"type": "chat_job"}')
+
+
+# What the release before this one (tools, structured outputs, logprobs) knew of each
+# message: it refuses any other field.
+PREVIOUS_FIELDS = {
+    "ChatJob": {
+        "type", "schema_version", "job_id", "model", "messages", "prompt", "sampling",
+        "conversation_id", "created_at", "deadline", "stream",
+    },
+    "ChatMessage": {"role", "content"},
+    "TokenChunk": {"type", "schema_version", "job_id", "seq", "text", "token_count"},
+    "JobResult": {
+        "type", "schema_version", "job_id", "seq", "finish_reason", "usage", "worker_id",
+        "queued_ms",
+    },
+}  # fmt: skip
+
+
+def test_a_plain_exchange_reads_on_the_release_before() -> None:
+    """Null fields stay off the wire, and a worker sends `served_by` only to a gateway
+    that says it reads it: a mixed-version mesh keeps answering plain chats."""
+    import json
+
+    from services.bus import READS, READS_HEADER, encode
+
+    chat = ChatJob(
+        job_id="j1",
+        messages=[ChatMessage(role="user", content="hi")],
+        sampling=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, repetition_penalty=1.0),
+        created_at=datetime.now(UTC),
+    )
+    body = json.loads(encode(chat).body)
+    assert set(body) <= PREVIOUS_FIELDS["ChatJob"]
+    assert set(body["messages"][0]) <= PREVIOUS_FIELDS["ChatMessage"]
+    chunk = json.loads(encode(TokenChunk(job_id="j1", seq=0, text="a", token_count=1)).body)
+    assert set(chunk) <= PREVIOUS_FIELDS["TokenChunk"]
+    result = JobResult(
+        job_id="j1",
+        seq=1,
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=1),
+        worker_id="w",
+    )
+    assert set(json.loads(encode(result).body)) <= PREVIOUS_FIELDS["JobResult"]
+    assert encode(chat, headers={READS_HEADER: READS}).headers[READS_HEADER] == "served_by"
