@@ -51,6 +51,15 @@ def demo_model() -> Path:
     return ensure_demo_model(demo_model_dir())
 
 
+def unsaid(tokenizer: Any) -> dict[str, Any]:
+    """`generate` options for a chat offered no tools, as the workers decode one: the
+    model's tool-call marker is never picked (inference_worker.backends.tool_calls)."""
+    from inference_worker.backends.tool_calls import family_of
+
+    tools = family_of(tokenizer)
+    return {"suppress_tokens": [tools.marker_id]} if tools is not None else {}
+
+
 @pytest.fixture(scope="session")
 def reference_model(demo_model: Path) -> tuple[Any, Any]:
     """The demo model loaded straight from disk with transformers, outside the mesh."""
@@ -85,6 +94,7 @@ def reference_greedy(reference_model: tuple[Any, Any]) -> Callable[..., tuple[st
                 do_sample=False,
                 repetition_penalty=repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id,
+                **unsaid(tokenizer),
             )
         new = out[0, prompt["input_ids"].shape[1] :]
         text = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)

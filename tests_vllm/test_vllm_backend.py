@@ -16,6 +16,7 @@ from inference_worker.backends.base import Finished, TextDelta
 from inference_worker.backends.vllm_backend import VllmBackend
 from proto.messages import ChatJob, ChatMessage, SamplingParams
 from services.paths import demo_model_dir
+from tests.conftest import unsaid
 from tests.inference_worker.test_adapters import QUESTION, make_adapter, peft_greedy
 from trainer_job.publish import write_version
 
@@ -71,6 +72,7 @@ def transformers_greedy(question: str, max_tokens: int) -> str:
             do_sample=False,
             repetition_penalty=1.15,
             pad_token_id=tokenizer.pad_token_id,
+            **unsaid(tokenizer),
         )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 

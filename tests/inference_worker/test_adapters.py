@@ -18,6 +18,7 @@ from inference_worker.adapters import AdapterRefused, verify
 from inference_worker.backends.base import TextDelta
 from inference_worker.backends.transformers_backend import TransformersBackend
 from proto.messages import ChatJob, ChatMessage, SamplingParams
+from tests.conftest import unsaid
 from trainer_job.publish import write_version
 
 QUESTION = "What is the four-tier handoff system?"
@@ -176,6 +177,7 @@ def greedy_ids(
             max_new_tokens=max_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            **unsaid(tokenizer),
         )
     return out[0, ids["input_ids"].shape[1] :].tolist()
 
