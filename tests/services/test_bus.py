@@ -165,7 +165,12 @@ async def test_job_round_trip_through_the_broker(
         replies = [reply async for reply in stream]
         stream.close()
         assert received == [job]
-        assert headers[0] == {"type": "chat_job", "schema_version": 1}
+        # type and version for dispatch; what the gateway reads in replies (served_by)
+        assert headers[0] == {
+            "type": "chat_job",
+            "schema_version": 1,
+            "x-mesh-reads": "served_by",
+        }
         assert "".join(r.text for r in replies if isinstance(r, TokenChunk)) == "one two three"
         assert isinstance(replies[-1], JobResult) and replies[-1].worker_id == "w-test"
     finally:
