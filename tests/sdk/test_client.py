@@ -106,8 +106,12 @@ def test_the_original_sdk_quick_start_still_reads_the_same(
     orch = MistralOrchestrator(mesh.url, api_key=mesh.api_key)  # type: ignore[attr-defined]
     context = orch.load_session_context(briefing)
     assert context == "Today: write the SDK tests."
-    first = orch.generate_response("How do I maintain continuity?", system_context=context)
-    second = orch.generate_response("And after that?", max_tokens=8)
+    # Seeded, and at least two tokens: the answers are sampled (temperature 0.7), and
+    # an unseeded draw may end the second one at once.
+    first = orch.generate_response(
+        "How do I maintain continuity?", system_context=context, seed=1, min_tokens=2
+    )
+    second = orch.generate_response("And after that?", max_tokens=8, seed=1, min_tokens=2)
     assert first and second and orch.conversation_id
     saved = json.loads(orch.save_conversation(tmp_path / "conversation.json").read_text())
     assert saved["conversation_id"] == orch.conversation_id
