@@ -23,6 +23,7 @@ import llguidance
 import torch
 
 from proto.messages import ChatJob
+from services.errors import PermanentError
 from services.grammars import json_grammar
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -84,6 +85,16 @@ class Matchers:
 
     def matcher(self, plan: Plan) -> RowGrammar:
         return RowGrammar(llguidance.LLMatcher(self.tokenizer, plan.grammar), plan.trigger)
+
+    def for_job(self, job: ChatJob, tools: Any) -> RowGrammar | None:
+        """The grammar state `job`'s answer decodes under, None when it is free;
+        PermanentError when it cannot be built (the gateway checked the schema, so
+        this is rare)."""
+        try:
+            plan = plan_for(job, tools)
+            return self.matcher(plan) if plan is not None else None
+        except ValueError as exc:
+            raise PermanentError(f"cannot constrain the answer: {exc}", "invalid_schema") from exc
 
 
 class ConstraintError(ValueError):

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
-from inference_worker.backends.constraints import Matchers, RowGrammar, plan_for
-from inference_worker.backends.logprobs import from_numpy
+from inference_worker.backends.constraints import Matchers, RowGrammar
+from inference_worker.backends.logprobs import from_numpy, token_logprob
 from inference_worker.backends.prompts import check_context, template_inputs
 from inference_worker.backends.stops import StopMatcher
 from inference_worker.backends.tool_calls import ToolFamily, banned_marker, family_from
 from proto.adapters import ADAPTER_GGUF, MANIFEST
-from proto.messages import ChatJob, TokenLogprob, TopLogprob
+from proto.messages import ChatJob, TokenLogprob
 from services.adapters import BASE_FOLDER
 from services.errors import PermanentError
 
@@ -79,12 +79,7 @@ class Vocabulary:
         return text
 
     def picking(self, job: ChatJob) -> Picking:
-        try:
-            plan = plan_for(job, self.tools)
-            grammar = self.matchers.matcher(plan) if plan is not None else None
-        except ValueError as exc:
-            raise PermanentError(f"cannot constrain the answer: {exc}", "invalid_schema") from exc
-        return Picking(self, job, grammar)
+        return Picking(self, job, self.matchers.for_job(job, self.tools))
 
 
 class Picking:
@@ -121,10 +116,7 @@ class Picking:
             self.grammar.advance(token)
         if self.top is None or self._raw is None:
             return None
-        logprobs = from_numpy(self._raw, token, self.top)
-        text = self.vocabulary.text
-        top = [TopLogprob(token=text(i), token_id=i, logprob=v) for i, v in logprobs.top]
-        return (TokenLogprob(token=text(token), token_id=token, logprob=logprobs.logprob, top=top),)
+        return (token_logprob(self.vocabulary.text, token, from_numpy(self._raw, token, self.top)),)
 
     def piece(self, token: int, decoder: Any) -> str:
         """The token's text: the tool-call marker as written, else its bytes decoded."""

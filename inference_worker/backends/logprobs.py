@@ -5,10 +5,10 @@ default too)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from inference_worker.backends.detokenizer import TokenTexts
 from proto.messages import TokenLogprob, TopLogprob
 
 
@@ -35,7 +35,7 @@ def from_numpy(logits: Any, token: int, top: int) -> Logprobs:
     return Logprobs(float(logprobs[token]), best)
 
 
-def token_logprob(texts: TokenTexts, token: int, logprobs: Logprobs) -> TokenLogprob:
-    """The bus form: each token with its own text."""
+def token_logprob(texts: Callable[[int], str], token: int, logprobs: Logprobs) -> TokenLogprob:
+    """The bus form: each token with its own text (`texts`: id -> text, e.g. TokenTexts)."""
     top = [TopLogprob(token=texts(i), token_id=i, logprob=v) for i, v in logprobs.top]
     return TokenLogprob(token=texts(token), token_id=token, logprob=logprobs.logprob, top=top)

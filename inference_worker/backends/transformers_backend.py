@@ -17,7 +17,7 @@ from typing import Any
 
 from inference_worker.backends.base import Finished, FinishReason, GenerationEvent, TextDelta
 from inference_worker.backends.batching import BatchScheduler, Row
-from inference_worker.backends.constraints import Matchers, plan_for
+from inference_worker.backends.constraints import Matchers
 from inference_worker.backends.detokenizer import IncrementalDetokenizer, TokenTexts
 from inference_worker.backends.logprobs import Logprobs, token_logprob
 from inference_worker.backends.prefix_cache import (
@@ -202,17 +202,8 @@ class TransformersBackend:
     def encode_prompt(self, job: ChatJob) -> list[int]:
         return encode_prompt(self.tokenizer, job, self.max_context, self.tool_family)
 
-    def _grammar(self, job: ChatJob) -> Any:
-        """The row's grammar state when its answer is constrained, else None."""
-        assert self.matchers is not None
-        try:
-            plan = plan_for(job, self.tool_family)
-            return self.matchers.matcher(plan) if plan is not None else None
-        except ValueError as exc:  # the gateway checked the schema: this is rare
-            raise PermanentError(f"cannot constrain the answer: {exc}", "invalid_schema") from exc
-
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationEvent]:
-        assert self.scheduler is not None, "start() first"
+        assert self.scheduler is not None and self.matchers is not None, "start() first"
         ids = self.encode_prompt(job)
         # Nobody reads an unstreamed answer before its end (which the generation
         # thread hands over at once): its tokens can wait longer, unless stop strings
@@ -229,7 +220,7 @@ class TransformersBackend:
             handoff.emit,
             handoff.finish,
             adapter=adapter,
-            grammar=self._grammar(job),
+            grammar=self.matchers.for_job(job, self.tool_family),
             logprobs=job.logprobs,
             banned=banned_marker(job, self.tool_family),
         )
