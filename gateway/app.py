@@ -11,7 +11,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from context_store.store import ContextStore
-from gateway import adapter_routes, context_routes, errors, openai_routes, routes, web_routes
+from gateway import (
+    adapter_routes,
+    context_routes,
+    device_routes,
+    errors,
+    openai_routes,
+    routes,
+    web_routes,
+)
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.chat import ChatService
 from gateway.deps import MeshApp, Services
@@ -117,6 +125,7 @@ def create_app(settings: GatewaySettings, engine: Engine | None = None) -> MeshA
     mesh.include_router(openai_routes.router)
     mesh.include_router(context_routes.router)
     mesh.include_router(adapter_routes.router)
+    mesh.include_router(device_routes.router)
     mesh.include_router(web_routes.router)
     mesh.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     mesh.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -125,7 +134,14 @@ def create_app(settings: GatewaySettings, engine: Engine | None = None) -> MeshA
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "If-Match"],
-            expose_headers=["ETag", "X-Context-Version", "Retry-After", "X-Cache"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "Range"],
+            expose_headers=[
+                "ETag",
+                "X-Context-Version",
+                "Retry-After",
+                "X-Cache",
+                "Content-Range",
+                "Content-Length",
+            ],
         )
     return mesh

@@ -100,3 +100,49 @@ class AdapterRollback(BaseModel):
     version: int | None = Field(
         default=None, ge=1, description="The version to serve; absent: the one before the current."
     )
+
+
+# -- the phone's model --------------------------------------------------------------------
+
+PHONE_MANIFEST = "phone.json"  # beside the base model's GGUF exports
+PHONE_FILE = r"^phone-[a-z0-9][a-z0-9._-]{0,63}-(q4_k_m|q8_0)\.gguf$"
+PHONE_TYPES = ("q4_k_m", "q8_0")
+
+
+class PhoneModel(BaseModel):
+    """One GGUF file for the phone: the base model with an adapter version merged into
+    it (or the base alone), quantized; what the web client downloads and checks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(
+        pattern=PHONE_FILE, description="File name, e.g. phone-continuity-v3-q4_k_m.gguf."
+    )
+    base_model: str = Field(description="The base model it was made from.")
+    adapter: str | None = Field(default=None, description="The adapter merged in; null: none.")
+    adapter_version: int | None = Field(default=None, ge=1, description="Its version.")
+    type: Literal["q4_k_m", "q8_0"] = Field(description="Quantization.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the file.")
+    size: int = Field(ge=1, description="Bytes.")
+    created_at: str = Field(description="When it was exported (ISO 8601, UTC).")
+    unsaid_tokens: list[int] = Field(
+        default_factory=list,
+        description="Token ids the device never picks, as the workers do for a chat "
+        "offered no tools: the model's tool-call marker.",
+    )
+
+    @property
+    def label(self) -> str:
+        """`demo-model+continuity@v3`, the system_fingerprint form."""
+        adapter = f"+{self.adapter}@v{self.adapter_version}" if self.adapter else ""
+        return f"{self.base_model}{adapter}"
+
+
+class PhoneModels(BaseModel):
+    """`phone.json`: the file to serve now, and the one before it (kept so a phone
+    halfway through downloading it can finish)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    current: PhoneModel | None = None
+    previous: PhoneModel | None = None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from proto.adapters import PhoneModel
 from proto.context import ContextReport
 from proto.messages import SEED_MAX
 
@@ -129,6 +130,49 @@ class ConversationMessage(ApiModel):
     role: Literal["user", "assistant"]
     content: str
     at: str = Field(description="When it was recorded (ISO 8601, UTC).")
+    answered_on: str | None = Field(
+        default=None,
+        description="Set on an answer the phone made with no gateway reachable: the "
+        "model on the device (e.g. demo-model+continuity@v3). Absent: the mesh answered.",
+    )
+
+
+TurnIdField = Field(
+    min_length=8,
+    max_length=64,
+    pattern=r"^[A-Za-z0-9_-]+$",
+    description="The device's id for the turn: uploading it again adds nothing.",
+)
+
+
+class DeviceTurn(ApiModel):
+    """One turn answered on the phone while no gateway was reachable."""
+
+    turn_id: str = TurnIdField
+    user: str = Field(min_length=1, description="The user's message.")
+    assistant: str = Field(description="The device's answer.")
+    at: AwareDatetime = Field(description="When it was answered (ISO 8601 with a zone).")
+    answered_on: str = Field(
+        min_length=1, max_length=200, description="The model on the device that answered."
+    )
+
+
+class TurnUpload(ApiModel):
+    """Turns held on the phone, uploaded in order once a gateway is reachable."""
+
+    conversation_id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The conversation they belong to (the device names a new one).",
+    )
+    turns: list[DeviceTurn] = Field(min_length=1, max_length=500, description="Oldest first.")
+
+
+class TurnUploadResult(ApiModel):
+    conversation_id: str
+    recorded: int = Field(description="Turns added now.")
+    already_recorded: int = Field(description="Turns an earlier upload had added.")
 
 
 class Conversation(ApiModel):
@@ -237,3 +281,17 @@ class Readiness(ApiModel):
     broker: bool
     redis: bool
     live_workers: int
+
+
+class DeviceKit(ApiModel):
+    """What the phone needs to answer on its own as the mesh would: the model to
+    download, and the system prompt (own prompt + context tiers) as of now."""
+
+    model: PhoneModel | None = Field(description="The phone model; null: none exported yet.")
+    model_url: str | None = Field(description="Where to download it (range requests resume).")
+    model_label: str | None = Field(description="e.g. demo-model+continuity@v3.")
+    system_prompt: str = Field(description="The system prompt a chat gets now, tiers included.")
+    history_messages: int = Field(description="How many earlier messages a chat re-reads.")
+    max_tokens: int = Field(description="The default answer length.")
+    temperature: float = Field(description="The default temperature.")
+    as_of: str = Field(description="When this was assembled (ISO 8601, UTC).")

@@ -37,11 +37,13 @@ from proto.adapters import (
     ADAPTER_NAME,
     GGUF_FILE,
     MANIFEST,
+    PHONE_MANIFEST,
     AdapterInfo,
     AdapterManifest,
     AdapterPublished,
     AdapterVersionInfo,
     CurrentVersion,
+    PhoneModels,
     Probe,
 )
 from services.bus import Topology, announce_adapter
@@ -142,6 +144,32 @@ class AdapterRegistry:
         if file_name != MANIFEST and file_name not in listed:
             return None
         path = folder / file_name
+        return None if path.is_symlink() or not path.is_file() else path
+
+    def base_models(self) -> list[str]:
+        """Base models with GGUF exports here."""
+        folder = self.root / BASE_FOLDER
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+
+    def phone_models(self, base_model: str) -> PhoneModels:
+        """`phone.json` of a base model (empty when none was exported)."""
+        try:
+            return PhoneModels.model_validate_json(
+                (self.base_folder(base_model) / PHONE_MANIFEST).read_text()
+            )
+        except (OSError, ValidationError, ValueError):
+            return PhoneModels()
+
+    def phone_file(self, base_model: str, file_name: str) -> Path | None:
+        """A phone model's file, when `phone.json` lists it (current or previous)."""
+        if not re.fullmatch(BASE_NAME, base_model):
+            return None
+        listed = self.phone_models(base_model)
+        if file_name not in {m.file for m in (listed.current, listed.previous) if m}:
+            return None
+        path = self.base_folder(base_model) / file_name
         return None if path.is_symlink() or not path.is_file() else path
 
     def write_version(

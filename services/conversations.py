@@ -19,9 +19,10 @@ from services.redis_client import Keys
 
 # KEYS: the conversation's list, the owner's latest, the owner's index, the turn's
 # marker. ARGV: the user entry, the assistant entry, the conversation id, the turn's
-# time (ms). The marker outlives any retry (a day).
+# time (ms), how long the marker is kept (s): it outlives any retry (a day for the
+# gateway's own; a phone may come back online weeks later).
 APPEND_TURN = """
-if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', 86400) then return 0 end
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1], ARGV[2])
 local newest = redis.call('ZREVRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 if not newest[2] or tonumber(ARGV[4]) >= tonumber(newest[2]) then
@@ -80,16 +81,23 @@ class ConversationStore:
         assistant: str,
         at: datetime | None = None,
         turn_id: str | None = None,
-    ) -> None:
+        answered_on: str | None = None,
+        remember_s: int = 86_400,
+    ) -> bool:
         """Both halves of a turn at once (one script: atomic), and mark the conversation
         the owner's latest unless a later turn of another one is. `at`: when the turn
         was answered (now, unless it is recorded late). `turn_id`: recording the same
-        turn again (a retry after a timeout) changes nothing."""
+        turn again within `remember_s` (a retry after a timeout) changes nothing; False
+        then. `answered_on`: the phone's model, for a turn answered on the device."""
         when = at or datetime.now(UTC)
-        stamp = when.isoformat()
+        stamp = when.astimezone(UTC).isoformat()
+        user_entry = ConversationMessage(role="user", content=user, at=stamp)
+        answer = ConversationMessage(
+            role="assistant", content=assistant, at=stamp, answered_on=answered_on
+        )
         entries = [
-            ConversationMessage(role="user", content=user, at=stamp).model_dump_json(),
-            ConversationMessage(role="assistant", content=assistant, at=stamp).model_dump_json(),
+            user_entry.model_dump_json(exclude_none=True),
+            answer.model_dump_json(exclude_none=True),
         ]
         keys = [
             self.keys.conversation(owner, conversation_id),
@@ -97,8 +105,13 @@ class ConversationStore:
             self.keys.conversation_index(owner),
             self.keys.turn_recorded(turn_id or uuid.uuid4().hex),
         ]
-        args: list[str | float] = [*entries, conversation_id, when.timestamp() * 1000]
-        await self._append(keys=keys, args=args)
+        args: list[str | float] = [
+            *entries,
+            conversation_id,
+            when.timestamp() * 1000,
+            remember_s,
+        ]
+        return bool(await self._append(keys=keys, args=args))
 
     async def list(self, owner: str, limit: int) -> list[ConversationSummary]:
         """This owner's conversations, the most recently active first."""

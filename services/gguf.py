@@ -16,6 +16,8 @@ Where the files go (the adapter registry, so CPU workers and the phone can fetch
 verify them):
     <registry>/_base/<base model>/model-<type>.gguf + manifest.json (sha256 of each)
     <registry>/<adapter>/<version>/adapter-f16.gguf, added to that version's manifest
+    <registry>/_base/<base model>/phone-<adapter>-v<N>-<type>.gguf + phone.json: the
+        phone's one file, the base with the current adapter merged in (`export_phone`)
 
 A locally trained byte-level BPE tokenizer (the demo model's) is not in the
 converter's table of known pre-tokenizer hashes; its GPT-2 byte-level regex is
@@ -40,7 +42,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proto.adapters import ADAPTER_GGUF, MANIFEST, AdapterManifest
+from proto.adapters import (
+    ADAPTER_GGUF,
+    MANIFEST,
+    PHONE_MANIFEST,
+    PHONE_TYPES,
+    AdapterManifest,
+    PhoneModel,
+    PhoneModels,
+)
 from services.adapters import AdapterRegistry, file_sha256
 from services.paths import cache_dir
 
@@ -357,6 +367,105 @@ def export_adapters(
             manifest = versions.manifest(name, version)
             if manifest is not None and manifest.base_model == base_model:
                 exported.append(export_adapter(registry, name, version, base_dir))
+    return exported
+
+
+# -- the phone's model ---------------------------------------------------------------------
+
+# What a model folder holds besides its weights and config: the tokenizer and chat
+# template the converter writes into the GGUF.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def merged_model(base_dir: Path, adapter_dir: Path, out: Path) -> Path:
+    """The base with a LoRA adapter merged into its weights, as a Hugging Face folder
+    (what llama.cpp's converter reads). Merged in the base's own dtype, so a 7B in
+    bf16 needs about 15 GB of memory here, once per phone export."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    for path in base_dir.iterdir():  # tokenizer, chat template, generation config
+        if (
+            path.is_file()
+            and not (out / path.name).exists()
+            and not path.name.endswith(WEIGHT_SUFFIXES)
+        ):
+            shutil.copy2(path, out / path.name)
+    return out
+
+
+def unsaid_tokens(model_dir: Path) -> list[int]:
+    """The tool-call marker of the model's family (the web client offers no tools)."""
+    from transformers import AutoTokenizer
+
+    from inference_worker.backends.tool_calls import family_of
+
+    tools = family_of(AutoTokenizer.from_pretrained(model_dir))
+    return [tools.marker_id] if tools is not None else []
+
+
+def phone_file_name(adapter: tuple[str, int] | None, kind: str) -> str:
+    return f"phone-{adapter[0]}-v{adapter[1]}-{kind}.gguf" if adapter else f"phone-base-{kind}.gguf"
+
+
+def export_phone(
+    model_dir: Path,
+    registry: Path,
+    base_model: str,
+    adapter: tuple[str, int] | None,
+    kind: str = "q4_k_m",
+) -> PhoneModel:
+    """The phone's model: `adapter` (name, version; None: the base alone) merged into
+    the base, quantized to `kind`, listed in `phone.json` with its sha256 and size as
+    the current one. The file it replaces stays listed as `previous` (a phone halfway
+    through downloading it can finish); the one before that is deleted."""
+    if kind not in PHONE_TYPES:
+        raise ExportError(f"a phone model is {' or '.join(PHONE_TYPES)}, not {kind!r}")
+    versions = AdapterRegistry(registry)
+    folder = versions.base_folder(base_model)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = phone_file_name(adapter, kind)
+    with _exclusive(folder / ".phone.lock"), tempfile.TemporaryDirectory(dir=folder) as tmp:
+        source = model_dir
+        if adapter is not None:
+            adapter_dir = versions.folder(*adapter)
+            if versions.manifest(*adapter) is None:
+                raise ExportError(f"no {adapter[0]} v{adapter[1]} in {registry}")
+            source = merged_model(model_dir, adapter_dir, Path(tmp) / "merged")
+        partial = Path(tmp) / name
+        if kind == "q8_0":
+            convert_base(source, partial, "q8_0")
+        else:
+            quantize(convert_base(source, Path(tmp) / "f16.gguf", "f16"), partial, kind)
+        exported = PhoneModel(
+            unsaid_tokens=unsaid_tokens(model_dir),
+            file=name,
+            base_model=base_model,
+            adapter=adapter[0] if adapter else None,
+            adapter_version=adapter[1] if adapter else None,
+            type=kind,  # type: ignore[arg-type]
+            sha256=file_sha256(partial),
+            size=partial.stat().st_size,
+            created_at=datetime.now(UTC).isoformat(),
+        )
+        listed = versions.phone_models(base_model)
+        os.replace(partial, folder / name)
+        kept = listed.current if listed.current and listed.current.file != name else listed.previous
+        if kept is not None and kept.file == name:
+            kept = None
+        for old in (listed.current, listed.previous):
+            if old is not None and old.file not in (name, kept.file if kept else None):
+                (folder / old.file).unlink(missing_ok=True)
+        _write_json_atomically(
+            folder / PHONE_MANIFEST,
+            PhoneModels(current=exported, previous=kept).model_dump(mode="json"),
+        )
+    log.info("phone model %s: %s (%d bytes)", exported.label, name, exported.size)
     return exported
 
 

@@ -5,6 +5,7 @@ python -m trainer_job train --data_path DIR --output_dir RUN [options]
 python -m trainer_job publish RUN --name NAME [--force]
 python -m trainer_job run --name NAME [options]    # dataset -> train -> evaluate -> publish
 python -m trainer_job export-gguf [--types f16,q8_0,q4_k_m] [--adapters NAME ...] [--no-base]
+python -m trainer_job export-gguf --phone [--phone-type q4_k_m|q8_0] [--phone-adapter NAME]
 python -m trainer_job build-demo-model [--force] [--out DIR]
 
 The base model is MESH_MODEL (a local folder or hub id), or the demo model.
@@ -171,6 +172,8 @@ def _export_gguf(settings: TrainerSettings, args) -> int:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: export needs a local model folder (MESH_MODEL)")
     registry, base = settings.registry(), settings.served_name()
+    if args.phone:
+        return _export_phone(settings, args, model_dir)
     if not args.no_base:
         types = [t.strip() for t in args.types.split(",") if t.strip()]
         written = export_base(model_dir, registry, base, types)
@@ -186,6 +189,36 @@ def _export_gguf(settings: TrainerSettings, args) -> int:
         served = by_version.get((name, current.version))
         if served is not None:
             asyncio.run(make_current(settings, served))
+    return 0
+
+
+def _export_phone(settings: TrainerSettings, args, model_dir: Path) -> int:
+    """The phone's one file: the base with the current version of an adapter merged in."""
+    from services.adapters import current_versions
+    from services.gguf import ExportError, export_phone
+
+    base = settings.served_name()
+    current = {
+        name: c.version
+        for name, c in asyncio.run(current_versions(settings)).items()
+        if c.base_model == base
+    }
+    adapter: tuple[str, int] | None = None
+    if args.phone_adapter == "none":
+        adapter = None
+    elif args.phone_adapter:
+        if args.phone_adapter not in current:
+            raise ExportError(f"{args.phone_adapter} has no current version for {base}")
+        adapter = (args.phone_adapter, current[args.phone_adapter])
+    elif len(current) == 1:
+        adapter = next(iter(current.items()))
+    elif current:
+        raise ExportError(
+            f"several adapters are current ({', '.join(sorted(current))}): "
+            "choose one with --phone-adapter NAME (or none)"
+        )
+    model = export_phone(model_dir, settings.registry(), base, adapter, args.phone_type)
+    print(f"phone model {model.label}: {model.file}, {model.size} bytes, sha256 {model.sha256}")
     return 0
 
 
@@ -261,6 +294,17 @@ def main(argv: list[str] | None = None) -> int:
         help="adapter names (default: every adapter of this base model)",
     )
     export.add_argument("--no-base", action="store_true", help="only the adapters")
+    export.add_argument(
+        "--phone",
+        action="store_true",
+        help="only the phone's model: the base with the current adapter merged in, quantized",
+    )
+    export.add_argument("--phone-type", default="q4_k_m", choices=["q4_k_m", "q8_0"])
+    export.add_argument(
+        "--phone-adapter",
+        default=None,
+        help="the adapter merged in (default: the only current one; 'none': the base alone)",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -1,6 +1,7 @@
 // The continuity mesh's web client: chat with streaming answers, conversations,
 // the four context tiers, the model/adapter picker, and an ordered list of gateways
-// (LAN desktop first, VPS next) tried in turn. No build step: plain modern JS.
+// (LAN desktop first, VPS next) tried in turn, then the model on the phone itself
+// (device.js) when none is reachable. No build step: plain modern JS.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -15,10 +16,14 @@ const state = {
   model: store.get("model", ""),
   tierVersion: 0,
   tierEtag: "", // the loaded version's ETag ('"<hlc>-<site>"'); empty for a new document
-  sending: false,
+  policy: store.get("policy", "auto"), // auto: gateways in order, then the device; server; device
+  answering: null, // the AbortController of the answer being written
 };
 // How long a gateway may take to start answering before the next one is tried.
 const ANSWER_WITHIN_MS = 8000;
+
+/** No gateway could be reached at all (as opposed to one answering with an error). */
+class Unreachable extends Error {}
 
 class ApiError extends Error {
   constructor(status, body, headers) {
@@ -42,6 +47,7 @@ async function request(path, options = {}) {
   for (const base of state.gateways) {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), ANSWER_WITHIN_MS);
+    options.signal?.addEventListener("abort", () => controller.abort());
     let response;
     try {
       response = await fetch(base.replace(/\/$/, "") + path, {
@@ -50,6 +56,7 @@ async function request(path, options = {}) {
         headers: { Authorization: `Bearer ${state.apiKey}`, ...(options.headers ?? {}) },
       });
     } catch (error) {
+      if (options.signal?.aborted) throw error; // stopped by the user
       failures.push(`${base}: ${error.name === "AbortError" ? "no answer" : "unreachable"}`);
       continue;
     } finally {
@@ -64,9 +71,10 @@ async function request(path, options = {}) {
       const body = await response.json().catch(() => null);
       throw new ApiError(response.status, body, response.headers);
     }
+    response.gateway = base;
     return response;
   }
-  throw new Error(`no gateway answered: ${failures.join("; ")}`);
+  throw new Unreachable(`no gateway answered: ${failures.join("; ")}`);
 }
 
 const getJson = async (path, options) => (await request(path, options)).json();
@@ -78,14 +86,18 @@ const jsonBody = (method, body, headers = {}) => ({
 
 // -- chat -----------------------------------------------------------------------------
 
-function bubble(role, text = "") {
+function bubble(role, text = "", source = "") {
   const item = document.createElement("li");
   item.className = role;
   item.textContent = text;
+  if (source) item.dataset.source = source;
   $("messages").append(item);
   item.scrollIntoView({ block: "end" });
   return item;
 }
+
+const hostOf = (base) => new URL(base, location.href).host;
+const deviceSource = (label) => `on this device${label ? ` · ${label}` : ""}`;
 
 async function* serverSentEvents(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -109,36 +121,144 @@ async function* serverSentEvents(response) {
   }
 }
 
+function answering(on) {
+  $("send").textContent = on ? "Stop" : "Send";
+  $("send").classList.toggle("stop", on);
+  state.answering = on ? new AbortController() : null;
+}
+
 async function send(text) {
-  state.sending = true;
-  $("send").disabled = true;
+  answering(true);
+  const { signal } = state.answering;
+  const history = local.messages(state.conversationId);
   bubble("user", text);
   const answer = bubble("assistant streaming");
   try {
-    const body = { message: text, conversation_id: state.conversationId ?? undefined };
-    if (state.model) body.model = state.model;
-    const response = await request("/chat/stream", jsonBody("POST", body));
-    for await (const { event, data } of serverSentEvents(response)) {
-      if (event === "chunk") {
-        answer.textContent += data.text;
-        answer.scrollIntoView({ block: "end" });
-      } else if (event === "done") {
-        state.conversationId = data.conversation_id;
-        store.set("conversationId", state.conversationId);
-        answer.dataset.finish = data.finish_reason;
-      } else if (event === "error") {
-        throw new ApiError(200, data);
-      }
+    if (state.policy === "device") return await answerOnDevice(answer, history, text, signal);
+    try {
+      await answerFromGateway(answer, text, signal);
+    } catch (error) {
+      if (!(error instanceof Unreachable) || state.policy !== "auto" || !Device.ready()) throw error;
+      status(`${error.message}; answering on this device`);
+      await answerOnDevice(answer, history, text, signal);
     }
   } catch (error) {
-    answer.classList.add("error");
-    answer.textContent += `${answer.textContent ? "\n" : ""}⚠ ${error.message}`;
-    status(error.message, true);
+    if (signal.aborted) answer.dataset.finish = "cancelled";
+    else {
+      answer.classList.add("error");
+      answer.textContent += `${answer.textContent ? "\n" : ""}⚠ ${error.message}`;
+      status(error.message, true);
+    }
   } finally {
     answer.classList.remove("streaming");
-    state.sending = false;
-    $("send").disabled = false;
+    answering(false);
   }
+}
+
+async function answerFromGateway(answer, text, signal) {
+  const body = { message: text, conversation_id: state.conversationId ?? undefined };
+  if (state.model) body.model = state.model;
+  const response = await request("/chat/stream", { ...jsonBody("POST", body), signal });
+  answer.dataset.source = `via ${hostOf(response.gateway)}`;
+  for await (const { event, data } of serverSentEvents(response)) {
+    if (event === "chunk") {
+      answer.textContent += data.text;
+      answer.scrollIntoView({ block: "end" });
+    } else if (event === "done") {
+      state.conversationId = data.conversation_id;
+      store.set("conversationId", state.conversationId);
+      answer.dataset.finish = data.finish_reason;
+      local.add(state.conversationId, text, answer.textContent);
+    } else if (event === "error") {
+      throw new ApiError(200, data);
+    }
+  }
+  uploadHeldTurns(); // a gateway is reachable again: what the device answered goes up
+}
+
+async function answerOnDevice(answer, history, text, signal) {
+  answer.dataset.source = deviceSource(Device.labelOf(Device.held()));
+  const done = await Device.answer(history, text, {
+    signal,
+    onText: (piece) => {
+      answer.textContent += piece;
+      answer.scrollIntoView({ block: "end" });
+    },
+  });
+  answer.dataset.finish = done.finishReason;
+  if (!done.text && signal.aborted) return;
+  // A conversation begun on the device gets its id here; the gateway takes it as given.
+  state.conversationId ??= crypto.randomUUID().replaceAll("-", "");
+  store.set("conversationId", state.conversationId);
+  local.add(state.conversationId, text, done.text, done.label);
+  outbox.hold(state.conversationId, text, done.text, done.label);
+  status(`answered on this device (${Device.threads()} thread${Device.threads() === 1 ? "" : "s"})`);
+}
+
+// -- what the device keeps: the current conversation, and turns not uploaded yet ------
+
+const local = {
+  // {conversation_id, messages: [{role, content, answered_on?}]}: shown when offline
+  messages(conversationId) {
+    const kept = store.get("conversation", null);
+    return kept && kept.conversation_id === conversationId ? kept.messages : [];
+  },
+  replace(conversationId, messages) {
+    store.set("conversation", { conversation_id: conversationId, messages });
+  },
+  add(conversationId, user, assistant, answeredOn) {
+    const messages = [...this.messages(conversationId), { role: "user", content: user }];
+    messages.push({ role: "assistant", content: assistant, ...(answeredOn ? { answered_on: answeredOn } : {}) });
+    this.replace(conversationId, messages);
+  },
+};
+
+const outbox = {
+  // [{conversation_id, turn_id, user, assistant, at, answered_on}], oldest first
+  turns: () => store.get("outbox", []),
+  hold(conversationId, user, assistant, answeredOn) {
+    const turn = {
+      conversation_id: conversationId,
+      turn_id: crypto.randomUUID().replaceAll("-", ""),
+      user,
+      assistant,
+      at: new Date().toISOString(),
+      answered_on: answeredOn || "device",
+    };
+    store.set("outbox", [...this.turns(), turn]);
+  },
+  forget(turnIds) {
+    store.set("outbox", this.turns().filter((t) => !turnIds.has(t.turn_id)));
+  },
+};
+
+let uploading = null;
+/** Upload the turns answered on the device, conversation by conversation, in order.
+ * The gateway adds each turn once (by its id), so a retry after a lost reply is safe. */
+function uploadHeldTurns() {
+  uploading ??= (async () => {
+    const byConversation = new Map();
+    for (const turn of outbox.turns()) {
+      if (!byConversation.has(turn.conversation_id)) byConversation.set(turn.conversation_id, []);
+      byConversation.get(turn.conversation_id).push(turn);
+    }
+    for (const [conversationId, turns] of byConversation) {
+      const body = {
+        conversation_id: conversationId,
+        turns: turns.map(({ conversation_id, ...turn }) => turn),
+      };
+      try {
+        await request("/conversation/turns", jsonBody("POST", body));
+      } catch (error) {
+        if (error instanceof Unreachable) return; // later
+        status(`offline turns not uploaded: ${error.message}`, true);
+        continue;
+      }
+      outbox.forget(new Set(turns.map((t) => t.turn_id)));
+    }
+    renderDevice();
+  })().finally(() => (uploading = null));
+  return uploading;
 }
 
 // -- conversations ----------------------------------------------------------------------
@@ -146,14 +266,22 @@ async function send(text) {
 async function showConversation(conversationId) {
   $("messages").replaceChildren();
   if (!conversationId) return;
+  let messages;
   try {
     const conversation = await getJson(`/conversation?conversation_id=${encodeURIComponent(conversationId)}`);
-    for (const message of conversation.messages) bubble(message.role, message.content);
+    messages = conversation.messages;
+    local.replace(conversationId, messages.map(({ at, ...message }) => message));
   } catch (error) {
-    if (error.status === 404) {
+    if (error.status === 404 && !outbox.turns().some((t) => t.conversation_id === conversationId)) {
       state.conversationId = null;
       store.set("conversationId", null);
-    } else status(error.message, true);
+      return;
+    }
+    messages = local.messages(conversationId); // offline: the copy kept here
+    if (!(error instanceof Unreachable)) status(error.message, true);
+  }
+  for (const message of messages) {
+    bubble(message.role, message.content, message.answered_on ? deviceSource(message.answered_on) : "");
   }
 }
 
@@ -270,6 +398,8 @@ async function loadModels() {
 function openSettings() {
   $("api-key").value = state.apiKey;
   $("gateways").value = state.gateways.join("\n");
+  $("policy").value = state.policy;
+  renderDevice();
   $("settings").showModal();
 }
 
@@ -277,14 +407,98 @@ function saveSettings() {
   state.apiKey = $("api-key").value.trim();
   const urls = $("gateways").value.split(/\s+/).map((u) => u.trim()).filter(Boolean);
   state.gateways = urls.length ? urls : [location.origin];
+  state.policy = $("policy").value;
   store.set("apiKey", state.apiKey);
   store.set("gateways", state.gateways);
+  store.set("policy", state.policy);
+  renderPolicy();
   return refresh();
 }
 
 async function refresh() {
   await loadModels();
+  await syncDevice();
   await showConversation(state.conversationId);
+}
+
+// -- the model on the device -------------------------------------------------------------
+
+const megabytes = (bytes) => `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
+
+/** The kit from the first gateway that answers: the model listed, the system prompt now. */
+async function syncDevice() {
+  try {
+    const response = await request("/device");
+    const kit = await response.json();
+    if (kit.model_url) kit.gateway = response.gateway;
+    Device.saveKit(kit);
+    uploadHeldTurns();
+  } catch (error) {
+    if (!(error instanceof Unreachable)) status(`device: ${error.message}`, true);
+  }
+  renderDevice();
+  const interrupted = await Device.interrupted();
+  if (interrupted && !downloading) downloadModel(); // a reload cut it short: go on
+}
+
+function renderPolicy() {
+  const names = { auto: "auto", server: "server only", device: "device only" };
+  $("policy-badge").textContent = names[state.policy];
+}
+
+async function renderDevice() {
+  const kit = Device.kit();
+  const held = Device.held();
+  const listed = kit?.model;
+  const parts = [];
+  if (held?.verified) {
+    parts.push(`On this device: ${Device.labelOf(held)} (${held.type}, ${megabytes(held.size)})`);
+  } else parts.push("No model on this device.");
+  const newer = Device.newer();
+  if (newer) parts.push(`A newer model is on the gateway: ${Device.labelOf(newer)}, ${megabytes(newer.size)}.`);
+  else if (!held?.verified && listed) parts.push(`The gateway offers ${Device.labelOf(listed)}, ${megabytes(listed.size)}.`);
+  else if (!listed) parts.push("The gateway offers no phone model yet.");
+  if (kit?.as_of) parts.push(`Context as of ${new Date(kit.as_of).toLocaleString()}.`);
+  $("device-model").textContent = parts.join(" ");
+  $("device-newer").hidden = !newer;
+  $("download-model").hidden = !listed || (held?.verified && !newer);
+  $("download-model").textContent = newer ? "Download the new one" : "Download";
+  $("delete-model").hidden = !held?.verified && !(await Device.interrupted());
+  const interrupted = await Device.interrupted();
+  if (interrupted && !downloading) showProgress(interrupted.have, interrupted.model.size, "download");
+}
+
+function showProgress(have, size, phase) {
+  const bar = $("device-progress");
+  bar.hidden = false;
+  bar.max = size;
+  bar.value = have;
+  $("device-progress-text").textContent =
+    phase === "verify" ? "checking sha256…" : `${megabytes(have)} of ${megabytes(size)}`;
+}
+
+let downloading = null;
+function downloadModel() {
+  const kit = Device.kit();
+  const base = kit?.gateway ?? state.gateways[0];
+  downloading ??= Device.download(base, state.apiKey, showProgress)
+    .then(() => {
+      $("device-progress-text").textContent = "ready";
+      $("device-progress").hidden = true;
+    })
+    .catch((error) => ($("device-progress-text").textContent = `⚠ ${error.message}`))
+    .finally(() => {
+      downloading = null;
+      renderDevice();
+    });
+  return downloading;
+}
+
+async function deleteModel() {
+  await Device.remove();
+  $("device-progress").hidden = true;
+  $("device-progress-text").textContent = "";
+  renderDevice();
 }
 
 // -- wiring -----------------------------------------------------------------------------
@@ -292,11 +506,20 @@ async function refresh() {
 function wire() {
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
+    if (state.answering) return;
     const text = $("message").value.trim();
-    if (!text || state.sending) return;
+    if (!text) return;
     $("message").value = "";
     send(text);
   });
+  $("send").addEventListener("click", (event) => {
+    if (!state.answering) return;
+    event.preventDefault(); // the Send button is Stop while an answer is written
+    state.answering.abort();
+  });
+  $("download-model").addEventListener("click", downloadModel);
+  $("delete-model").addEventListener("click", deleteModel);
+  window.addEventListener("online", () => uploadHeldTurns());
   $("message").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) {
       event.preventDefault();
@@ -336,6 +559,7 @@ window.addEventListener("DOMContentLoaded", () => {
   if ("serviceWorker" in navigator) {
     navigator.serviceWorker.register("/sw.js").catch((error) => status(`offline shell: ${error.message}`));
   }
+  renderPolicy();
   if (!state.apiKey) openSettings(); // asked once, then kept on the device
   else refresh();
 });

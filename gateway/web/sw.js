@@ -1,8 +1,19 @@
-// The offline shell: the app's own files are cached, so the page opens (and shows
-// its settings and cached conversation) without a network. API calls always go to
-// the network: answers are never served from a cache.
-const SHELL = "continuity-shell-v2";
-const FILES = ["/", "/app/app.js", "/app/app.css", "/app/icon.svg", "/manifest.webmanifest"];
+// The offline shell: the app's own files and the on-device runtime are cached, so the
+// page opens (with its settings, the conversation kept here and the model on the
+// device) without a network. API calls always go to the network: answers are never
+// served from a cache. The model itself lives in the origin private file system.
+const SHELL = "continuity-shell-v3";
+const FILES = [
+  "/",
+  "/app/app.js",
+  "/app/device.js",
+  "/app/app.css",
+  "/app/icon.svg",
+  "/manifest.webmanifest",
+];
+// The download worker and its sha256 are not here: downloading needs the network anyway.
+// Large, and absent from a gateway without the runtime: cached when first fetched.
+const RUNTIME = ["/app/wllama/index.js", "/app/wllama/wllama.wasm"];
 
 self.addEventListener("install", (event) => {
   event.waitUntil(caches.open(SHELL).then((cache) => cache.addAll(FILES)).then(() => self.skipWaiting()));
@@ -18,17 +29,20 @@ self.addEventListener("activate", (event) => {
 
 self.addEventListener("fetch", (event) => {
   const url = new URL(event.request.url);
-  if (event.request.method !== "GET" || url.origin !== location.origin || !FILES.includes(url.pathname)) {
+  const cached = FILES.includes(url.pathname) || RUNTIME.includes(url.pathname);
+  if (event.request.method !== "GET" || url.origin !== location.origin || !cached) {
     return; // the network, untouched
   }
-  // Network first (a new gateway brings a new client), the cached shell when offline.
+  // Network first (a new gateway brings a new client), the cached copy when offline.
   event.respondWith(
     fetch(event.request)
       .then((response) => {
-        const copy = response.clone();
-        caches.open(SHELL).then((cache) => cache.put(event.request, copy));
+        if (response.ok) {
+          const copy = response.clone();
+          caches.open(SHELL).then((cache) => cache.put(event.request, copy));
+        }
         return response;
       })
-      .catch(() => caches.match(event.request)),
+      .catch(() => caches.match(event.request, { ignoreSearch: true })),
   );
 });

@@ -5,48 +5,21 @@ the installable offline shell. A screenshot lands in test-artifacts/."""
 
 from __future__ import annotations
 
-import os
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from services.launcher import MeshProcesses
-from services.paths import REPO_ROOT
+from tests.web.conftest import ARTIFACTS, PHONE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-CHROMIUM = Path("/usr/lib/chromium/chromium")
-ARTIFACTS = REPO_ROOT / "test-artifacts"
-PHONE = {
-    "viewport": {"width": 412, "height": 915},
-    "device_scale_factor": 2.625,
-    "is_mobile": True,
-    "has_touch": True,
-    "user_agent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
-    "(KHTML, like Gecko) Chrome/126.0.0.0 Mobile Safari/537.36",
-}
 
 
 def dead_url() -> str:
     with socket.socket() as sock:  # a port nobody listens on once this closes
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    if not CHROMIUM.is_file():
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is not installed; .ci/run installs it")
-        pytest.skip("needs Debian's chromium (sudo apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), timeout=30_000)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
