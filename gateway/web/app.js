@@ -186,7 +186,7 @@ async function answerOnDevice(answer, history, text, signal) {
     },
   });
   answer.dataset.finish = done.finishReason;
-  if (!done.text && signal.aborted) return;
+  if (signal.aborted) return; // as on a gateway: a stopped answer is not recorded
   // A conversation begun on the device gets its id here; the gateway takes it as given.
   state.conversationId ??= crypto.randomUUID().replaceAll("-", "");
   store.set("conversationId", state.conversationId);

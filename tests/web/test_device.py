@@ -31,13 +31,13 @@ BASE = "demo-model"
 MAX_TOKENS = 24  # the phone mesh's default answer length: what the device uses too
 
 
-def gentle_adapter(demo_model: Path, out: Path) -> Path:
+def gentle_adapter(demo_model: Path, out: Path, seed: int = 7) -> Path:
     """A seeded LoRA small enough that the merged model still writes words."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(demo_model),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
@@ -139,6 +139,33 @@ def native_greedy(
         logit_bias=dict.fromkeys(model.unsaid_tokens, float("-inf")),
     )
     return out["choices"][0]["text"]
+
+
+def download(page) -> dict:
+    """Download the gateway's phone model from the settings; the model held after."""
+    page.tap("#open-settings")
+    page.click("#download-model")
+    page.wait_for_function(
+        """() => { const held = JSON.parse(localStorage.getItem('mesh.device.held') ?? 'null');
+            const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
+            return held?.verified && held.file === kit.model.file; }"""
+    )
+    page.click("#save-settings")
+    return page.evaluate("JSON.parse(localStorage.getItem('mesh.device.held'))")
+
+
+def files_on_device(page) -> list[str]:
+    return sorted(
+        page.evaluate(
+            """async () => {
+                const root = await navigator.storage.getDirectory();
+                const folder = await root.getDirectoryHandle('models', {create: true});
+                const names = [];
+                for await (const name of folder.keys()) names.push(name);
+                return names;
+            }"""
+        )
+    )
 
 
 def last_answer(page) -> dict:
@@ -305,3 +332,116 @@ def test_the_same_turn_uploaded_twice_is_recorded_once(phone_mesh: MeshProcesses
     ]
     bad = httpx.post(url, json={**body, "turns": []}, headers=headers(phone_mesh))
     assert bad.status_code == 422 and json.loads(bad.text)["error"]["code"] == "invalid_body"
+
+
+def test_stop_ends_a_device_answer_and_it_is_not_recorded(phone) -> None:
+    page = phone
+    download(page)
+    page.tap("#open-settings")
+    page.select_option("#policy", "device")
+    page.click("#save-settings")
+    assert page.locator("#policy-badge").inner_text() == "device only"
+    # A long answer, so that there is time to stop it.
+    page.evaluate(
+        """() => { const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
+            kit.max_tokens = 1500;
+            localStorage.setItem('mesh.device.kit', JSON.stringify(kit)); }"""
+    )
+    page.fill("#message", "Tell me everything about the mesh.")
+    page.tap("#send")
+    page.wait_for_function(
+        "document.querySelector('#messages li.assistant.streaming')?.textContent.length > 20"
+    )
+    assert page.locator("#send").inner_text() == "Stop"  # the page answers meanwhile
+    page.tap("#send")
+    stopped = last_answer(page)
+    assert stopped["finish"] == "cancelled" and not stopped["error"]
+    assert page.locator("#send").inner_text() == "Send"
+    assert page.evaluate("JSON.parse(localStorage.getItem('mesh.outbox') ?? '[]')") == []
+    # The runtime is free again: the next answer comes.
+    page.evaluate(
+        """() => { const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
+            kit.max_tokens = 8;
+            localStorage.setItem('mesh.device.kit', JSON.stringify(kit)); }"""
+    )
+    after = send(page, "And the phone?")
+    assert after["text"] and after["source"].startswith("on this device")
+
+
+def test_without_cross_origin_isolation_the_device_answers_on_one_thread(
+    browser, phone_mesh: MeshProcesses, phone_model: tuple[Path, PhoneModel], demo_model: Path
+) -> None:
+    """A proxy that drops COOP/COEP: no threads, the same answer."""
+    registry, model = phone_model
+    context = browser.new_context(**PHONE)
+    context.set_default_timeout(60_000)
+
+    def without_isolation(route) -> None:
+        response = route.fetch()
+        dropped = {"cross-origin-opener-policy", "cross-origin-embedder-policy"}
+        kept = {k: v for k, v in response.headers.items() if k.lower() not in dropped}
+        route.fulfill(response=response, headers=kept)
+
+    context.route("**/*", without_isolation)
+    page = context.new_page()
+    page.on("console", lambda message: print(f"console {message.type}: {message.text}"))
+    page.on("pageerror", lambda error: print(f"page error: {error}"))
+    try:
+        page.goto(phone_mesh.url + "/")
+        assert page.evaluate("crossOriginIsolated") is False
+        page.fill("#api-key", phone_mesh.api_key)  # type: ignore[attr-defined]
+        page.select_option("#policy", "device")
+        page.click("#save-settings")
+        download(page)
+        answer = send(page, "What does the phone do?")
+        assert not answer["error"], answer
+        assert page.evaluate("Device.threads()") == 1
+        kit = page.evaluate("JSON.parse(localStorage.getItem('mesh.device.kit'))")
+        messages = [
+            {"role": "system", "content": kit["system_prompt"]},
+            {"role": "user", "content": "What does the phone do?"},
+        ]
+        gguf = registry / "_base" / BASE / model.file
+        assert answer["text"] == native_greedy(model, gguf, messages, demo_model)
+    finally:
+        context.close()
+
+
+def test_a_newer_model_is_noticed_and_replaces_the_old_one(
+    phone, phone_model: tuple[Path, PhoneModel], demo_model: Path, tmp_path_factory
+) -> None:
+    """Last in this module: it publishes a second version into the phone mesh's registry."""
+    from services.gguf import export_phone
+    from trainer_job.publish import write_version
+
+    registry, first = phone_model
+    page = phone
+    assert download(page)["file"] == first.file
+    assert files_on_device(page) == [first.file]
+    page.tap("#open-settings")
+    assert page.locator("#device-newer").is_hidden()
+    page.click("#save-settings")
+
+    source = gentle_adapter(demo_model, tmp_path_factory.mktemp("phone-lora-2"), seed=8)
+    write_version(source, registry, "continuity", BASE)
+    second = export_phone(demo_model, registry, BASE, ("continuity", 2), "q8_0")
+    page.reload()
+    page.wait_for_function(
+        "JSON.parse(localStorage.getItem('mesh.device.kit')).model.type === 'q8_0'"
+    )
+    page.tap("#open-settings")
+    page.locator("#device-newer").wait_for()
+    assert "demo-model+continuity@v2" in page.locator("#device-model").inner_text()
+    assert page.locator("#download-model").inner_text() == "Download the new one"
+    page.click("#save-settings")
+    assert download(page)["file"] == second.file
+    assert files_on_device(page) == [second.file]  # the old file is gone
+    page.tap("#open-settings")
+    assert page.locator("#device-newer").is_hidden()
+    page.click("#delete-model")
+    page.wait_for_function(
+        "!localStorage.getItem('mesh.device.held') || "
+        "localStorage.getItem('mesh.device.held') === 'null'"
+    )
+    assert files_on_device(page) == []
+    assert "No model on this device." in page.locator("#device-model").inner_text()
