@@ -116,6 +116,7 @@ bench: install
 	$(PY) bench/adapter_swap.py
 	$(PY) bench/prefix_cache.py
 	$(PY) bench/constrained_decoding.py
+	$(PY) bench/on_device.py
 	$(PY) bench/training.py
 
 clean:
