@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,9 +85,9 @@ def random_mistral(demo: Path, out: Path) -> Path:
 class Files(SimpleHTTPRequestHandler):
     """The bench page, the runtime and the model, cross-origin isolated."""
 
-    routes: dict[str, tuple[Path | bytes, str]] = {}
+    routes: ClassVar[dict[str, tuple[Path | bytes, str]]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         if self.path not in self.routes:
             self.send_error(404)
             return
