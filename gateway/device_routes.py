@@ -1,6 +1,10 @@
 """The phone answering on its own: the model it downloads, what it needs to answer as
 the mesh would (system prompt with the tiers, defaults), and the upload of the turns
-it answered while no gateway was reachable. Scope `chat`: what the phone's key has."""
+it answered while no gateway was reachable.
+
+The kit and the model need the `context` scope: the system prompt carries the tiers,
+and the model the owner's adapter merged in (the phone's key has chat and context).
+Uploading turns needs `chat`, as chatting does."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from fastapi import APIRouter
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
-from gateway.auth import ChatKey, ReadKey
+from gateway.auth import ChatKey, ContextKey
 from gateway.deps import Adapters, Chat, Conversations, EngineDep, Settings
 from gateway.engine import served_models
 from gateway.routes import ERRORS
@@ -36,7 +40,7 @@ def phone_model(registry: AdapterRegistry, served: list[str]) -> PhoneModel | No
 
 @router.get("/device", operation_id="device_kit", response_model=DeviceKit, responses=ERRORS)
 async def device_kit(
-    key: ReadKey, chat: Chat, adapters: Adapters, engine: EngineDep, settings: Settings
+    key: ContextKey, chat: Chat, adapters: Adapters, engine: EngineDep, settings: Settings
 ) -> DeviceKit:
     """What the phone keeps to answer with no gateway reachable: its model's file,
     sha256 and size, and the system prompt a chat gets now (own prompt + tiers)."""
@@ -66,7 +70,7 @@ async def device_kit(
     response_class=FileResponse,
 )
 async def device_model_file(
-    key: ReadKey, adapters: Adapters, base_model: BaseName, file_name: PhoneFile
+    key: ContextKey, adapters: Adapters, base_model: BaseName, file_name: PhoneFile
 ) -> FileResponse:
     """The phone model's file; `Range: bytes=N-` resumes a download (206)."""
     path = adapters.registry.phone_file(base_model, file_name)
@@ -86,11 +90,14 @@ async def device_model_file(
     responses=ERRORS,
 )
 async def upload_device_turns(
-    body: TurnUpload, key: ChatKey, conversations: Conversations
+    body: TurnUpload, key: ChatKey, chat: Chat, conversations: Conversations
 ) -> TurnUploadResult:
     """Turns the phone answered on its own, added to the conversation's history in
     order. Each turn is added once, however often (and from however many retries)
-    it is uploaded."""
+    it is uploaded. A time later than the gateway's clock (a phone's clock ahead) is
+    recorded as now: a turn from the future would stay the key's latest forever."""
+    await chat.turns.flush(key.key_id, body.conversation_id)  # the gateway's held ones first
+    now = datetime.now(UTC)
     recorded = 0
     for turn in body.turns:
         recorded += await conversations.append_turn(
@@ -98,7 +105,7 @@ async def upload_device_turns(
             body.conversation_id,
             turn.user,
             turn.assistant,
-            at=turn.at,
+            at=min(turn.at, now),
             turn_id=f"device:{key.key_id}:{turn.turn_id}",
             answered_on=turn.answered_on,
             remember_s=DEVICE_TURN_REMEMBERED_S,

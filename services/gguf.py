@@ -32,6 +32,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -45,6 +46,7 @@ from typing import Any
 from proto.adapters import (
     ADAPTER_GGUF,
     MANIFEST,
+    PHONE_FILE,
     PHONE_MANIFEST,
     PHONE_TYPES,
     AdapterManifest,
@@ -374,7 +376,9 @@ def export_adapters(
 
 # What a model folder holds besides its weights and config: the tokenizer and chat
 # template the converter writes into the GGUF.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+# The browser runtime (wllama) has a 4 GiB WebAssembly heap: a larger file cannot load.
+PHONE_RUNTIME_BYTES = 4 << 30
 
 
 def merged_model(base_dir: Path, adapter_dir: Path, out: Path) -> Path:
@@ -428,8 +432,10 @@ def export_phone(
         raise ExportError(f"a phone model is {' or '.join(PHONE_TYPES)}, not {kind!r}")
     versions = AdapterRegistry(registry)
     folder = versions.base_folder(base_model)
-    folder.mkdir(parents=True, exist_ok=True)
     name = phone_file_name(adapter, kind)
+    if not re.fullmatch(PHONE_FILE, name):
+        raise ExportError(f"{name}: the adapter's name is too long for a phone model's file")
+    folder.mkdir(parents=True, exist_ok=True)
     with _exclusive(folder / ".phone.lock"), tempfile.TemporaryDirectory(dir=folder) as tmp:
         source = model_dir
         if adapter is not None:
@@ -466,6 +472,13 @@ def export_phone(
             PhoneModels(current=exported, previous=kept).model_dump(mode="json"),
         )
     log.info("phone model %s: %s (%d bytes)", exported.label, name, exported.size)
+    if exported.size > PHONE_RUNTIME_BYTES * 0.9:
+        log.warning(
+            "%s is %.1f GB: the browser runtime's heap is 4 GiB (weights, cache and work "
+            "space), so it will not load on a phone; export a smaller base (1-3B)",
+            name,
+            exported.size / 1e9,
+        )
     return exported
 
 

@@ -136,6 +136,8 @@ async function send(text) {
   try {
     if (state.policy === "device") return await answerOnDevice(answer, history, text, signal);
     try {
+      // What the device answered goes into the history before the gateway reads it.
+      if (outbox.turns().length) await uploadHeldTurns();
       await answerFromGateway(answer, text, signal);
     } catch (error) {
       if (!(error instanceof Unreachable) || state.policy !== "auto" || !Device.ready()) throw error;
@@ -173,7 +175,6 @@ async function answerFromGateway(answer, text, signal) {
       throw new ApiError(200, data);
     }
   }
-  uploadHeldTurns(); // a gateway is reachable again: what the device answered goes up
 }
 
 async function answerOnDevice(answer, history, text, signal) {
@@ -233,8 +234,11 @@ const outbox = {
 };
 
 let uploading = null;
+const UPLOAD_TURNS = 50; // per request: well within the gateway's body and list limits
+
 /** Upload the turns answered on the device, conversation by conversation, in order.
- * The gateway adds each turn once (by its id), so a retry after a lost reply is safe. */
+ * The gateway adds each turn once (by its id), so a retry after a lost reply is safe.
+ * Resolves when done, or when no gateway is reachable (the turns stay held). */
 function uploadHeldTurns() {
   uploading ??= (async () => {
     const byConversation = new Map();
@@ -243,20 +247,22 @@ function uploadHeldTurns() {
       byConversation.get(turn.conversation_id).push(turn);
     }
     for (const [conversationId, turns] of byConversation) {
-      const body = {
-        conversation_id: conversationId,
-        turns: turns.map(({ conversation_id, ...turn }) => turn),
-      };
-      try {
-        await request("/conversation/turns", jsonBody("POST", body));
-      } catch (error) {
-        if (error instanceof Unreachable) return; // later
-        status(`offline turns not uploaded: ${error.message}`, true);
-        continue;
+      for (let at = 0; at < turns.length; at += UPLOAD_TURNS) {
+        const part = turns.slice(at, at + UPLOAD_TURNS);
+        const body = {
+          conversation_id: conversationId,
+          turns: part.map(({ conversation_id, ...turn }) => turn),
+        };
+        try {
+          await request("/conversation/turns", jsonBody("POST", body));
+        } catch (error) {
+          if (error instanceof Unreachable) return; // later
+          status(`offline turns not uploaded yet: ${error.message}`, true);
+          break; // this conversation's later turns wait behind these (its order)
+        }
+        outbox.forget(new Set(part.map((t) => t.turn_id)));
       }
-      outbox.forget(new Set(turns.map((t) => t.turn_id)));
     }
-    renderDevice();
   })().finally(() => (uploading = null));
   return uploading;
 }
@@ -280,8 +286,16 @@ async function showConversation(conversationId) {
     messages = local.messages(conversationId); // offline: the copy kept here
     if (!(error instanceof Unreachable)) status(error.message, true);
   }
+  // Turns answered here that no gateway has yet (an upload that failed) stay in view.
+  const held = outbox.turns().filter((t) => t.conversation_id === conversationId);
+  const recorded = new Set(messages.map((m) => `${m.role}\n${m.content}`));
+  for (const turn of held) {
+    if (recorded.has(`assistant\n${turn.assistant}`)) continue;
+    messages.push({ role: "user", content: turn.user }, { role: "assistant", content: turn.assistant, answered_on: turn.answered_on });
+  }
   for (const message of messages) {
-    bubble(message.role, message.content, message.answered_on ? deviceSource(message.answered_on) : "");
+    const source = message.role !== "assistant" ? "" : message.answered_on ? deviceSource(message.answered_on) : "via the mesh";
+    bubble(message.role, message.content, source);
   }
 }
 
@@ -417,7 +431,7 @@ function saveSettings() {
 
 async function refresh() {
   await loadModels();
-  await syncDevice();
+  await syncDevice(); // uploads the turns held here first: the history shown has them
   await showConversation(state.conversationId);
 }
 
@@ -432,13 +446,18 @@ async function syncDevice() {
     const kit = await response.json();
     if (kit.model_url) kit.gateway = response.gateway;
     Device.saveKit(kit);
-    uploadHeldTurns();
+    await uploadHeldTurns();
+    if (Device.ready()) Device.warmRuntimeFiles(); // an app update may have emptied the cache
   } catch (error) {
     if (!(error instanceof Unreachable)) status(`device: ${error.message}`, true);
   }
-  renderDevice();
-  const interrupted = await Device.interrupted();
-  if (interrupted && !downloading) downloadModel(); // a reload cut it short: go on
+  await renderDevice();
+  resumeDownload();
+}
+
+/** A download a reload or a lost network cut short goes on. */
+async function resumeDownload() {
+  if (!downloading && Device.kit()?.model && (await Device.interrupted())) downloadModel();
 }
 
 function renderPolicy() {
@@ -459,12 +478,13 @@ async function renderDevice() {
   else if (!held?.verified && listed) parts.push(`The gateway offers ${Device.labelOf(listed)}, ${megabytes(listed.size)}.`);
   else if (!listed) parts.push("The gateway offers no phone model yet.");
   if (kit?.as_of) parts.push(`Context as of ${new Date(kit.as_of).toLocaleString()}.`);
+  if (!Device.supported()) parts.push("This browser cannot run a model on the device (Chrome 137 or newer can).");
   $("device-model").textContent = parts.join(" ");
   $("device-newer").hidden = !newer;
-  $("download-model").hidden = !listed || (held?.verified && !newer);
+  $("download-model").hidden = !listed || (held?.verified && !newer) || Boolean(downloading) || !Device.supported();
   $("download-model").textContent = newer ? "Download the new one" : "Download";
-  $("delete-model").hidden = !held?.verified && !(await Device.interrupted());
   const interrupted = await Device.interrupted();
+  $("delete-model").hidden = !held?.verified && !interrupted;
   if (interrupted && !downloading) showProgress(interrupted.have, interrupted.model.size, "download");
 }
 
@@ -491,6 +511,7 @@ function downloadModel() {
       downloading = null;
       renderDevice();
     });
+  renderDevice(); // the Download button hides while it runs
   return downloading;
 }
 
@@ -519,7 +540,10 @@ function wire() {
   });
   $("download-model").addEventListener("click", downloadModel);
   $("delete-model").addEventListener("click", deleteModel);
-  window.addEventListener("online", () => uploadHeldTurns());
+  window.addEventListener("online", () => {
+    uploadHeldTurns();
+    resumeDownload();
+  });
   $("message").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) {
       event.preventDefault();

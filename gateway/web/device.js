@@ -8,12 +8,15 @@
 const Device = (() => {
   const WLLAMA = "/app/wllama/index.js";
   const WASM = "/app/wllama/wllama.wasm";
+  const MAX_CONTEXT = 4096; // tokens: the KV cache a phone can afford beside the weights
+  const CHARS_PER_TOKEN = 3; // a cautious estimate for trimming the history to fit
   const keep = {
     get: (name, fallback) => JSON.parse(localStorage.getItem(`mesh.device.${name}`) ?? "null") ?? fallback,
     set: (name, value) => localStorage.setItem(`mesh.device.${name}`, JSON.stringify(value)),
   };
-  let runtime = null; // {wllama, file}: the loaded model
+  let runtime = null; // {wllama, sha256, context}: the loaded model
   let loading = null;
+  let downloader = null; // {worker, finish}: the download worker, while one runs
 
   // -- what the gateway says (GET /device), kept for when none is reachable --------------
 
@@ -22,15 +25,21 @@ const Device = (() => {
   const saveKit = (value) => keep.set("kit", value);
   /** The model on this device: the kit's model fields, `verified` once its sha256 matched. */
   const held = () => keep.get("held", null);
+  /** Files are named by their content: a re-export under the same name is another file. */
+  const localName = (model) => `${model.sha256}.gguf`;
+
+  /** JSPI and memory64 (the runtime's build) and the origin private file system. */
+  const supported = () =>
+    typeof WebAssembly.Suspending === "function" && typeof navigator.storage?.getDirectory === "function";
 
   async function modelsFolder() {
     const root = await navigator.storage.getDirectory();
     return root.getDirectoryHandle("models", { create: true });
   }
 
-  async function bytesOnDisk(file) {
+  async function bytesOnDisk(model) {
     try {
-      return (await (await (await modelsFolder()).getFileHandle(file)).getFile()).size;
+      return (await (await (await modelsFolder()).getFileHandle(localName(model))).getFile()).size;
     } catch {
       return 0;
     }
@@ -46,60 +55,67 @@ const Device = (() => {
   // -- download ------------------------------------------------------------------------
 
   /** Download (or resume) the kit's model from `base`; `onProgress(have, size, phase)`. */
-  function download(base, apiKey, onProgress) {
+  async function download(base, apiKey, onProgress) {
     const { model, model_url: url } = kit() ?? {};
-    if (!model) return Promise.reject(new Error("the gateway has no phone model yet (export-gguf --phone)"));
-    const previous = held();
+    if (!model) throw new Error("the gateway has no phone model yet (export-gguf --phone)");
+    if (!supported()) throw new Error("this browser cannot run a model (Chrome 137 or newer can)");
+    const unfinished = keep.get("downloading", null);
+    if (unfinished && unfinished.sha256 !== model.sha256) await removeFile(unfinished); // superseded
     keep.set("downloading", model); // a reload resumes this one
-    return new Promise((resolve, reject) => {
-      navigator.storage.persist?.().catch(() => false); // keep it when storage runs low
+    navigator.storage.persist?.().catch(() => false); // keep it when storage runs low
+    await new Promise((resolve, reject) => {
       const worker = new Worker("/app/download-worker.js");
-      worker.onerror = (event) => {
+      const finish = (error) => {
         worker.terminate();
-        reject(new Error(`download: ${event.message ?? "the worker failed"}`));
+        downloader = null;
+        error ? reject(error) : resolve();
       };
-      worker.onmessage = async ({ data }) => {
+      downloader = { worker, finish };
+      worker.onerror = (event) => finish(new Error(`download: ${event.message ?? "the worker failed"}`));
+      worker.onmessage = ({ data }) => {
         if (data.type === "progress") onProgress(data.have, data.size, "download");
         else if (data.type === "verifying") onProgress(data.have, data.size, "verify");
-        else {
-          worker.terminate();
-          if (data.type === "error") return reject(new Error(data.message));
-          keep.set("held", { ...model, verified: true });
-          keep.set("downloading", null);
-          if (previous && previous.file !== model.file) await removeFile(previous.file);
-          await unload();
-          await warmRuntimeFiles();
-          resolve(held());
-        }
+        else finish(data.type === "error" ? new Error(data.message) : null);
       };
-      worker.postMessage({ type: "download", url: base.replace(/\/$/, "") + url, apiKey, model });
+      const target = { ...model, file: localName(model) };
+      worker.postMessage({ type: "download", url: base.replace(/\/$/, "") + url, apiKey, model: target });
     });
+    const previous = held();
+    keep.set("held", { ...model, verified: true });
+    keep.set("downloading", null);
+    if (previous && previous.sha256 !== model.sha256) await removeFile(previous);
+    await warmRuntimeFiles();
+    return held();
   }
 
   /** The download a reload interrupted, with the bytes already on disk. */
   async function interrupted() {
     const model = keep.get("downloading", null);
-    return model ? { model, have: await bytesOnDisk(model.file) } : null;
+    return model ? { model, have: await bytesOnDisk(model) } : null;
   }
 
-  async function removeFile(file) {
+  async function removeFile(model) {
     try {
-      await (await modelsFolder()).removeEntry(file);
+      await (await modelsFolder()).removeEntry(localName(model));
     } catch {
       /* already gone */
     }
   }
 
   async function remove() {
+    downloader?.finish(new Error("deleted")); // it holds the file open: stop it first
     await unload();
-    for (const model of [held(), keep.get("downloading", null)]) if (model) await removeFile(model.file);
+    for (const model of [held(), keep.get("downloading", null)]) if (model) await removeFile(model);
     keep.set("held", null);
     keep.set("downloading", null);
   }
 
-  /** The runtime's own files, fetched once so the service worker keeps them offline. */
+  /** The runtime's own files, fetched once so the service worker keeps them offline
+   * (again after an app update emptied its cache). */
   async function warmRuntimeFiles() {
-    await Promise.all([fetch(WLLAMA), fetch(WASM)]).catch(() => null);
+    for (const path of [WLLAMA, WASM]) {
+      if (!(await caches.match(path).catch(() => null))) await fetch(path).catch(() => null);
+    }
   }
 
   // -- answers -------------------------------------------------------------------------
@@ -107,13 +123,15 @@ const Device = (() => {
   async function load() {
     const model = held();
     if (!model?.verified) throw new Error("no model on this device: download it in Settings");
-    if (runtime?.file === model.file) return runtime;
+    if (runtime?.sha256 === model.sha256) return runtime;
     loading ??= (async () => {
+      await unload(); // a model replaced by a newer one
       const { Wllama } = await import(WLLAMA);
       const wllama = new Wllama({ default: WASM }, { suppressNativeLog: true });
-      const file = await (await (await modelsFolder()).getFileHandle(model.file)).getFile();
-      await wllama.loadModel([file], { n_ctx: 2048, n_gpu_layers: 0 });
-      runtime = { wllama, file: model.file };
+      const file = await (await (await modelsFolder()).getFileHandle(localName(model))).getFile();
+      await wllama.loadModel([file], { n_ctx: MAX_CONTEXT, n_gpu_layers: 0 });
+      const context = Math.min(MAX_CONTEXT, wllama.getModelMetadata()?.hparams?.nCtxTrain || MAX_CONTEXT);
+      runtime = { wllama, sha256: model.sha256, context };
       return runtime;
     })().finally(() => (loading = null));
     return loading;
@@ -125,29 +143,34 @@ const Device = (() => {
     await loaded?.wllama.exit().catch(() => null);
   }
 
-  /** Messages as the gateway would build them: system prompt, the recent history, the message. */
-  function messagesFor(history, text) {
+  /** Messages as the gateway builds them: system prompt, the recent history, the
+   * message; the oldest turns dropped while the whole would not fit `context` tokens. */
+  function messagesFor(history, text, context = MAX_CONTEXT, maxTokens = 256) {
     const synced = kit();
     const system = synced?.system_prompt ? [{ role: "system", content: synced.system_prompt }] : [];
     const window = synced?.history_messages ?? 20;
-    const recent = window > 0 ? history.slice(-window) : [];
+    const recent = window > 0 ? history.slice(-window).map(({ role, content }) => ({ role, content })) : [];
+    const user = { role: "user", content: text };
+    const size = (messages) => messages.reduce((n, m) => n + m.content.length + 16, 0) / CHARS_PER_TOKEN;
+    while (recent.length && size([...system, ...recent, user]) + maxTokens > context) recent.splice(0, 2);
     while (recent.length && recent[0].role !== "user") recent.shift(); // never start with an answer
-    return [...system, ...recent.map(({ role, content }) => ({ role, content })), { role: "user", content: text }];
+    return [...system, ...recent, user];
   }
 
   /** Stream an answer on the device: `onText(piece)`; `signal` stops it. Resolves with
    * {text, finishReason, label}. */
   async function answer(history, text, { onText, signal, temperature, maxTokens }) {
-    const { wllama } = await load();
+    const { wllama, context } = await load();
     const synced = kit();
     const unsaid = held()?.unsaid_tokens ?? []; // llama-server's form: [[token, false]] is never picked
+    const length = maxTokens ?? synced?.max_tokens ?? 256;
     let full = "";
     let finishReason = "stop";
     const stream = await wllama.createChatCompletion({
-      messages: messagesFor(history, text),
+      messages: messagesFor(history, text, context, length),
       stream: true,
       temperature: temperature ?? synced?.temperature ?? 0.7,
-      max_tokens: maxTokens ?? synced?.max_tokens ?? 256,
+      max_tokens: length,
       logit_bias: unsaid.map((token) => [token, false]),
       abortSignal: signal,
     });
@@ -172,6 +195,25 @@ const Device = (() => {
     model ? `${model.base_model}${model.adapter ? `+${model.adapter}@v${model.adapter_version}` : ""}` : "";
 
   const threads = () => (runtime ? runtime.wllama.getNumThreads() : null);
+  const downloading = () => downloader !== null;
 
-  return { kit, saveKit, held, ready, newer, download, interrupted, remove, answer, load, labelOf, threads, messagesFor };
+  return {
+    kit,
+    saveKit,
+    held,
+    ready,
+    newer,
+    supported,
+    download,
+    downloading,
+    interrupted,
+    remove,
+    answer,
+    load,
+    labelOf,
+    localName,
+    threads,
+    messagesFor,
+    warmRuntimeFiles,
+  };
 })();

@@ -23,13 +23,15 @@ async function fetchFrom(url, apiKey, offset) {
   const headers = { Authorization: `Bearer ${apiKey}` };
   if (offset > 0) headers.Range = `bytes=${offset}-`;
   const response = await fetch(url, { headers, cache: "no-store" });
-  if (response.status === 416) return { response, offset }; // nothing left to send
+  if (response.status === 416) return { response: null, offset: 0 }; // ours is longer: start over
   if (!response.ok) {
     const body = await response.json().catch(() => null);
     throw new Error(body?.error?.message ?? `HTTP ${response.status}`);
   }
-  // 200: the server sent the whole file (it ignored the range): start over.
-  return { response, offset: response.status === 206 ? offset : 0 };
+  // 206 from where we asked; anything else (200: the server ignored the range) is the
+  // whole file from its start.
+  const resumed = response.status === 206 && response.headers.get("Content-Range")?.startsWith(`bytes ${offset}-`);
+  return { response, offset: resumed ? offset : 0 };
 }
 
 function sha256Of(access, size) {
@@ -49,11 +51,14 @@ async function download({ url, apiKey, model: { file, size, sha256 } }) {
     let have = Math.min(access.getSize(), size);
     access.truncate(have); // a longer file is not this version's
     postMessage({ type: "progress", have, size });
-    while (have < size) {
+    for (let attempt = 0; have < size; attempt++) {
       const { response, offset } = await fetchFrom(url, apiKey, have);
-      if (response.status === 416) break;
       have = offset;
       access.truncate(have);
+      if (!response) {
+        if (attempt > 0) throw new Error("the gateway refuses every range of the file");
+        continue;
+      }
       const reader = response.body.getReader();
       let unflushed = 0;
       for (;;) {
@@ -69,6 +74,7 @@ async function download({ url, apiKey, model: { file, size, sha256 } }) {
         postMessage({ type: "progress", have, size });
       }
       access.flush();
+      if (have > size) throw new Error(`got ${have} bytes, expected ${size}`);
     }
     if (access.getSize() !== size) throw new Error(`got ${access.getSize()} bytes, expected ${size}`);
     postMessage({ type: "verifying", have: 0, size });

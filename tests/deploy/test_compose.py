@@ -379,3 +379,24 @@ def test_prometheus_reads_the_gateway_with_the_metrics_key(compose: dict[str, An
     assert secret_file.parent == Path("/run/secrets")
     assert secret_file.name in compose["services"]["prometheus"]["secrets"]
     assert compose["secrets"][secret_file.name] == {"environment": "MESH_METRICS_API_KEY"}
+
+
+def test_the_cpu_image_serves_the_phone_runtime_from_the_lockfile() -> None:
+    """The gateway serves wllama from gateway/web/vendor/node_modules: the image puts
+    `npm ci`'s output there (nothing comes from a CDN at run time)."""
+    from gateway.web_routes import WLLAMA
+
+    stages = dockerfile_stages((REPO_ROOT / "deploy/docker/Dockerfile").read_text())
+    [(vendor, body)] = [(n, b) for n, b in stages if any("npm ci" in i for i in b)]
+    assert any("package-lock.json" in i for i in body if i.startswith("COPY "))
+    target = "/app/" + str(WLLAMA.relative_to(REPO_ROOT)).split("/node_modules")[0]
+    assert any(
+        i.startswith(f"COPY --from={vendor} ") and i.endswith(f"{target}/node_modules")
+        for i in stages[-1][1]
+    ), stages[-1][1]
+    lock = json.loads((REPO_ROOT / "gateway/web/vendor/package-lock.json").read_text())
+    package = json.loads((REPO_ROOT / "gateway/web/vendor/package.json").read_text())
+    pinned = package["dependencies"]["@wllama/wllama"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pinned)  # an exact version, not a range
+    locked = lock["packages"]["node_modules/@wllama/wllama"]
+    assert locked["version"] == pinned and locked["integrity"].startswith("sha512-")

@@ -15,6 +15,7 @@ import json
 import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -150,6 +151,9 @@ def download(page) -> dict:
             const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
             return held?.verified && held.file === kit.model.file; }"""
     )
+    page.wait_for_function(
+        "document.querySelector('#device-progress-text').textContent === 'ready'"
+    )
     page.click("#save-settings")
     return page.evaluate("JSON.parse(localStorage.getItem('mesh.device.held'))")
 
@@ -229,7 +233,7 @@ def test_offline_the_device_answers_as_llama_cpp_and_the_turns_upload_once(
             const part = new Uint8Array(await response.arrayBuffer());
             const root = await navigator.storage.getDirectory();
             const folder = await root.getDirectoryHandle('models', {create: true});
-            const file = await folder.getFileHandle(model.file, {create: true});
+            const file = await folder.getFileHandle(`${model.sha256}.gguf`, {create: true});
             const writable = await file.createWritable();
             await writable.write(part);
             await writable.close();
@@ -285,12 +289,22 @@ def test_offline_the_device_answers_as_llama_cpp_and_the_turns_upload_once(
     page.wait_for_selector("#messages li.assistant[data-source^='on this device']")
     assert len(page.evaluate("JSON.parse(localStorage.getItem('mesh.outbox'))")) == 1
 
-    # Back online: the held turn goes up once, however often the upload runs.
+    held = page.evaluate("JSON.parse(localStorage.getItem('mesh.outbox'))")
+
+    # Back online: the held turn goes up once, however often it is uploaded.
     page.context.unroute("**/*")
     page.context.set_offline(False)
     page.reload()
     page.wait_for_function("JSON.parse(localStorage.getItem('mesh.outbox') ?? '[]').length === 0")
-    page.evaluate("uploadHeldTurns()")
+    again = httpx.post(  # as if the first upload's reply had been lost
+        f"{phone_mesh.url}/conversation/turns",
+        json={
+            "conversation_id": conversation_id,
+            "turns": [{k: v for k, v in t.items() if k != "conversation_id"} for t in held],
+        },
+        headers=headers(phone_mesh),
+    ).json()
+    assert (again["recorded"], again["already_recorded"]) == (0, 1)
     history = httpx.get(
         f"{phone_mesh.url}/conversation",
         params={"conversation_id": conversation_id},
@@ -330,22 +344,49 @@ def test_the_same_turn_uploaded_twice_is_recorded_once(phone_mesh: MeshProcesses
     assert [m["content"] for m in history] == [
         text for n in range(3) for text in (f"question {n}", f"answer {n}")
     ]
+    # A phone whose clock runs ahead: recorded as now, not as the key's latest forever.
+    ahead = {
+        "conversation_id": "device-clock-ahead",
+        "turns": [
+            {
+                **body["turns"][0],
+                "turn_id": f"ahead-{secrets.token_hex(4)}",
+                "at": "2999-01-01T00:00:00+00:00",
+            }
+        ],
+    }
+    before = datetime.now(UTC)
+    assert httpx.post(url, json=ahead, headers=headers(phone_mesh)).json()["recorded"] == 1
+    [asked, _] = httpx.get(
+        f"{phone_mesh.url}/conversation",
+        params={"conversation_id": "device-clock-ahead"},
+        headers=headers(phone_mesh),
+    ).json()["messages"]
+    assert before <= datetime.fromisoformat(asked["at"]) <= datetime.now(UTC)
     bad = httpx.post(url, json={**body, "turns": []}, headers=headers(phone_mesh))
     assert bad.status_code == 422 and json.loads(bad.text)["error"]["code"] == "invalid_body"
 
 
-def test_stop_ends_a_device_answer_and_it_is_not_recorded(phone) -> None:
+def test_stop_ends_a_device_answer_and_it_is_not_recorded(phone, demo_model: Path) -> None:
+    from transformers import AutoTokenizer
+
     page = phone
     download(page)
     page.tap("#open-settings")
     page.select_option("#policy", "device")
     page.click("#save-settings")
     assert page.locator("#policy-badge").inner_text() == "device only"
-    # A long answer, so that there is time to stop it.
+    # An answer that cannot end by itself (end of text banned, 1,500 tokens), so only
+    # Stop ends it.
+    eos = AutoTokenizer.from_pretrained(demo_model).eos_token_id
     page.evaluate(
-        """() => { const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
+        """(eos) => { const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
             kit.max_tokens = 1500;
-            localStorage.setItem('mesh.device.kit', JSON.stringify(kit)); }"""
+            localStorage.setItem('mesh.device.kit', JSON.stringify(kit));
+            const held = JSON.parse(localStorage.getItem('mesh.device.held'));
+            held.unsaid_tokens.push(eos);
+            localStorage.setItem('mesh.device.held', JSON.stringify(held)); }""",
+        eos,
     )
     page.fill("#message", "Tell me everything about the mesh.")
     page.tap("#send")
@@ -417,7 +458,7 @@ def test_a_newer_model_is_noticed_and_replaces_the_old_one(
     registry, first = phone_model
     page = phone
     assert download(page)["file"] == first.file
-    assert files_on_device(page) == [first.file]
+    assert files_on_device(page) == [f"{first.sha256}.gguf"]
     page.tap("#open-settings")
     assert page.locator("#device-newer").is_hidden()
     page.click("#save-settings")
@@ -435,7 +476,7 @@ def test_a_newer_model_is_noticed_and_replaces_the_old_one(
     assert page.locator("#download-model").inner_text() == "Download the new one"
     page.click("#save-settings")
     assert download(page)["file"] == second.file
-    assert files_on_device(page) == [second.file]  # the old file is gone
+    assert files_on_device(page) == [f"{second.sha256}.gguf"]  # the old file is gone
     page.tap("#open-settings")
     assert page.locator("#device-newer").is_hidden()
     page.click("#delete-model")
