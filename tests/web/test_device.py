@@ -80,6 +80,7 @@ def phone_mesh(phone_model: tuple[Path, PhoneModel], tmp_path_factory) -> Iterat
     )
     processes = MeshProcesses(env, "127.0.0.1", port, output=tmp_path_factory.mktemp("phone-logs"))
     processes.api_key = api_key  # type: ignore[attr-defined]
+    processes.namespace = namespace  # type: ignore[attr-defined]
     processes.start()
     try:
         processes.wait_ready(timeout_s=120)
@@ -446,6 +447,46 @@ def test_without_cross_origin_isolation_the_device_answers_on_one_thread(
         assert answer["text"] == native_greedy(model, gguf, messages, demo_model)
     finally:
         context.close()
+
+
+def test_a_chat_only_key_uploads_turns_but_gets_neither_the_tiers_nor_the_model(
+    phone_mesh: MeshProcesses, phone_model: tuple[Path, PhoneModel]
+) -> None:
+    """The kit carries the tiers and the model the owner's adapter: scope `context`."""
+    import redis.asyncio as redis
+
+    from gateway.keys import KeyStore
+    from services.redis_client import Keys
+
+    namespace = phone_mesh.namespace  # type: ignore[attr-defined]
+
+    async def create() -> str:
+        client = redis.Redis.from_url(MeshSettings(namespace=namespace).redis_url)
+        try:
+            return (await KeyStore(client, Keys(namespace)).create("chat-only", ["chat"]))[0]
+        finally:
+            await client.aclose()
+
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API holds this thread's loop
+        chat_only = {"Authorization": f"Bearer {pool.submit(asyncio.run, create()).result()}"}
+    _, model = phone_model
+    for path in ("/device", f"/device/model/{BASE}/{model.file}"):
+        refused = httpx.get(phone_mesh.url + path, headers=chat_only)
+        assert refused.status_code == 403, path
+        assert refused.json()["error"]["code"] == "missing_scope"
+    turn = {
+        "turn_id": f"chat-only-{secrets.token_hex(4)}",
+        "user": "question",
+        "assistant": "answer",
+        "at": datetime.now(UTC).isoformat(),
+        "answered_on": "demo-model",
+    }
+    uploaded = httpx.post(
+        f"{phone_mesh.url}/conversation/turns",
+        json={"conversation_id": "chat-only", "turns": [turn]},
+        headers=chat_only,
+    )
+    assert uploaded.status_code == 200 and uploaded.json()["recorded"] == 1
 
 
 def test_a_newer_model_is_noticed_and_replaces_the_old_one(
