@@ -273,10 +273,11 @@ async function showConversation(conversationId) {
   $("messages").replaceChildren();
   if (!conversationId) return;
   let messages;
+  let fromGateway = false;
   try {
     const conversation = await getJson(`/conversation?conversation_id=${encodeURIComponent(conversationId)}`);
-    messages = conversation.messages;
-    local.replace(conversationId, messages.map(({ at, ...message }) => message));
+    messages = conversation.messages.map(({ at, ...message }) => message);
+    fromGateway = true;
   } catch (error) {
     if (error.status === 404 && !outbox.turns().some((t) => t.conversation_id === conversationId)) {
       state.conversationId = null;
@@ -293,6 +294,7 @@ async function showConversation(conversationId) {
     if (recorded.has(`assistant\n${turn.assistant}`)) continue;
     messages.push({ role: "user", content: turn.user }, { role: "assistant", content: turn.assistant, answered_on: turn.answered_on });
   }
+  if (fromGateway) local.replace(conversationId, messages); // what the device answers from next
   for (const message of messages) {
     const source = message.role !== "assistant" ? "" : message.answered_on ? deviceSource(message.answered_on) : "via the mesh";
     bubble(message.role, message.content, source);
