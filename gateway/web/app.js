@@ -270,8 +270,8 @@ function uploadHeldTurns() {
 // -- conversations ----------------------------------------------------------------------
 
 async function showConversation(conversationId) {
-  $("messages").replaceChildren();
-  if (!conversationId) return;
+  if (state.answering) return; // an answer is being written into the view: keep it
+  if (!conversationId) return $("messages").replaceChildren();
   let messages;
   let fromGateway = false;
   try {
@@ -282,6 +282,7 @@ async function showConversation(conversationId) {
     if (error.status === 404 && !outbox.turns().some((t) => t.conversation_id === conversationId)) {
       state.conversationId = null;
       store.set("conversationId", null);
+      if (!state.answering) $("messages").replaceChildren();
       return;
     }
     messages = local.messages(conversationId); // offline: the copy kept here
@@ -295,6 +296,9 @@ async function showConversation(conversationId) {
     messages.push({ role: "user", content: turn.user }, { role: "assistant", content: turn.assistant, answered_on: turn.answered_on });
   }
   if (fromGateway) local.replace(conversationId, messages); // what the device answers from next
+  // An answer begun while the history was being read (a refresh after Settings) stays.
+  if (state.answering || conversationId !== state.conversationId) return;
+  $("messages").replaceChildren();
   for (const message of messages) {
     const source = message.role !== "assistant" ? "" : message.answered_on ? deviceSource(message.answered_on) : "via the mesh";
     bubble(message.role, message.content, source);

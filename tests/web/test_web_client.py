@@ -134,3 +134,25 @@ def test_installable_with_an_offline_shell(page, mesh: MeshProcesses) -> None:
     assert page.locator("h1").inner_text() == "Continuity"
     assert page.evaluate("localStorage.getItem('mesh.apiKey')")  # entered once, kept
     page.context.set_offline(False)
+
+
+def test_an_answer_begun_while_the_history_reloads_stays_in_view(page) -> None:
+    """Saving Settings reloads the conversation; an answer sent meanwhile is kept."""
+    first, _ = send(page, "What does the phone do?")
+    assert first.inner_text()
+    # The history takes a while to arrive (a slow gateway): the next answer starts first.
+    page.evaluate(
+        """() => { const original = window.fetch;
+            window.fetch = (url, options) => String(url).includes('/conversation?')
+                ? new Promise((done) => setTimeout(done, 1500)).then(() => original(url, options))
+                : original(url, options); }"""
+    )
+    page.tap("#open-settings")
+    page.click("#save-settings")
+    page.fill("#message", "And the desktop?")
+    page.tap("#send")
+    page.wait_for_timeout(2500)  # past the history's arrival
+    page.wait_for_function("() => !document.querySelector('#messages li.assistant.streaming')")
+    texts = page.locator("#messages li").all_inner_texts()
+    assert len(texts) == 4 and texts[2] == "And the desktop?", texts
+    assert texts[3] and "⚠" not in texts[3]
