@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.web_routes import ISOLATED, WLLAMA
 from services.gguf import export_phone
-from trainer_job.demo_model import ensure_demo_model
+from trainer_job.demo_model import DemoModelSpec, build_random_model, ensure_demo_model
 
 RESULTS = Path(__file__).parent / "results"
 CHROMIUM = "/usr/lib/chromium/chromium"
@@ -58,28 +57,15 @@ window.ready = true;
 </script>"""
 
 
-def random_mistral(demo: Path, out: Path) -> Path:
-    """~85M parameters of seeded random weights, with the demo model's tokenizer."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig.from_pretrained(demo)
-    config.update(
-        {
-            "hidden_size": 768,
-            "intermediate_size": 2048,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 4,
-            "head_dim": 64,
-        }
-    )
-    MistralForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    for path in demo.iterdir():
-        if path.is_file() and not (out / path.name).exists() and path.suffix != ".safetensors":
-            shutil.copy2(path, out / path.name)
-    return out
+# ~85M parameters of seeded random weights, with the demo model's tokenizer.
+M85 = DemoModelSpec(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    seed=0,
+)
 
 
 class Files(SimpleHTTPRequestHandler):
@@ -169,7 +155,7 @@ def main() -> int:
         models = {
             "demo-model (4M)": export_phone(demo, work / "r1", "demo", None, "q4_k_m"),
             "random mistral (85M)": export_phone(
-                random_mistral(demo, work / "m85"), work / "r2", "m85", None, "q4_k_m"
+                build_random_model(work / "m85", M85, demo), work / "r2", "m85", None, "q4_k_m"
             ),
         }
         Files.routes.update(

@@ -27,6 +27,7 @@ from inference_worker.backends.base import (
     TextDelta,
 )
 from inference_worker.backends.tool_calls import CallParser, ToolCallParseError
+from proto.adapters import served_label
 from proto.messages import (
     CancelJob,
     ChatJob,
@@ -317,7 +318,7 @@ class JobRunner:
         version = self.backend.adapters.get(job.model)
         if version is None:
             raise MeshError(f"model {job.model!r} is not served here", "model_not_found")
-        return f"{base}+{job.model}@v{version}"
+        return served_label(base, job.model, version)
 
     async def _reply_error(
         self, reply_to: str, job_id: str, seq: int, code: str, text: str, retryable: bool

@@ -18,6 +18,11 @@ GGUF_FILE = r"^adapter-(f32|f16|bf16|q8_0)\.gguf$"  # llama.cpp's form, listed i
 ADAPTER_GGUF = "adapter-f16.gguf"  # the form the exporter writes and llama.cpp workers load
 
 
+def served_label(base_model: str, adapter: str | None = None, version: int | None = None) -> str:
+    """Which model answered: `base`, or `base+adapter@vN` (system_fingerprint, served_by)."""
+    return f"{base_model}+{adapter}@v{version}" if adapter else base_model
+
+
 def adapter_files(listed: Iterable[str]) -> list[str]:
     """The files a version folder may hold: the adapter's own, and the GGUF forms among
     `listed` (its manifest's files)."""
@@ -134,8 +139,7 @@ class PhoneModel(BaseModel):
     @property
     def label(self) -> str:
         """`demo-model+continuity@v3`, the system_fingerprint form."""
-        adapter = f"+{self.adapter}@v{self.adapter_version}" if self.adapter else ""
-        return f"{self.base_model}{adapter}"
+        return served_label(self.base_model, self.adapter, self.adapter_version)
 
 
 class PhoneModels(BaseModel):

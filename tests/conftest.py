@@ -7,6 +7,7 @@ removes what it declared when it ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -165,22 +166,33 @@ def mesh_env(namespace: str, port: int, api_key: str, **extra: str) -> dict[str,
     return env
 
 
-@pytest.fixture(scope="session")
-def mesh(
-    namespace: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def running_mesh(
+    namespace: str, logs: Path, registry: Path, **extra: str
 ) -> Iterator[MeshProcesses]:
-    """A gateway and a demo-model worker as separate processes, ready to serve."""
+    """A gateway and a demo-model worker as separate processes, ready to serve, with
+    a key of their own (`.api_key`) and `registry` as their adapter registry."""
     port = free_port()
     api_key = secrets.token_urlsafe(16)
-    logs = tmp_path_factory.mktemp("mesh-logs")
-    registry = tmp_path_factory.mktemp("adapter-registry")
-    env = mesh_env(namespace, port, api_key, MESH_ADAPTER_REGISTRY=str(registry))
+    env = mesh_env(namespace, port, api_key, MESH_ADAPTER_REGISTRY=str(registry), **extra)
     processes = MeshProcesses(env, "127.0.0.1", port, output=logs)
     processes.api_key = api_key  # type: ignore[attr-defined]
     processes.registry = registry  # type: ignore[attr-defined]
+    processes.namespace = namespace  # type: ignore[attr-defined]
     processes.start()
     try:
         processes.wait_ready(timeout_s=120)
         yield processes
     finally:
         processes.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh(
+    namespace: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MeshProcesses]:
+    """A gateway and a demo-model worker as separate processes, ready to serve."""
+    logs = tmp_path_factory.mktemp("mesh-logs")
+    registry = tmp_path_factory.mktemp("adapter-registry")
+    with running_mesh(namespace, logs, registry) as processes:
+        yield processes

@@ -178,7 +178,7 @@ async function answerFromGateway(answer, text, signal) {
 }
 
 async function answerOnDevice(answer, history, text, signal) {
-  answer.dataset.source = deviceSource(Device.labelOf(Device.held()));
+  answer.dataset.source = deviceSource(Device.held()?.label);
   const done = await Device.answer(history, text, {
     signal,
     onText: (piece) => {
@@ -477,11 +477,11 @@ async function renderDevice() {
   const listed = kit?.model;
   const parts = [];
   if (held?.verified) {
-    parts.push(`On this device: ${Device.labelOf(held)} (${held.type}, ${megabytes(held.size)})`);
+    parts.push(`On this device: ${held.label} (${held.type}, ${megabytes(held.size)})`);
   } else parts.push("No model on this device.");
   const newer = Device.newer();
-  if (newer) parts.push(`A newer model is on the gateway: ${Device.labelOf(newer)}, ${megabytes(newer.size)}.`);
-  else if (!held?.verified && listed) parts.push(`The gateway offers ${Device.labelOf(listed)}, ${megabytes(listed.size)}.`);
+  if (newer) parts.push(`A newer model is on the gateway: ${kit.model_label}, ${megabytes(newer.size)}.`);
+  else if (!held?.verified && listed) parts.push(`The gateway offers ${kit.model_label}, ${megabytes(listed.size)}.`);
   else if (!listed) parts.push("The gateway offers no phone model yet.");
   if (kit?.as_of) parts.push(`Context as of ${new Date(kit.as_of).toLocaleString()}.`);
   if (!Device.supported()) parts.push("This browser cannot run a model on the device (Chrome 137 or newer can).");

@@ -56,7 +56,7 @@ const Device = (() => {
 
   /** Download (or resume) the kit's model from `base`; `onProgress(have, size, phase)`. */
   async function download(base, apiKey, onProgress) {
-    const { model, model_url: url } = kit() ?? {};
+    const { model, model_url: url, model_label: label } = kit() ?? {};
     if (!model) throw new Error("the gateway has no phone model yet (export-gguf --phone)");
     if (!supported()) throw new Error("this browser cannot run a model (Chrome 137 or newer can)");
     const unfinished = keep.get("downloading", null);
@@ -81,7 +81,7 @@ const Device = (() => {
       worker.postMessage({ type: "download", url: base.replace(/\/$/, "") + url, apiKey, model: target });
     });
     const previous = held();
-    keep.set("held", { ...model, verified: true });
+    keep.set("held", { ...model, label, verified: true }); // the label as the gateway writes it
     keep.set("downloading", null);
     if (previous && previous.sha256 !== model.sha256) await removeFile(previous);
     await warmRuntimeFiles();
@@ -188,11 +188,9 @@ const Device = (() => {
       if (!signal?.aborted) throw error;
     }
     if (signal?.aborted) finishReason = "cancelled";
-    return { text: full, finishReason, label: labelOf(held()) };
+    return { text: full, finishReason, label: held().label };
   }
 
-  const labelOf = (model) =>
-    model ? `${model.base_model}${model.adapter ? `+${model.adapter}@v${model.adapter_version}` : ""}` : "";
 
   const threads = () => (runtime ? runtime.wllama.getNumThreads() : null);
   const downloading = () => downloader !== null;
@@ -210,7 +208,6 @@ const Device = (() => {
     remove,
     answer,
     load,
-    labelOf,
     localName,
     threads,
     messagesFor,

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -24,10 +25,11 @@ import pytest
 from proto.adapters import PhoneModel
 from services.launcher import MeshProcesses
 from services.settings import MeshSettings
-from tests.conftest import NAMESPACE, free_port, mesh_env, remove_namespace
+from tests.conftest import NAMESPACE, remove_namespace, running_mesh
 from tests.web.conftest import ARTIFACTS, PHONE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+T = TypeVar("T")
 BASE = "demo-model"
 MAX_TOKENS = 24  # the phone mesh's default answer length: what the device uses too
 
@@ -68,28 +70,25 @@ def phone_model(
 def phone_mesh(phone_model: tuple[Path, PhoneModel], tmp_path_factory) -> Iterator[MeshProcesses]:
     registry, _ = phone_model
     namespace = f"{NAMESPACE}p"
-    port = free_port()
-    api_key = secrets.token_urlsafe(16)
-    env = mesh_env(
-        namespace,
-        port,
-        api_key,
-        MESH_ADAPTER_REGISTRY=str(registry),
-        MESH_TEMPERATURE="0",
-        MESH_DEFAULT_MAX_TOKENS=str(MAX_TOKENS),
-    )
-    processes = MeshProcesses(env, "127.0.0.1", port, output=tmp_path_factory.mktemp("phone-logs"))
-    processes.api_key = api_key  # type: ignore[attr-defined]
-    processes.namespace = namespace  # type: ignore[attr-defined]
-    processes.start()
+    logs = tmp_path_factory.mktemp("phone-logs")
     try:
-        processes.wait_ready(timeout_s=120)
-        yield processes
+        with running_mesh(
+            namespace,
+            logs,
+            registry,
+            MESH_TEMPERATURE="0",
+            MESH_DEFAULT_MAX_TOKENS=str(MAX_TOKENS),
+        ) as processes:
+            yield processes
     finally:
-        processes.stop()
-        # Playwright's sync API holds this thread's event loop: clean up from another.
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, remove_namespace(MeshSettings(namespace=namespace))).result()
+        aside(remove_namespace(MeshSettings(namespace=namespace)))
+
+
+def aside(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end from a test: Playwright's sync API holds this thread's
+    event loop, so on a thread of its own."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, work).result()
 
 
 @pytest.fixture
@@ -467,8 +466,7 @@ def test_a_chat_only_key_uploads_turns_but_gets_neither_the_tiers_nor_the_model(
         finally:
             await client.aclose()
 
-    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API holds this thread's loop
-        chat_only = {"Authorization": f"Bearer {pool.submit(asyncio.run, create()).result()}"}
+    chat_only = {"Authorization": f"Bearer {aside(create())}"}
     _, model = phone_model
     for path in ("/device", f"/device/model/{BASE}/{model.file}"):
         refused = httpx.get(phone_mesh.url + path, headers=chat_only)
