@@ -379,8 +379,13 @@ def test_stop_ends_a_device_answer_and_it_is_not_recorded(phone, demo_model: Pat
     # An answer that cannot end by itself (end of text banned, 1,500 tokens), so only
     # Stop ends it.
     eos = AutoTokenizer.from_pretrained(demo_model).eos_token_id
+    # The kit is changed below: no refresh may bring the gateway's back meanwhile (the
+    # ones Settings started are waited out; later ones cannot reach /device).
+    page.route("**/device", lambda route: route.abort())
+    page.evaluate("refresh()")
     page.evaluate(
-        """(eos) => { const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
+        """async (eos) => { await refresh();
+            const kit = JSON.parse(localStorage.getItem('mesh.device.kit'));
             kit.max_tokens = 1500;
             localStorage.setItem('mesh.device.kit', JSON.stringify(kit));
             const held = JSON.parse(localStorage.getItem('mesh.device.held'));
